@@ -1,0 +1,62 @@
+/**
+ * The one error base class of vballoon. Every failure has a stable `code` (documented in
+ * docs/errors.md); messages are for people and may change, codes may not.
+ * This module imports nothing, so every layer can use it.
+ */
+
+/** All stable error codes. */
+export const ErrorCode = {
+  /** A front-end message is malformed (header, size, payload, fds). */
+  VHOST_BAD_MESSAGE: 'ERR_VHOST_BAD_MESSAGE',
+  /** A front-end message exceeds the maximum size; rejected before buffering. */
+  VHOST_MESSAGE_TOO_LARGE: 'ERR_VHOST_MESSAGE_TOO_LARGE',
+  /** A request id the back-end does not know. */
+  VHOST_UNKNOWN_REQUEST: 'ERR_VHOST_UNKNOWN_REQUEST',
+  /** A known request that needs a protocol feature that was not negotiated. */
+  VHOST_NOT_NEGOTIATED: 'ERR_VHOST_NOT_NEGOTIATED',
+  /** Wrong number of file descriptors for a request. */
+  VHOST_BAD_FDS: 'ERR_VHOST_BAD_FDS',
+  /** A vring index, size or address that is invalid. */
+  VHOST_BAD_VRING: 'ERR_VHOST_BAD_VRING',
+  /** A memory table that is invalid (overlap, wrap, too many regions) or cannot be mapped. */
+  VHOST_BAD_MEMORY: 'ERR_VHOST_BAD_MEMORY',
+  /** Features that were not offered. */
+  VHOST_BAD_FEATURES: 'ERR_VHOST_BAD_FEATURES',
+  /** A config space access out of range. */
+  VHOST_BAD_CONFIG: 'ERR_VHOST_BAD_CONFIG',
+  /** Descriptors were lost in transit (MSG_CTRUNC) or arrived without a message. */
+  VHOST_FDS_LOST: 'ERR_VHOST_FDS_LOST',
+  /** A guest address outside guest memory. */
+  GUEST_MEMORY_RANGE: 'ERR_GUEST_MEMORY_RANGE',
+  /** A malformed descriptor chain; the chain is skipped, the queue keeps running. */
+  VIRTQ_BAD_CHAIN: 'ERR_VIRTQ_BAD_CHAIN',
+  /** An impossible ring state (index jump, head out of range); the queue is stopped. */
+  VIRTQ_BROKEN_RING: 'ERR_VIRTQ_BROKEN_RING',
+  /** A socket could not be listened on or connected to. */
+  SOCKET: 'ERR_SOCKET',
+} as const;
+
+export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** Base class for every vballoon error. */
+export class VballoonError extends Error {
+  readonly code: ErrorCodeValue;
+  constructor(code: ErrorCodeValue, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.code = code;
+    this.name = new.target.name;
+  }
+}
+
+/** A front-end broke the vhost-user protocol; the connection is closed. */
+export class VhostProtocolError extends VballoonError {}
+
+/** A guest address is outside guest memory. */
+export class GuestMemoryError extends VballoonError {
+  constructor(message: string) {
+    super(ErrorCode.GUEST_MEMORY_RANGE, message);
+  }
+}
+
+/** A virtqueue is malformed (chain-level or ring-level, see the code). */
+export class VirtqueueError extends VballoonError {}

@@ -1,0 +1,123 @@
+/**
+ * The only module that loads the native addon (lib/native/vballoon.c). It exports one typed
+ * interface over the syscalls Node cannot make by itself. No protocol logic lives here or in C.
+ *
+ * Every function throws a {@link SystemError} (code "EBADF", errno -9, syscall "mmap", ...) when
+ * its syscall fails; "would block" is reported by a return value, never by an exception.
+ */
+import * as path from 'node:path';
+
+/** An Error raised by a failing syscall, shaped like Node's own system errors. */
+export interface SystemError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+/** One recvmsg result. `data.length === 0` means the peer closed the stream. */
+export interface ReceivedMessage {
+  data: Buffer;
+  /** Descriptors that arrived with this read; the caller owns (and must close) them. */
+  fds: number[];
+  /** MSG_CTRUNC: descriptors were lost; those that arrived were already closed. */
+  truncated: boolean;
+}
+
+export interface FileStatus {
+  size: number;
+  /** Bytes the file system really holds for the file (st_blocks * 512). */
+  allocatedBytes: number;
+  blockSize: number;
+  /** File system block size: the huge page size on hugetlbfs. */
+  fsBlockSize: number;
+  fsType: number;
+  nonBlocking: boolean;
+}
+
+/** Opaque handle of an fd watcher. */
+export type PollHandle = { readonly __pollHandle: unique symbol };
+
+export const POLL_READABLE = 1;
+export const POLL_WRITABLE = 2;
+
+export interface NativeAddon {
+  listen(path: string, backlog: number): number;
+  /** -1 when no connection is pending. */
+  accept(fd: number): number;
+  connect(path: string): number;
+  socketpair(): [number, number];
+  /** null when nothing can be read now. */
+  recvmsg(fd: number, maxBytes: number): ReceivedMessage | null;
+  /** Bytes sent, or -1 when the socket buffer is full. */
+  sendmsg(fd: number, data: Uint8Array, fds?: readonly number[]): number;
+  /** Watches `fd`; `callback(status, events)` runs on the event loop; status < 0 is a libuv error. */
+  pollStart(fd: number, events: number, callback: (status: number, events: number) => void): PollHandle;
+  pollUpdate(handle: PollHandle, events: number): void;
+  /** Idempotent. Always stop watching before closing the fd. */
+  pollStop(handle: PollHandle): void;
+  eventfd(initial: number, nonBlocking: boolean): number;
+  /** The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode. */
+  eventfdRead(fd: number): number | null;
+  /** false when the counter is full. */
+  eventfdWrite(fd: number, value?: number): boolean;
+  /** A MAP_SHARED mapping as an ArrayBuffer; offset must be page-aligned. */
+  mmap(fd: number, length: number, offset: number, writable?: boolean): ArrayBuffer;
+  /** Unmaps and detaches: every view over the buffer becomes empty instead of dangling. */
+  munmap(buffer: ArrayBuffer): void;
+  /** Mappings made by mmap() and not yet unmapped (for leak checks). */
+  mappingCount(): number;
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE). */
+  punchHole(fd: number, offset: number, length: number): void;
+  memfdCreate(name: string, hugetlb?: boolean): number;
+  ftruncate(fd: number, size: number): void;
+  fstat(fd: number): FileStatus;
+  /** A new close-on-exec descriptor for the same open file. */
+  dup(fd: number): number;
+  close(fd: number): void;
+  /** A full memory barrier. */
+  fence(): void;
+}
+
+function loadAddon(): NativeAddon {
+  // dist/lib/native/index.js and lib/native/index.ts both sit three levels under the root.
+  const root = path.resolve(__dirname, '..', '..', '..');
+  const candidates = [
+    path.join(root, 'build', 'Release', 'vballoon.node'),
+    path.resolve(__dirname, '..', '..', 'build', 'Release', 'vballoon.node'),
+  ];
+  let lastError: unknown;
+  for (const candidate of candidates) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      return require(candidate) as NativeAddon;
+    } catch (err) {
+      lastError = err;
+    }
+  }
+  throw new Error(
+    `vballoon: the native addon is not built (run "npm install" to build it with node-gyp): ${String(lastError)}`,
+  );
+}
+
+/** The addon. */
+export const native: NativeAddon = loadAddon();
+
+/** True if `err` is a SystemError from the addon (or from Node) with the given code. */
+export function isSystemError(err: unknown, code?: string): err is SystemError {
+  return (
+    err instanceof Error &&
+    typeof (err as SystemError).code === 'string' &&
+    typeof (err as SystemError).syscall === 'string' &&
+    (code === undefined || (err as SystemError).code === code)
+  );
+}
+
+/** Closes `fd`, ignoring errors (for cleanup paths where the fd may already be gone). */
+export function closeQuietly(fd: number): void {
+  if (fd < 0) return;
+  try {
+    native.close(fd);
+  } catch {
+    // Cleanup path: the descriptor is released by the kernel whatever close() reports.
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * The back-end -> front-end channel (SET_BACKEND_REQ_FD): we send CONFIG_CHANGE_MSG on it and,
+ * with REPLY_ACK, read the front-end's acks as events. Nothing ever waits on an ack: QEMU may be
+ * blocked reading our reply on the main channel, and waiting here would deadlock both.
+ */
+import { ErrorCode, ErrorCodeValue } from '../errors';
+import { Logger } from '../log';
+import { closeQuietly } from '../native';
+import { decodeU64Reply, encodeMessage } from './codec';
+import { BackendRequest, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION } from './constants';
+import { Connection } from './connection';
+
+/** Acks we accept to be outstanding; beyond that the front-end is not answering. */
+const MAX_OUTSTANDING_ACKS = 64;
+
+export class BackendChannel {
+  private readonly conn: Connection;
+  private outstanding = 0;
+  /** CONFIG_CHANGE messages sent (for tests and metrics). */
+  sent = 0;
+
+  constructor(
+    fd: number,
+    private readonly log: Logger,
+    private readonly onError: (code: ErrorCodeValue, detail: string) => void,
+  ) {
+    this.conn = new Connection(
+      fd,
+      {
+        onFrame: (frame) => {
+          for (const extra of frame.fds) {
+            // Acks never carry descriptors; close any we were sent.
+            closeQuietly(extra);
+          }
+          if (frame.header.request !== BackendRequest.CONFIG_CHANGE_MSG || this.outstanding === 0) {
+            this.onError(ErrorCode.VHOST_BAD_MESSAGE, `unexpected reply ${frame.header.request} on the back-end channel`);
+            this.log.warn('unexpected reply on the back-end channel', { request: frame.header.request });
+            return;
+          }
+          this.outstanding--;
+          const status = decodeU64Reply('CONFIG_CHANGE_MSG ack', frame.payload);
+          if (status !== 0n) this.log.warn('front-end refused a config change', { status });
+        },
+        onClose: (error) => {
+          if (error !== undefined) {
+            this.onError(ErrorCode.VHOST_BAD_MESSAGE, error.message);
+            this.log.warn('back-end channel closed', { error: error.message });
+          }
+        },
+      },
+      { expectReplies: true },
+    );
+  }
+
+  get isClosed(): boolean {
+    return this.conn.isClosed;
+  }
+
+  /** Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG; asks for an ack when REPLY_ACK is negotiated. */
+  sendConfigChange(wantAck: boolean): void {
+    const ask = wantAck && this.outstanding < MAX_OUTSTANDING_ACKS;
+    const flags = VHOST_USER_VERSION | (ask ? VHOST_USER_NEED_REPLY_MASK : 0);
+    if (ask) this.outstanding++;
+    this.sent++;
+    this.conn.send(encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, flags, { kind: 'none' }));
+  }
+
+  close(): void {
+    this.conn.close();
+  }
+}

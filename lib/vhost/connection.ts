@@ -1,0 +1,139 @@
+/**
+ * One vhost-user stream socket: reads with recvmsg (descriptors included), reassembles messages
+ * with MessageReader, hands each complete message to a handler, and writes with a queue so a
+ * peer that stops reading can never block the process.
+ *
+ * Closing is idempotent and releases everything: the watcher, the socket, descriptors of a
+ * message that never completed, and descriptors of queued outgoing messages are not ours (the
+ * sender keeps ownership of what it sends).
+ */
+import { ErrorCode, VhostProtocolError } from '../errors';
+import { closeQuietly, native, PollHandle, POLL_READABLE, POLL_WRITABLE } from '../native';
+import { Frame, FramingError, MessageReader } from './framing';
+
+/** Bytes asked of one recvmsg: several messages at once, well above the largest one. */
+const READ_CHUNK_BYTES = 64 * 1024;
+/** Reads per readiness event; the watcher is level-triggered, so the rest waits its turn and
+ * one busy peer cannot starve the other connections of the process. */
+const MAX_READS_PER_WAKEUP = 16;
+/** Outgoing bytes held for a peer that does not read before the connection is dropped. */
+const MAX_QUEUED_OUTPUT_BYTES = 1024 * 1024;
+
+export interface ConnectionHandler {
+  /** One complete message; the handler owns frame.fds. Throwing closes the connection. */
+  onFrame(frame: Frame): void;
+  /** The connection is closed; `error` is why, undefined for an orderly end of stream. */
+  onClose(error: Error | undefined): void;
+}
+
+interface Pending {
+  bytes: Uint8Array;
+  fds: readonly number[];
+}
+
+export class Connection {
+  private readonly reader: MessageReader;
+  private watch: PollHandle | undefined;
+  private readonly output: Pending[] = [];
+  private queuedBytes = 0;
+  private watchingWritable = false;
+  private closed = false;
+
+  constructor(
+    readonly fd: number,
+    private readonly handler: ConnectionHandler,
+    options: { expectReplies?: boolean } = {},
+  ) {
+    this.reader = new MessageReader(options.expectReplies ?? false);
+    this.watch = native.pollStart(fd, POLL_READABLE, (status, events) => this.onEvent(status, events));
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  private onEvent(status: number, events: number): void {
+    if (this.closed) return;
+    try {
+      if (status < 0) throw new Error(`socket poll failed with status ${status}`);
+      if (events & POLL_WRITABLE) this.flush();
+      if (events & POLL_READABLE) this.readSome();
+    } catch (err) {
+      this.close(err instanceof Error ? err : new Error(String(err)));
+    }
+  }
+
+  private readSome(): void {
+    for (let i = 0; i < MAX_READS_PER_WAKEUP && !this.closed; i++) {
+      const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES);
+      if (msg === null) return;
+      if (msg.data.length === 0) {
+        for (const fd of msg.fds) closeQuietly(fd);
+        this.close(undefined);
+        return;
+      }
+      let frames: Frame[];
+      try {
+        if (msg.truncated) {
+          throw new FramingError(new VhostProtocolError(ErrorCode.VHOST_FDS_LOST, 'descriptors were truncated (MSG_CTRUNC)'), []);
+        }
+        frames = this.reader.push(msg.data, msg.fds);
+      } catch (err) {
+        if (err instanceof FramingError) for (const fd of err.orphanFds) closeQuietly(fd);
+        throw err;
+      }
+      for (let f = 0; f < frames.length; f++) {
+        if (this.closed) {
+          // An earlier message closed us: its successors' descriptors are still ours to close.
+          for (const rest of frames.slice(f)) for (const fd of rest.fds) closeQuietly(fd);
+          return;
+        }
+        this.handler.onFrame(frames[f]!);
+      }
+    }
+  }
+
+  /** Queues `bytes` (with `fds` attached to the first byte) and writes as much as possible now. */
+  send(bytes: Uint8Array, fds: readonly number[] = []): void {
+    if (this.closed) return;
+    this.output.push({ bytes, fds });
+    this.queuedBytes += bytes.length;
+    if (this.queuedBytes > MAX_QUEUED_OUTPUT_BYTES) {
+      this.close(new Error(`peer does not read: ${this.queuedBytes} bytes queued`));
+      return;
+    }
+    if (this.output.length === 1) this.flush();
+  }
+
+  private flush(): void {
+    // Bounded by the queue length; a full socket stops the loop.
+    while (this.output.length > 0) {
+      const head = this.output[0]!;
+      const n = native.sendmsg(this.fd, head.bytes, head.fds);
+      if (n < 0) break;
+      this.queuedBytes -= n;
+      if (n < head.bytes.length) {
+        this.output[0] = { bytes: head.bytes.subarray(n), fds: [] };
+        break;
+      }
+      this.output.shift();
+    }
+    const wantWritable = this.output.length > 0;
+    if (this.watch !== undefined && wantWritable !== this.watchingWritable) {
+      this.watchingWritable = wantWritable;
+      native.pollUpdate(this.watch, POLL_READABLE | (wantWritable ? POLL_WRITABLE : 0));
+    }
+  }
+
+  /** Closes the connection (idempotent) and reports it to the handler once. */
+  close(error?: Error): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.watch !== undefined) native.pollStop(this.watch);
+    this.watch = undefined;
+    for (const fd of this.reader.takeFds()) closeQuietly(fd);
+    this.output.length = 0;
+    closeQuietly(this.fd);
+    this.handler.onClose(error);
+  }
+}

@@ -1,0 +1,210 @@
+/**
+ * Serves one device over vhost-user: listens on a socket path (the default; QEMU connects with
+ * `-chardev socket,path=...`) or connects to a front-end that listens (`server=on`) and retries
+ * until it answers. One front-end at a time; when it disconnects, rings and mappings are
+ * dropped, device state is kept, and the next connection is served.
+ */
+import * as fs from 'node:fs';
+import { ErrorCode, ErrorCodeValue, VballoonError } from '../errors';
+import { Logger } from '../log';
+import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
+import { SUPPORTED_PROTOCOL_FEATURES } from './constants';
+import { VhostUserDevice } from './device';
+import { Session, SessionEvents } from './session';
+
+export interface BackendOptions {
+  log: Logger;
+  /** Protocol features to offer; defaults to every supported one. */
+  protocolFeatures?: bigint;
+  /** Called for every message and every error (metrics hook). */
+  events?: Partial<SessionEvents> & { onConnectionChange?(connected: boolean): void };
+}
+
+export interface ConnectOptions {
+  /** Delay between attempts. */
+  retryIntervalMs?: number;
+  /** Attempts before giving up (Infinity: forever). */
+  maxAttempts?: number;
+  /** Reconnect after the front-end goes away. */
+  reconnect?: boolean;
+}
+
+/** Errors and messages counted by a back-end (the daemon turns them into metrics). */
+export class BackendCounters {
+  readonly messages = new Map<string, number>();
+  readonly errors = new Map<string, number>();
+  connections = 0;
+  rejectedConnections = 0;
+
+  error(code: string): number {
+    return this.errors.get(code) ?? 0;
+  }
+}
+
+export class VhostUserBackend {
+  readonly counters = new BackendCounters();
+  private session: Session | undefined;
+  private listenFd = -1;
+  private listenWatch: PollHandle | undefined;
+  private socketPath: string | undefined;
+  private connectTimer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  private readonly protocolFeatures: bigint;
+  private readonly sessionListeners: Array<(session: Session) => void> = [];
+
+  constructor(
+    readonly device: VhostUserDevice,
+    private readonly options: BackendOptions,
+  ) {
+    const offered = options.protocolFeatures ?? SUPPORTED_PROTOCOL_FEATURES;
+    if ((offered & ~SUPPORTED_PROTOCOL_FEATURES) !== 0n) {
+      throw new VballoonError(ErrorCode.VHOST_BAD_FEATURES, `protocol features 0x${offered.toString(16)} include unsupported ones`);
+    }
+    this.protocolFeatures = offered;
+  }
+
+  /** The session of the connected front-end, if any. */
+  get current(): Session | undefined {
+    return this.session;
+  }
+
+  get connected(): boolean {
+    return this.session !== undefined && !this.session.isClosed;
+  }
+
+  /** Called with each new session (tests use it to observe the protocol state). */
+  onSession(listener: (session: Session) => void): void {
+    this.sessionListeners.push(listener);
+  }
+
+  private readonly events: SessionEvents = {
+    onMessage: (name) => {
+      this.counters.messages.set(name, (this.counters.messages.get(name) ?? 0) + 1);
+      this.options.events?.onMessage?.(name);
+    },
+    onError: (code: ErrorCodeValue, detail: string) => {
+      this.counters.errors.set(code, (this.counters.errors.get(code) ?? 0) + 1);
+      this.options.events?.onError?.(code, detail);
+    },
+  };
+
+  /** Serves a connected socket (takes ownership of `fd`). */
+  serveFd(fd: number, onEnd?: () => void): Session {
+    this.counters.connections++;
+    const log = this.options.log.child({ conn: this.counters.connections });
+    const session = new Session(fd, this.device, { protocolFeatures: this.protocolFeatures, log, events: this.events });
+    this.session = session;
+    this.options.events?.onConnectionChange?.(true);
+    session.onClose(() => {
+      if (this.session === session) this.session = undefined;
+      this.options.events?.onConnectionChange?.(false);
+      onEnd?.();
+    });
+    for (const l of this.sessionListeners) l(session);
+    return session;
+  }
+
+  /** Listens on `socketPath` (a stale socket file there is replaced; any other file is an error). */
+  listen(socketPath: string): void {
+    if (this.listenFd >= 0) throw new VballoonError(ErrorCode.SOCKET, 'already listening');
+    try {
+      if (fs.lstatSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
+    } catch (err) {
+      if (!isSystemError(err, 'ENOENT')) throw new VballoonError(ErrorCode.SOCKET, `cannot use ${socketPath}: ${(err as Error).message}`);
+    }
+    try {
+      this.listenFd = native.listen(socketPath, 4);
+    } catch (err) {
+      throw new VballoonError(ErrorCode.SOCKET, `cannot listen on ${socketPath}: ${(err as Error).message}`, { cause: err });
+    }
+    this.socketPath = socketPath;
+    this.listenWatch = native.pollStart(this.listenFd, POLL_READABLE, () => this.acceptPending());
+    this.options.log.info('listening for a front-end', { socket: socketPath });
+  }
+
+  private acceptPending(): void {
+    // Bounded: a listen backlog of 4, and each iteration consumes one pending connection.
+    for (let i = 0; i < 8; i++) {
+      let fd: number;
+      try {
+        fd = native.accept(this.listenFd);
+      } catch (err) {
+        this.options.log.error('accept failed', { error: (err as Error).message });
+        return;
+      }
+      if (fd < 0) return;
+      if (this.connected) {
+        this.counters.rejectedConnections++;
+        this.options.log.warn('refusing a second front-end: one is already connected');
+        closeQuietly(fd);
+        continue;
+      }
+      this.options.log.info('front-end connected', { socket: this.socketPath });
+      this.serveFd(fd);
+    }
+  }
+
+  /** Connects to a listening front-end, retrying; resolves once connected the first time. */
+  connect(socketPath: string, opts: ConnectOptions = {}): Promise<void> {
+    const interval = opts.retryIntervalMs ?? 1000;
+    const maxAttempts = opts.maxAttempts ?? Infinity;
+    let attempts = 0;
+    return new Promise<void>((resolve, reject) => {
+      let settled = false;
+      const attempt = (): void => {
+        this.connectTimer = undefined;
+        if (this.stopped) return;
+        attempts++;
+        let fd: number;
+        try {
+          fd = native.connect(socketPath);
+        } catch (err) {
+          if (attempts >= maxAttempts) {
+            const error = new VballoonError(ErrorCode.SOCKET, `cannot connect to ${socketPath}: ${(err as Error).message}`);
+            if (!settled) {
+              settled = true;
+              reject(error);
+            } else this.options.log.error('giving up reconnecting', { socket: socketPath, attempts });
+            return;
+          }
+          if (attempts === 1 || attempts % 30 === 0) {
+            this.options.log.info('front-end not reachable yet, retrying', { socket: socketPath, error: (err as Error).message });
+          }
+          this.connectTimer = setTimeout(attempt, interval);
+          return;
+        }
+        this.options.log.info('connected to front-end', { socket: socketPath });
+        attempts = 0;
+        this.serveFd(fd, () => {
+          if (opts.reconnect !== false && !this.stopped) this.connectTimer = setTimeout(attempt, interval);
+        });
+        if (!settled) {
+          settled = true;
+          resolve();
+        }
+      };
+      attempt();
+    });
+  }
+
+  /** Stops listening/connecting and closes the current connection. Removes the socket file. */
+  close(): void {
+    this.stopped = true;
+    if (this.connectTimer !== undefined) clearTimeout(this.connectTimer);
+    this.connectTimer = undefined;
+    if (this.listenWatch !== undefined) native.pollStop(this.listenWatch);
+    this.listenWatch = undefined;
+    closeQuietly(this.listenFd);
+    this.listenFd = -1;
+    if (this.socketPath !== undefined) {
+      try {
+        fs.unlinkSync(this.socketPath);
+      } catch {
+        // Already gone.
+      }
+      this.socketPath = undefined;
+    }
+    this.session?.close();
+    this.session = undefined;
+  }
+}

@@ -1,0 +1,335 @@
+/**
+ * Guest memory: the regions a front-end shares with us, mapped with mmap, and bounds-checked
+ * little-endian access to them by guest-physical address (descriptor addresses) and translation
+ * of front-end virtual addresses (vring addresses in SET_VRING_ADDR) to guest-physical ones.
+ *
+ * vhost-user spec, "Memory regions description" and "Memory access". Knows nothing of vhost-user
+ * messages. Addresses are JS numbers once validated: every region must lie below 2^53, which
+ * covers every x86-64 and arm64 physical and user address; no single typed array ever spans a
+ * whole region, so guests larger than 4 GiB work.
+ */
+import { GuestMemoryError } from '../errors';
+import { closeQuietly, native } from '../native';
+
+/** Highest address + 1 any region may reach (Number.MAX_SAFE_INTEGER + 1). */
+export const MAX_ADDRESS = 2 ** 53;
+
+/** A region as described by the front-end. */
+export interface RegionDescription {
+  guestPhysAddr: bigint;
+  sizeBytes: bigint;
+  /** Front-end (QEMU process) virtual address of the region start. */
+  userAddr: bigint;
+  /** Offset of the region start inside the file behind `fd`. */
+  mmapOffset: bigint;
+}
+
+/** One mapped region. Owns its mapping and its fd. */
+export class MemoryRegion {
+  readonly guestPhysAddr: number;
+  readonly sizeBytes: number;
+  readonly userAddr: number;
+  readonly mmapOffset: number;
+  /** The file behind the region (a memfd for QEMU guests); kept for hole punching. */
+  readonly fd: number;
+  /** The mapping; region byte 0 is at `base`. */
+  readonly buffer: ArrayBuffer;
+  readonly base: number;
+  /** A DataView over the whole mapping (works beyond 4 GiB). */
+  readonly view: DataView;
+  private unmapped = false;
+
+  private constructor(desc: ValidRegion, fd: number, buffer: ArrayBuffer, base: number) {
+    this.guestPhysAddr = desc.guestPhysAddr;
+    this.sizeBytes = desc.sizeBytes;
+    this.userAddr = desc.userAddr;
+    this.mmapOffset = desc.mmapOffset;
+    this.fd = fd;
+    this.buffer = buffer;
+    this.base = base;
+    this.view = new DataView(buffer);
+  }
+
+  /** Maps `fd` for `desc`. Takes ownership of `fd` only on success. */
+  static map(desc: ValidRegion, fd: number): MemoryRegion {
+    let blockSize = 4096;
+    try {
+      const st = native.fstat(fd);
+      if (st.fsBlockSize > 4096 && (st.fsBlockSize & (st.fsBlockSize - 1)) === 0) blockSize = st.fsBlockSize;
+    } catch (err) {
+      throw new GuestMemoryError(`region at 0x${desc.guestPhysAddr.toString(16)}: fd ${fd} unusable: ${String(err)}`);
+    }
+    // Map from the offset rounded down to the file's block (huge page) size.
+    const mapOffset = desc.mmapOffset - (desc.mmapOffset % blockSize);
+    const base = desc.mmapOffset - mapOffset;
+    let buffer: ArrayBuffer;
+    try {
+      buffer = native.mmap(fd, base + desc.sizeBytes, mapOffset, true);
+    } catch (err) {
+      throw new GuestMemoryError(
+        `region at 0x${desc.guestPhysAddr.toString(16)} (size 0x${desc.sizeBytes.toString(16)}): ${String(
+          (err as Error).message,
+        )}`,
+      );
+    }
+    return new MemoryRegion(desc, fd, buffer, base);
+  }
+
+  /** True if [gpa, gpa+len) lies inside this region. */
+  containsGuest(gpa: number, len: number): boolean {
+    return gpa >= this.guestPhysAddr && gpa + len <= this.guestPhysAddr + this.sizeBytes;
+  }
+
+  /** Unmaps and closes the fd. Idempotent. */
+  unmap(): void {
+    if (this.unmapped) return;
+    this.unmapped = true;
+    try {
+      native.munmap(this.buffer);
+    } finally {
+      closeQuietly(this.fd);
+    }
+  }
+
+  get isMapped(): boolean {
+    return !this.unmapped;
+  }
+}
+
+/** A region description whose numbers were checked and converted. */
+export interface ValidRegion {
+  guestPhysAddr: number;
+  sizeBytes: number;
+  userAddr: number;
+  mmapOffset: number;
+}
+
+/** Checks one region description; throws GuestMemoryError with the reason. */
+export function validateRegion(r: RegionDescription): ValidRegion {
+  const where = `region gpa=0x${r.guestPhysAddr.toString(16)} size=0x${r.sizeBytes.toString(16)}`;
+  if (r.sizeBytes === 0n) throw new GuestMemoryError(`${where}: size is zero`);
+  const limit = BigInt(MAX_ADDRESS);
+  if (r.guestPhysAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: guest range wraps or exceeds 2^53`);
+  if (r.userAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: user range wraps or exceeds 2^53`);
+  if (r.mmapOffset + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: file range wraps or exceeds 2^53`);
+  return {
+    guestPhysAddr: Number(r.guestPhysAddr),
+    sizeBytes: Number(r.sizeBytes),
+    userAddr: Number(r.userAddr),
+    mmapOffset: Number(r.mmapOffset),
+  };
+}
+
+function overlaps(aStart: number, aLen: number, bStart: number, bLen: number): boolean {
+  return aStart < bStart + bLen && bStart < aStart + aLen;
+}
+
+/**
+ * Checks that `desc` overlaps none of `existing` in guest-physical or front-end address space,
+ * and that there is room for one more region.
+ */
+export function checkDisjoint(existing: readonly ValidRegion[], desc: ValidRegion, maxRegions: number): void {
+  if (existing.length >= maxRegions) {
+    throw new GuestMemoryError(`too many memory regions (limit ${maxRegions})`);
+  }
+  for (const r of existing) {
+    if (overlaps(desc.guestPhysAddr, desc.sizeBytes, r.guestPhysAddr, r.sizeBytes)) {
+      throw new GuestMemoryError(
+        `region gpa=0x${desc.guestPhysAddr.toString(16)} overlaps region gpa=0x${r.guestPhysAddr.toString(16)}`,
+      );
+    }
+    if (overlaps(desc.userAddr, desc.sizeBytes, r.userAddr, r.sizeBytes)) {
+      throw new GuestMemoryError(
+        `region uaddr=0x${desc.userAddr.toString(16)} overlaps region uaddr=0x${r.userAddr.toString(16)}`,
+      );
+    }
+  }
+}
+
+/**
+ * The guest's memory as a set of non-overlapping regions, sorted by guest-physical address.
+ * All accessors are bounds-checked and little-endian; they throw GuestMemoryError outside memory.
+ */
+export class GuestMemory {
+  private regions: MemoryRegion[] = [];
+  private last: MemoryRegion | undefined;
+
+  /** Regions sorted by guest-physical address. */
+  get regionList(): readonly MemoryRegion[] {
+    return this.regions;
+  }
+
+  get totalBytes(): number {
+    return this.regions.reduce((sum, r) => sum + r.sizeBytes, 0);
+  }
+
+  /** Checks that `desc` can join the current regions (no overlap in either address space). */
+  checkAddable(desc: ValidRegion, maxRegions: number): void {
+    checkDisjoint(this.regions, desc, maxRegions);
+  }
+
+  /** Adds a mapped region (already validated with checkAddable). */
+  add(region: MemoryRegion): void {
+    this.regions.push(region);
+    this.regions.sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
+    this.last = undefined;
+  }
+
+  /** Removes and returns the region matching guest address, user address and size. */
+  remove(desc: ValidRegion): MemoryRegion | undefined {
+    const i = this.regions.findIndex(
+      (r) => r.guestPhysAddr === desc.guestPhysAddr && r.userAddr === desc.userAddr && r.sizeBytes === desc.sizeBytes,
+    );
+    if (i < 0) return undefined;
+    const [region] = this.regions.splice(i, 1);
+    this.last = undefined;
+    return region;
+  }
+
+  /** Unmaps every region and closes their fds. */
+  clear(): void {
+    const regions = this.regions;
+    this.regions = [];
+    this.last = undefined;
+    for (const r of regions) r.unmap();
+  }
+
+  /** The region holding guest-physical address `gpa`, if any. */
+  find(gpa: number): MemoryRegion | undefined {
+    const last = this.last;
+    if (last !== undefined && gpa >= last.guestPhysAddr && gpa < last.guestPhysAddr + last.sizeBytes) return last;
+    // Binary search over regions sorted by address; bounded by log2(region count).
+    let lo = 0;
+    let hi = this.regions.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const r = this.regions[mid]!;
+      if (gpa < r.guestPhysAddr) hi = mid - 1;
+      else if (gpa >= r.guestPhysAddr + r.sizeBytes) lo = mid + 1;
+      else {
+        this.last = r;
+        return r;
+      }
+    }
+    return undefined;
+  }
+
+  /**
+   * The region and in-mapping offset of [gpa, gpa+len) if it lies in one region, else undefined.
+   */
+  locate(gpa: number, len: number): { region: MemoryRegion; offset: number } | undefined {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(len) || gpa < 0 || len < 0) return undefined;
+    const r = this.find(gpa);
+    if (r === undefined || gpa + len > r.guestPhysAddr + r.sizeBytes) return undefined;
+    return { region: r, offset: r.base + (gpa - r.guestPhysAddr) };
+  }
+
+  /** True if every byte of [gpa, gpa+len) is guest memory (possibly across adjacent regions). */
+  checkRange(gpa: number, len: number): boolean {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(len) || gpa < 0 || len < 0) return false;
+    if (gpa + len > MAX_ADDRESS) return false;
+    if (len === 0) return this.find(gpa) !== undefined;
+    let at = gpa;
+    const end = gpa + len;
+    // Each step consumes a whole region, so this runs at most once per region.
+    for (;;) {
+      const r = this.find(at);
+      if (r === undefined) return false;
+      const regionEnd = r.guestPhysAddr + r.sizeBytes;
+      if (end <= regionEnd) return true;
+      at = regionEnd;
+    }
+  }
+
+  /** Translates a front-end virtual address range (must lie in one region) to guest-physical. */
+  userToGuest(userAddr: number, len: number): number | undefined {
+    for (const r of this.regions) {
+      if (userAddr >= r.userAddr && userAddr + len <= r.userAddr + r.sizeBytes) {
+        return r.guestPhysAddr + (userAddr - r.userAddr);
+      }
+    }
+    return undefined;
+  }
+
+  private at(gpa: number, len: number): { region: MemoryRegion; offset: number } {
+    const loc = this.locate(gpa, len);
+    if (loc === undefined) {
+      throw new GuestMemoryError(`guest address 0x${gpa.toString(16)} (+${len}) is outside guest memory`);
+    }
+    return loc;
+  }
+
+  readU8(gpa: number): number {
+    const { region, offset } = this.at(gpa, 1);
+    return region.view.getUint8(offset);
+  }
+
+  readU16(gpa: number): number {
+    const { region, offset } = this.at(gpa, 2);
+    return region.view.getUint16(offset, true);
+  }
+
+  readU32(gpa: number): number {
+    const { region, offset } = this.at(gpa, 4);
+    return region.view.getUint32(offset, true);
+  }
+
+  readU64(gpa: number): bigint {
+    const { region, offset } = this.at(gpa, 8);
+    return region.view.getBigUint64(offset, true);
+  }
+
+  writeU8(gpa: number, value: number): void {
+    const { region, offset } = this.at(gpa, 1);
+    region.view.setUint8(offset, value);
+  }
+
+  writeU16(gpa: number, value: number): void {
+    const { region, offset } = this.at(gpa, 2);
+    region.view.setUint16(offset, value, true);
+  }
+
+  writeU32(gpa: number, value: number): void {
+    const { region, offset } = this.at(gpa, 4);
+    region.view.setUint32(offset, value, true);
+  }
+
+  writeU64(gpa: number, value: bigint): void {
+    const { region, offset } = this.at(gpa, 8);
+    region.view.setBigUint64(offset, value, true);
+  }
+
+  /** Calls `fn` for each piece of [gpa, gpa+len) that lies in one region; throws outside memory. */
+  private forEachPiece(gpa: number, len: number, fn: (bytes: Uint8Array, done: number) => void): void {
+    if (!this.checkRange(gpa, len)) {
+      throw new GuestMemoryError(`guest range 0x${gpa.toString(16)} (+${len}) is outside guest memory`);
+    }
+    let done = 0;
+    // Bounded by the number of regions the range crosses.
+    while (done < len) {
+      const at = gpa + done;
+      const r = this.find(at)!;
+      const n = Math.min(len - done, r.guestPhysAddr + r.sizeBytes - at);
+      fn(new Uint8Array(r.buffer, r.base + (at - r.guestPhysAddr), n), done);
+      done += n;
+    }
+  }
+
+  /** Copies [gpa, gpa+len) out of guest memory. */
+  read(gpa: number, len: number): Uint8Array {
+    const out = new Uint8Array(len);
+    this.forEachPiece(gpa, len, (bytes, done) => out.set(bytes, done));
+    return out;
+  }
+
+  /** Copies `data` into guest memory at `gpa`. */
+  write(gpa: number, data: Uint8Array): void {
+    this.forEachPiece(gpa, data.length, (bytes, done) => bytes.set(data.subarray(done, done + bytes.length)));
+  }
+
+  /** A live view of [gpa, gpa+len) when it lies in one region (no copy), else undefined. */
+  view(gpa: number, len: number): Uint8Array | undefined {
+    const loc = this.locate(gpa, len);
+    return loc === undefined ? undefined : new Uint8Array(loc.region.buffer, loc.offset, len);
+  }
+}
