@@ -37,6 +37,9 @@ export interface FileStatus {
 /** Opaque handle of an fd watcher. */
 export type PollHandle = { readonly __pollHandle: unique symbol };
 
+/** Largest single mmap() (Node's Buffer limit); bigger regions are mapped as windows. */
+export const MAX_MAPPING_BYTES = 2 ** 32;
+
 export const POLL_READABLE = 1;
 export const POLL_WRITABLE = 2;
 
@@ -60,7 +63,8 @@ export interface NativeAddon {
   eventfdRead(fd: number): number | null;
   /** false when the counter is full. */
   eventfdWrite(fd: number, value?: number): boolean;
-  /** A MAP_SHARED mapping as an ArrayBuffer; offset must be page-aligned. */
+  /** A MAP_SHARED mapping as an ArrayBuffer; offset must be page-aligned, length <= 4 GiB
+   * (MAX_MAPPING_BYTES: Node-API external buffers cannot be larger). */
   mmap(fd: number, length: number, offset: number, writable?: boolean): ArrayBuffer;
   /** Unmaps and detaches: every view over the buffer becomes empty instead of dangling. */
   munmap(buffer: ArrayBuffer): void;

@@ -33,6 +33,9 @@
 #define VB_MAX_FDS 32
 /* Largest single read; the framing layer bounds messages far below this. */
 #define VB_MAX_READ (256 * 1024)
+/* Largest mapping: Node-API external ArrayBuffers are Node Buffers underneath, limited to 4 GiB
+ * (buffer.constants.MAX_LENGTH); callers map bigger regions as several windows. */
+#define VB_MAX_MAPPING ((int64_t)1 << 32)
 
 #define NAPI_CALL(env, call)                                                                     \
   do {                                                                                           \
@@ -608,7 +611,7 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   napi_valuetype t;
   napi_typeof(env, argv[3], &t);
   if (t == napi_boolean) napi_get_value_bool(env, argv[3], &writable);
-  if (length == 0) return vb_throw_errno(env, EINVAL, "mmap");
+  if (length == 0 || length > VB_MAX_MAPPING) return vb_throw_errno(env, EINVAL, "mmap");
   void *addr = mmap(NULL, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0),
                     MAP_SHARED | MAP_NORESERVE, fd, (off_t)offset);
   if (addr == MAP_FAILED) return vb_throw_errno(env, errno, "mmap");
@@ -619,18 +622,18 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   }
   m->addr = addr;
   m->length = (size_t)length;
-  napi_value buffer;
-  if (napi_create_external_arraybuffer(env, addr, (size_t)length, vb_mapping_finalize, m,
-                                       &buffer) != napi_ok) {
-    munmap(addr, (size_t)length);
-    free(m);
-    vb_throw_napi(env, "napi_create_external_arraybuffer");
-    return NULL;
-  }
   m->next = vb_mappings;
   if (vb_mappings) vb_mappings->prev = m;
   vb_mappings = m;
   vb_mapping_count++;
+  napi_value buffer;
+  if (napi_create_external_arraybuffer(env, addr, (size_t)length, vb_mapping_finalize, m,
+                                       &buffer) != napi_ok) {
+    /* Node may already have run (or scheduled) the finalizer, which unmaps and frees `m`:
+     * touching it here could free it twice. Within VB_MAX_MAPPING this path is not taken. */
+    vb_throw_napi(env, "napi_create_external_arraybuffer");
+    return NULL;
+  }
   return buffer;
 }
 

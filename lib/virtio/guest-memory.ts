@@ -5,8 +5,8 @@
  *
  * vhost-user spec, "Memory regions description" and "Memory access". Knows nothing of vhost-user
  * messages. Addresses are JS numbers once validated: every region must lie below 2^53, which
- * covers every x86-64 and arm64 physical and user address; no single typed array ever spans a
- * whole region, so guests larger than 4 GiB work.
+ * covers every x86-64 and arm64 physical and user address. Regions are mapped in windows of
+ * 1 GiB (see WINDOW_BYTES), so guests larger than 4 GiB work.
  */
 import { GuestMemoryError } from '../errors';
 import { closeQuietly, native } from '../native';
@@ -24,7 +24,32 @@ export interface RegionDescription {
   mmapOffset: bigint;
 }
 
-/** One mapped region. Owns its mapping and its fd. */
+/**
+ * Each region is mapped as windows of WINDOW_BYTES, each extended by WINDOW_OVERLAP_BYTES into
+ * the next one: Node-API buffers cannot exceed 4 GiB, and the overlap guarantees that any range
+ * up to WINDOW_OVERLAP_BYTES (a ring, an indirect table, a descriptor's buffer in practice) lies
+ * inside one window, so it can be read through one DataView.
+ */
+export const WINDOW_BYTES = 2 ** 30;
+export const WINDOW_OVERLAP_BYTES = 2 * 1024 * 1024;
+
+/** A place in a mapping: `offset` is a byte offset into `buffer` (and `view`). */
+export interface Span {
+  buffer: ArrayBuffer;
+  view: DataView;
+  offset: number;
+}
+
+interface Window {
+  buffer: ArrayBuffer;
+  view: DataView;
+  /** Offset in `buffer` of region offset k * WINDOW_BYTES. */
+  base: number;
+  /** Region bytes this window maps, starting at k * WINDOW_BYTES. */
+  length: number;
+}
+
+/** One mapped region. Owns its mappings and its fd. */
 export class MemoryRegion {
   readonly guestPhysAddr: number;
   readonly sizeBytes: number;
@@ -32,47 +57,45 @@ export class MemoryRegion {
   readonly mmapOffset: number;
   /** The file behind the region (a memfd for QEMU guests); kept for hole punching. */
   readonly fd: number;
-  /** The mapping; region byte 0 is at `base`. */
-  readonly buffer: ArrayBuffer;
-  readonly base: number;
-  /** A DataView over the whole mapping (works beyond 4 GiB). */
-  readonly view: DataView;
+  private readonly windows: Window[];
   private unmapped = false;
 
-  private constructor(desc: ValidRegion, fd: number, buffer: ArrayBuffer, base: number) {
+  private constructor(desc: ValidRegion, fd: number, windows: Window[]) {
     this.guestPhysAddr = desc.guestPhysAddr;
     this.sizeBytes = desc.sizeBytes;
     this.userAddr = desc.userAddr;
     this.mmapOffset = desc.mmapOffset;
     this.fd = fd;
-    this.buffer = buffer;
-    this.base = base;
-    this.view = new DataView(buffer);
+    this.windows = windows;
   }
 
   /** Maps `fd` for `desc`. Takes ownership of `fd` only on success. */
   static map(desc: ValidRegion, fd: number): MemoryRegion {
+    const where = `region gpa=0x${desc.guestPhysAddr.toString(16)} size=0x${desc.sizeBytes.toString(16)}`;
     let blockSize = 4096;
     try {
       const st = native.fstat(fd);
       if (st.fsBlockSize > 4096 && (st.fsBlockSize & (st.fsBlockSize - 1)) === 0) blockSize = st.fsBlockSize;
     } catch (err) {
-      throw new GuestMemoryError(`region at 0x${desc.guestPhysAddr.toString(16)}: fd ${fd} unusable: ${String(err)}`);
+      throw new GuestMemoryError(`${where}: fd ${fd} unusable: ${(err as Error).message}`);
     }
-    // Map from the offset rounded down to the file's block (huge page) size.
-    const mapOffset = desc.mmapOffset - (desc.mmapOffset % blockSize);
-    const base = desc.mmapOffset - mapOffset;
-    let buffer: ArrayBuffer;
+    const windows: Window[] = [];
     try {
-      buffer = native.mmap(fd, base + desc.sizeBytes, mapOffset, true);
+      // One window per WINDOW_BYTES of the region: a 1 TiB guest needs 1024 of them.
+      for (let start = 0; start < desc.sizeBytes; start += WINDOW_BYTES) {
+        const length = Math.min(desc.sizeBytes - start, WINDOW_BYTES + WINDOW_OVERLAP_BYTES);
+        const fileOffset = desc.mmapOffset + start;
+        // Map from the offset rounded down to the file's block (huge page) size.
+        const mapOffset = fileOffset - (fileOffset % blockSize);
+        const base = fileOffset - mapOffset;
+        const buffer = native.mmap(fd, base + length, mapOffset, true);
+        windows.push({ buffer, view: new DataView(buffer), base, length });
+      }
     } catch (err) {
-      throw new GuestMemoryError(
-        `region at 0x${desc.guestPhysAddr.toString(16)} (size 0x${desc.sizeBytes.toString(16)}): ${String(
-          (err as Error).message,
-        )}`,
-      );
+      for (const w of windows) native.munmap(w.buffer);
+      throw new GuestMemoryError(`${where}: ${(err as Error).message}`);
     }
-    return new MemoryRegion(desc, fd, buffer, base);
+    return new MemoryRegion(desc, fd, windows);
   }
 
   /** True if [gpa, gpa+len) lies inside this region. */
@@ -80,12 +103,29 @@ export class MemoryRegion {
     return gpa >= this.guestPhysAddr && gpa + len <= this.guestPhysAddr + this.sizeBytes;
   }
 
+  /** The span of region offset `at` if [at, at+len) lies in one window, else undefined. */
+  span(at: number, len: number): Span | undefined {
+    const k = Math.floor(at / WINDOW_BYTES);
+    const w = this.windows[k];
+    const inWindow = at - k * WINDOW_BYTES;
+    if (w === undefined || inWindow + len > w.length) return undefined;
+    return { buffer: w.buffer, view: w.view, offset: w.base + inWindow };
+  }
+
+  /** The longest piece starting at region offset `at`, up to `len`, inside one window. */
+  piece(at: number, len: number): Uint8Array {
+    const k = Math.floor(at / WINDOW_BYTES);
+    const w = this.windows[k]!;
+    const inWindow = at - k * WINDOW_BYTES;
+    return new Uint8Array(w.buffer, w.base + inWindow, Math.min(len, w.length - inWindow));
+  }
+
   /** Unmaps and closes the fd. Idempotent. */
   unmap(): void {
     if (this.unmapped) return;
     this.unmapped = true;
     try {
-      native.munmap(this.buffer);
+      for (const w of this.windows) native.munmap(w.buffer);
     } finally {
       closeQuietly(this.fd);
     }
@@ -108,6 +148,9 @@ export interface ValidRegion {
 export function validateRegion(r: RegionDescription): ValidRegion {
   const where = `region gpa=0x${r.guestPhysAddr.toString(16)} size=0x${r.sizeBytes.toString(16)}`;
   if (r.sizeBytes === 0n) throw new GuestMemoryError(`${where}: size is zero`);
+  if (r.guestPhysAddr % 4096n !== 0n || r.mmapOffset % 4096n !== 0n || r.userAddr % 4096n !== 0n) {
+    throw new GuestMemoryError(`${where}: addresses and mmap offset must be 4 KiB aligned`);
+  }
   const limit = BigInt(MAX_ADDRESS);
   if (r.guestPhysAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: guest range wraps or exceeds 2^53`);
   if (r.userAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: user range wraps or exceeds 2^53`);
@@ -215,13 +258,14 @@ export class GuestMemory {
   }
 
   /**
-   * The region and in-mapping offset of [gpa, gpa+len) if it lies in one region, else undefined.
+   * Where [gpa, gpa+len) is mapped, if it lies in one mapping window (always the case for
+   * ranges up to WINDOW_OVERLAP_BYTES inside one region), else undefined.
    */
-  locate(gpa: number, len: number): { region: MemoryRegion; offset: number } | undefined {
+  locate(gpa: number, len: number): Span | undefined {
     if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(len) || gpa < 0 || len < 0) return undefined;
     const r = this.find(gpa);
     if (r === undefined || gpa + len > r.guestPhysAddr + r.sizeBytes) return undefined;
-    return { region: r, offset: r.base + (gpa - r.guestPhysAddr) };
+    return r.span(gpa - r.guestPhysAddr, len);
   }
 
   /** True if every byte of [gpa, gpa+len) is guest memory (possibly across adjacent regions). */
@@ -251,7 +295,7 @@ export class GuestMemory {
     return undefined;
   }
 
-  private at(gpa: number, len: number): { region: MemoryRegion; offset: number } {
+  private at(gpa: number, len: number): Span {
     const loc = this.locate(gpa, len);
     if (loc === undefined) {
       throw new GuestMemoryError(`guest address 0x${gpa.toString(16)} (+${len}) is outside guest memory`);
@@ -260,43 +304,43 @@ export class GuestMemory {
   }
 
   readU8(gpa: number): number {
-    const { region, offset } = this.at(gpa, 1);
-    return region.view.getUint8(offset);
+    const { view, offset } = this.at(gpa, 1);
+    return view.getUint8(offset);
   }
 
   readU16(gpa: number): number {
-    const { region, offset } = this.at(gpa, 2);
-    return region.view.getUint16(offset, true);
+    const { view, offset } = this.at(gpa, 2);
+    return view.getUint16(offset, true);
   }
 
   readU32(gpa: number): number {
-    const { region, offset } = this.at(gpa, 4);
-    return region.view.getUint32(offset, true);
+    const { view, offset } = this.at(gpa, 4);
+    return view.getUint32(offset, true);
   }
 
   readU64(gpa: number): bigint {
-    const { region, offset } = this.at(gpa, 8);
-    return region.view.getBigUint64(offset, true);
+    const { view, offset } = this.at(gpa, 8);
+    return view.getBigUint64(offset, true);
   }
 
   writeU8(gpa: number, value: number): void {
-    const { region, offset } = this.at(gpa, 1);
-    region.view.setUint8(offset, value);
+    const { view, offset } = this.at(gpa, 1);
+    view.setUint8(offset, value);
   }
 
   writeU16(gpa: number, value: number): void {
-    const { region, offset } = this.at(gpa, 2);
-    region.view.setUint16(offset, value, true);
+    const { view, offset } = this.at(gpa, 2);
+    view.setUint16(offset, value, true);
   }
 
   writeU32(gpa: number, value: number): void {
-    const { region, offset } = this.at(gpa, 4);
-    region.view.setUint32(offset, value, true);
+    const { view, offset } = this.at(gpa, 4);
+    view.setUint32(offset, value, true);
   }
 
   writeU64(gpa: number, value: bigint): void {
-    const { region, offset } = this.at(gpa, 8);
-    region.view.setBigUint64(offset, value, true);
+    const { view, offset } = this.at(gpa, 8);
+    view.setBigUint64(offset, value, true);
   }
 
   /** Calls `fn` for each piece of [gpa, gpa+len) that lies in one region; throws outside memory. */
@@ -305,13 +349,13 @@ export class GuestMemory {
       throw new GuestMemoryError(`guest range 0x${gpa.toString(16)} (+${len}) is outside guest memory`);
     }
     let done = 0;
-    // Bounded by the number of regions the range crosses.
+    // Bounded by the number of regions and mapping windows the range crosses.
     while (done < len) {
       const at = gpa + done;
       const r = this.find(at)!;
-      const n = Math.min(len - done, r.guestPhysAddr + r.sizeBytes - at);
-      fn(new Uint8Array(r.buffer, r.base + (at - r.guestPhysAddr), n), done);
-      done += n;
+      const bytes = r.piece(at - r.guestPhysAddr, Math.min(len - done, r.guestPhysAddr + r.sizeBytes - at));
+      fn(bytes, done);
+      done += bytes.length;
     }
   }
 
@@ -330,6 +374,6 @@ export class GuestMemory {
   /** A live view of [gpa, gpa+len) when it lies in one region (no copy), else undefined. */
   view(gpa: number, len: number): Uint8Array | undefined {
     const loc = this.locate(gpa, len);
-    return loc === undefined ? undefined : new Uint8Array(loc.region.buffer, loc.offset, len);
+    return loc === undefined ? undefined : new Uint8Array(loc.buffer, loc.offset, len);
   }
 }

@@ -15,7 +15,7 @@
  */
 import { ErrorCode, VirtqueueError } from '../errors';
 import { native } from '../native';
-import { GuestMemory, MemoryRegion } from './guest-memory';
+import { GuestMemory, Span } from './guest-memory';
 
 export const VRING_DESC_F_NEXT = 1;
 export const VRING_DESC_F_WRITE = 2;
@@ -69,7 +69,7 @@ function badVring(message: string): VirtqueueError {
 }
 
 /** Resolves a ring part that must lie inside one region. */
-function resolvePart(memory: GuestMemory, what: string, gpa: number, len: number): { region: MemoryRegion; offset: number } {
+function resolvePart(memory: GuestMemory, what: string, gpa: number, len: number): Span {
   const loc = memory.locate(gpa, len);
   if (loc === undefined) {
     throw badVring(`${what} ring 0x${gpa.toString(16)} (+${len}) is not inside one guest memory region`);
@@ -120,18 +120,18 @@ export class SplitQueue {
     this.size = size;
     this.mask = size - 1;
     this.options = { ...options };
-    this.desc = d.region.view;
+    this.desc = d.view;
     this.descBase = d.offset;
-    this.avail = a.region.view;
+    this.avail = a.view;
     this.availBase = a.offset;
-    this.used = u.region.view;
+    this.used = u.view;
     this.usedBase = u.offset;
-    this.availFlags = new Uint16Array(a.region.buffer, a.offset, 1);
-    this.availIdx = new Uint16Array(a.region.buffer, a.offset + 2, 1);
-    this.usedEvent = new Uint16Array(a.region.buffer, a.offset + 4 + 2 * size, 1);
-    this.usedFlags = new Uint16Array(u.region.buffer, u.offset, 1);
-    this.usedIdxField = new Uint16Array(u.region.buffer, u.offset + 2, 1);
-    this.availEvent = new Uint16Array(u.region.buffer, u.offset + 4 + 8 * size, 1);
+    this.availFlags = new Uint16Array(a.buffer, a.offset, 1);
+    this.availIdx = new Uint16Array(a.buffer, a.offset + 2, 1);
+    this.usedEvent = new Uint16Array(a.buffer, a.offset + 4 + 2 * size, 1);
+    this.usedFlags = new Uint16Array(u.buffer, u.offset, 1);
+    this.usedIdxField = new Uint16Array(u.buffer, u.offset + 2, 1);
+    this.availEvent = new Uint16Array(u.buffer, u.offset + 4 + 8 * size, 1);
     this.nextAvail = lastAvailIdx & 0xffff;
     this.nextUsed = Atomics.load(this.usedIdxField, 0);
   }
