@@ -69,7 +69,8 @@ export class Connection {
       if (msg === null) return;
       if (msg.data.length === 0) {
         for (const fd of msg.fds) closeQuietly(fd);
-        this.close(undefined);
+        const truncated = this.reader.midMessage;
+        this.close(truncated ? new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, 'stream ended in the middle of a message') : undefined);
         return;
       }
       let frames: Frame[];

@@ -11,7 +11,7 @@
  */
 import { ErrorCode, ErrorCodeValue, GuestMemoryError, VballoonError, VhostProtocolError, VirtqueueError } from '../errors';
 import { Logger } from '../log';
-import { closeQuietly, native, PollHandle, POLL_READABLE } from '../native';
+import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
 import { checkDisjoint, GuestMemory, MemoryRegion, validateRegion, ValidRegion } from '../virtio/guest-memory';
 import { SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
 import { BackendChannel } from './backend-channel';
@@ -171,10 +171,14 @@ export class Session implements DeviceHost {
       err instanceof VballoonError
         ? err
         : protocolError(ErrorCode.VHOST_BAD_MESSAGE, `${name}: ${err instanceof Error ? err.message : String(err)}`);
-    const code = error instanceof VballoonError ? error.code : ErrorCode.VHOST_BAD_MESSAGE;
-    this.options.events.onError(code, error.message);
-    this.log.error('closing front-end connection: bad message', { request: name, code, error: error.message });
-    this.conn.close(error);
+    this.log.error('closing front-end connection: bad message', { request: name, code: error.code, error: error.message });
+    this.conn.close(error); // counted in onClosed, with framing errors
+  }
+
+  /** The stable code of the error that ended a connection. */
+  private static closeCode(error: Error): ErrorCodeValue {
+    if (error instanceof VballoonError) return error.code;
+    return isSystemError(error) ? ErrorCode.SOCKET : ErrorCode.VHOST_BAD_MESSAGE;
   }
 
   /** Takes the descriptor at `i` out of the message (so the error path does not close it). */
@@ -642,8 +646,11 @@ export class Session implements DeviceHost {
     this.channel = undefined;
     this.device.detach();
     this.memory.clear();
-    if (error !== undefined) this.log.warn('front-end connection closed', { error: error.message });
-    else this.log.info('front-end disconnected');
+    if (error !== undefined) {
+      const code = Session.closeCode(error);
+      this.options.events.onError(code, error.message);
+      this.log.warn('front-end connection closed on error', { code, error: error.message });
+    } else this.log.info('front-end disconnected');
     for (const listener of this.closeListeners) listener(error);
   }
 }

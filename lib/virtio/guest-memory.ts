@@ -73,11 +73,18 @@ export class MemoryRegion {
   static map(desc: ValidRegion, fd: number): MemoryRegion {
     const where = `region gpa=0x${desc.guestPhysAddr.toString(16)} size=0x${desc.sizeBytes.toString(16)}`;
     let blockSize = 4096;
+    let fileSize: number;
     try {
       const st = native.fstat(fd);
+      fileSize = st.size;
       if (st.fsBlockSize > 4096 && (st.fsBlockSize & (st.fsBlockSize - 1)) === 0) blockSize = st.fsBlockSize;
     } catch (err) {
       throw new GuestMemoryError(`${where}: fd ${fd} unusable: ${(err as Error).message}`);
+    }
+    // Touching a mapping beyond the end of its file raises SIGBUS: refuse such regions. (A
+    // front-end could still shrink the file later; QEMU seals its memfds against that.)
+    if (fileSize < desc.mmapOffset + desc.sizeBytes) {
+      throw new GuestMemoryError(`${where}: extends past the end of its file (${fileSize} bytes at offset 0x${desc.mmapOffset.toString(16)})`);
     }
     const windows: Window[] = [];
     try {
