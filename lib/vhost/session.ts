@@ -399,7 +399,7 @@ export class Session implements DeviceHost {
     }
     msg.fds.fill(-1);
     // Replace the table: rings stop using the old mappings, are re-translated over the new ones.
-    for (const ring of this.rings) this.dropQueue(ring);
+    for (const ring of this.rings) this.detachQueue(ring);
     this.memory.clear();
     for (const r of staged) this.memory.add(r);
     for (const ring of this.rings) this.updateReady(ring);
@@ -426,11 +426,11 @@ export class Session implements DeviceHost {
     if (region === undefined) {
       throw protocolError(ErrorCode.VHOST_BAD_MEMORY, `REM_MEM_REG: no region at gpa 0x${desc.guestPhysAddr.toString(16)}`);
     }
-    // Rings inside the removed region lose their queue until the memory comes back.
-    for (const ring of this.rings) {
-      if (ring.addr !== undefined && this.memory.userToGuest(ring.addr.desc, 1) === undefined) this.dropQueue(ring);
-    }
+    // Rings are re-translated without the removed region; those inside it stay down until the
+    // memory comes back.
+    for (const ring of this.rings) this.detachQueue(ring);
     region.unmap();
+    for (const ring of this.rings) this.updateReady(ring);
     for (const fd of msg.fds) closeQuietly(fd);
     msg.fds.fill(-1);
   }
@@ -514,8 +514,8 @@ export class Session implements DeviceHost {
     try {
       this.device.queueKicked(handle);
     } catch (err) {
-      this.options.events.onError(ErrorCode.VIRTQ_BROKEN_RING, String(err));
-      this.log.error('device failed while processing a queue', { queue: ring.index, error: err as Error });
+      // A device must not throw on guest input; if it does, that ring is not trustworthy any more.
+      this.failRing(ring, new VirtqueueError(ErrorCode.VIRTQ_BROKEN_RING, `device failed on queue ${ring.index}: ${(err as Error).message}`));
     }
   }
 
@@ -595,10 +595,20 @@ export class Session implements DeviceHost {
     }
   }
 
-  /** Forgets the ring's translated queue (memory changed); the ring state stays. */
-  private dropQueue(ring: RingState): void {
+  /** Forgets the ring's translated queue (memory is about to change), without rebuilding it. */
+  private detachQueue(ring: RingState): void {
     if (ring.queue !== undefined) ring.base = ring.queue.lastAvailIdx;
     ring.queue = undefined;
+    if (ring.ready) {
+      ring.ready = false;
+      ring.handle = undefined;
+      this.device.queueStopped(ring.index);
+    }
+  }
+
+  /** Forgets the ring's translated queue and rebuilds it over the current memory if possible. */
+  private dropQueue(ring: RingState): void {
+    this.detachQueue(ring);
     this.updateReady(ring);
   }
 
@@ -626,17 +636,10 @@ export class Session implements DeviceHost {
   private onClosed(error: Error | undefined): void {
     if (this.closed) return;
     // Stop the device first, then release rings, fds, mappings.
-    for (const ring of this.rings) {
-      if (ring.ready) {
-        ring.ready = false;
-        ring.handle = undefined;
-        this.device.queueStopped(ring.index);
-      }
-    }
+    for (const ring of this.rings) this.detachQueue(ring);
     this.closed = true;
     for (const ring of this.rings) {
       this.unwatchKick(ring);
-      ring.queue = undefined;
       closeQuietly(ring.callFd);
       closeQuietly(ring.errFd);
       ring.callFd = -1;
