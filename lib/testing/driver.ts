@@ -151,6 +151,11 @@ export class SplitRingDriver {
 
   private readonly chains = new Map<number, number[]>();
 
+  /** The avail index this driver published last. */
+  get availIdxPublished(): number {
+    return this.availIdx;
+  }
+
   kick(): void {
     native.eventfdWrite(this.kickFd, 1);
   }

@@ -55,6 +55,8 @@ export interface FrontendOptions {
   configSize: number;
   ramBytes?: number;
   layout?: 'q35' | 'flat';
+  /** Front-end virtual address of guest RAM's file offset 0 (QEMU's mmap address). */
+  userBase?: number;
   /** Mask applied to the back-end's protocol features (QEMU's F_MAX mask by default). */
   protocolMask?: bigint;
   replyTimeoutMs?: number;
@@ -84,7 +86,7 @@ export class TestFrontend {
   private channel: Connection | undefined;
   private waiters: Waiter[] = [];
   private configWaiters: Array<() => void> = [];
-  private readonly options: Required<Omit<FrontendOptions, 'layout'>> & { layout: 'q35' | 'flat' };
+  private readonly options: Required<Omit<FrontendOptions, 'layout' | 'userBase'>> & Pick<FrontendOptions, 'userBase'> & { layout: 'q35' | 'flat' };
   private readonly errFds: number[] = [];
   private readonly setupCallFds: number[] = [];
 
@@ -97,7 +99,7 @@ export class TestFrontend {
       replyTimeoutMs: 5000,
       ...options,
     };
-    this.ram = new GuestRam({ sizeBytes: this.options.ramBytes, layout: this.options.layout });
+    this.ram = new GuestRam({ sizeBytes: this.options.ramBytes, layout: this.options.layout, ...(options.userBase === undefined ? {} : { userBase: options.userBase }) });
     let onClose: (e: Error | undefined) => void = () => {};
     this.closed = new Promise((resolve) => (onClose = resolve));
     this.conn = new Connection(
