@@ -46,6 +46,8 @@ export class SplitRingDriver {
     private readonly ram: GuestRam,
     readonly index: number,
     readonly size: number,
+    /** VIRTIO_RING_F_EVENT_IDX negotiated: publish used_event as Linux does. */
+    readonly eventIdx = false,
   ) {
     this.mem = ram.memory;
     const sizes = ringSizes(size);
@@ -200,6 +202,10 @@ export class SplitRingDriver {
     return new Promise((resolve, reject) => {
       const started = Date.now();
       const check = (): void => {
+        // Ask for an interrupt once the entry we wait for is used (virtqueue_enable_cb), then
+        // re-check, so an entry used in between is not missed.
+        if (this.eventIdx) this.setUsedEvent((this.lastUsed + count - 1) & 0xffff);
+        native.fence();
         if (((this.usedIdx - this.lastUsed) & 0xffff) >= count) {
           clearTimeout(timer);
           resolve(this.takeUsed());

@@ -17,6 +17,7 @@ import {
   VHOST_USER_NEED_REPLY_MASK,
   VHOST_USER_REPLY_FLAGS,
   VHOST_USER_VERSION,
+  VIRTIO_RING_F_EVENT_IDX,
 } from '../vhost/constants';
 import { Frame } from '../vhost/framing';
 import { SplitRingDriver } from './driver';
@@ -278,7 +279,7 @@ export class TestFrontend {
     for (const q of queues) {
       let driver = this.drivers.get(q);
       if (driver === undefined) {
-        driver = new SplitRingDriver(this.ram, q, this.options.queueSize);
+        driver = new SplitRingDriver(this.ram, q, this.options.queueSize, (ackedFeatures & VIRTIO_RING_F_EVENT_IDX) !== 0n);
         this.drivers.set(q, driver);
       }
       await this.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: q, num: driver.size });
