@@ -32,6 +32,10 @@ export const ErrorCode = {
   VIRTQ_BAD_CHAIN: 'ERR_VIRTQ_BAD_CHAIN',
   /** An impossible ring state (index jump, head out of range); the queue is stopped. */
   VIRTQ_BROKEN_RING: 'ERR_VIRTQ_BROKEN_RING',
+  /** A balloon target that is not a page count the guest can reach. */
+  BALLOON_TARGET: 'ERR_BALLOON_TARGET',
+  /** An invalid balloon device configuration. */
+  BALLOON_CONFIG: 'ERR_BALLOON_CONFIG',
   /** A socket could not be listened on or connected to. */
   SOCKET: 'ERR_SOCKET',
 } as const;

@@ -31,6 +31,9 @@ export interface FileStatus {
   /** File system block size: the huge page size on hugetlbfs. */
   fsBlockSize: number;
   fsType: number;
+  /** Device and inode: the identity of the open file (regions often share one memfd). */
+  dev: number;
+  ino: number;
   nonBlocking: boolean;
 }
 

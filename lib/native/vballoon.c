@@ -709,7 +709,7 @@ static napi_value vb_ftruncate(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* fstat(fd) -> { size, allocatedBytes, blockSize, fsBlockSize, fsType, nonBlocking } */
+/* fstat(fd) -> { size, allocatedBytes, blockSize, fsBlockSize, fsType, dev, ino, nonBlocking } */
 static napi_value vb_fstat(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
@@ -727,6 +727,8 @@ static napi_value vb_fstat(napi_env env, napi_callback_info info) {
   napi_set_named_property(env, out, "blockSize", vb_int(env, st.st_blksize));
   napi_set_named_property(env, out, "fsBlockSize", vb_int(env, sfs.f_bsize));
   napi_set_named_property(env, out, "fsType", vb_int(env, (int64_t)(uint32_t)sfs.f_type));
+  napi_set_named_property(env, out, "dev", vb_int(env, (int64_t)st.st_dev));
+  napi_set_named_property(env, out, "ino", vb_int(env, (int64_t)st.st_ino));
   napi_get_boolean(env, (fl & O_NONBLOCK) != 0, &nb);
   napi_set_named_property(env, out, "nonBlocking", nb);
   return out;

@@ -39,6 +39,8 @@ export class SplitRingDriver {
   private lastUsed = 0;
   private watch: PollHandle | undefined;
   private waiters: Array<() => void> = [];
+  private closedError: Error | undefined;
+  private readonly rejecters = new Set<(err: Error) => void>();
   /** Interrupts seen on the call eventfd. */
   interrupts = 0;
 
@@ -199,7 +201,17 @@ export class SplitRingDriver {
   /** Resolves once used->idx has moved `count` entries past what takeUsed() returned. */
   waitUsed(count = 1, timeoutMs = 5000): Promise<UsedEntry[]> {
     this.watchInterrupts();
-    return new Promise((resolve, reject) => {
+    return new Promise((resolve, rejectOuter) => {
+      if (this.closedError !== undefined) {
+        rejectOuter(this.closedError);
+        return;
+      }
+      const reject = (err: Error): void => {
+        this.rejecters.delete(reject);
+        clearTimeout(timer);
+        rejectOuter(err);
+      };
+      this.rejecters.add(reject);
       const started = Date.now();
       const check = (): void => {
         // Ask for an interrupt once the entry we wait for is used (virtqueue_enable_cb), then
@@ -208,6 +220,7 @@ export class SplitRingDriver {
         native.fence();
         if (((this.usedIdx - this.lastUsed) & 0xffff) >= count) {
           clearTimeout(timer);
+          this.rejecters.delete(reject);
           resolve(this.takeUsed());
           return;
         }
@@ -217,11 +230,14 @@ export class SplitRingDriver {
       const timer = setTimeout(() => {
         reject(new Error(`queue ${this.index}: ${count} used entries not seen within ${timeoutMs} ms (used idx ${this.usedIdx}, seen ${this.lastUsed})`));
       }, timeoutMs);
+      timer.unref();
       check();
     });
   }
 
   close(): void {
+    this.closedError ??= new Error(`queue ${this.index}: driver closed`);
+    for (const reject of [...this.rejecters]) reject(this.closedError);
     if (this.watch !== undefined) native.pollStop(this.watch);
     this.watch = undefined;
     closeQuietly(this.kickFd);

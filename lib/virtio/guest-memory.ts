@@ -57,16 +57,22 @@ export class MemoryRegion {
   readonly mmapOffset: number;
   /** The file behind the region (a memfd for QEMU guests); kept for hole punching. */
   readonly fd: number;
+  /** The file's page size: 4096, or the huge page size on hugetlbfs. */
+  readonly pageSizeBytes: number;
+  /** Identity of the file ("dev:ino"): regions of one memfd share it. */
+  readonly fileId: string;
   private readonly windows: Window[];
   private unmapped = false;
 
-  private constructor(desc: ValidRegion, fd: number, windows: Window[]) {
+  private constructor(desc: ValidRegion, fd: number, windows: Window[], pageSizeBytes: number, fileId: string) {
     this.guestPhysAddr = desc.guestPhysAddr;
     this.sizeBytes = desc.sizeBytes;
     this.userAddr = desc.userAddr;
     this.mmapOffset = desc.mmapOffset;
     this.fd = fd;
     this.windows = windows;
+    this.pageSizeBytes = pageSizeBytes;
+    this.fileId = fileId;
   }
 
   /** Maps `fd` for `desc`. Takes ownership of `fd` only on success. */
@@ -74,9 +80,11 @@ export class MemoryRegion {
     const where = `region gpa=0x${desc.guestPhysAddr.toString(16)} size=0x${desc.sizeBytes.toString(16)}`;
     let blockSize = 4096;
     let fileSize: number;
+    let fileId: string;
     try {
       const st = native.fstat(fd);
       fileSize = st.size;
+      fileId = `${st.dev}:${st.ino}`;
       if (st.fsBlockSize > 4096 && (st.fsBlockSize & (st.fsBlockSize - 1)) === 0) blockSize = st.fsBlockSize;
     } catch (err) {
       throw new GuestMemoryError(`${where}: fd ${fd} unusable: ${(err as Error).message}`);
@@ -102,7 +110,7 @@ export class MemoryRegion {
       for (const w of windows) native.munmap(w.buffer);
       throw new GuestMemoryError(`${where}: ${(err as Error).message}`);
     }
-    return new MemoryRegion(desc, fd, windows);
+    return new MemoryRegion(desc, fd, windows, blockSize, fileId);
   }
 
   /** True if [gpa, gpa+len) lies inside this region. */

@@ -1,0 +1,402 @@
+/**
+ * The balloon device over the real socket, addon and memfd, driven by the Linux driver model.
+ */
+import { expect } from 'chai';
+import { ManualClock } from '../../lib/clock';
+import { BalloonDevice, BalloonOptions, PressureEvent } from '../../lib/device/balloon';
+import { native } from '../../lib/native';
+import { encodeStats } from '../../lib/device/stats';
+import { BalloonGuest, BalloonGuestOptions } from '../../lib/testing/balloon-guest';
+import { SplitRingDriver } from '../../lib/testing/driver';
+import { FrontendRequest } from '../../lib/vhost/constants';
+import { fdCount, startBackend, until, BackendFixture } from '../helpers';
+
+const MiB = 1024 * 1024;
+const PAGES_PER_MIB = 256;
+
+interface Rig {
+  device: BalloonDevice;
+  fx: BackendFixture;
+  guest: BalloonGuest;
+  close(): Promise<void>;
+}
+
+async function rig(deviceOptions: BalloonOptions = {}, guestOptions: Partial<BalloonGuestOptions> = {}): Promise<Rig> {
+  const device = new BalloonDevice(deviceOptions);
+  const fx = startBackend(device);
+  const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB, ...guestOptions });
+  return {
+    device,
+    fx,
+    guest,
+    async close(this: Rig) {
+      await this.guest.close();
+      await until(() => !fx.backend.connected, 'disconnect');
+      fx.close();
+    },
+  };
+}
+
+describe('virtio-balloon device', () => {
+  let fdsBefore: number;
+  let r: Rig | undefined;
+  beforeEach(() => {
+    fdsBefore = fdCount();
+  });
+  afterEach(async () => {
+    await r?.close();
+    r = undefined;
+    expect(native.mappingCount(), 'mappings leaked').to.equal(0);
+    expect(fdCount(), 'descriptors leaked').to.equal(fdsBefore);
+  });
+
+  it('inflating N MiB of written memory gives exactly N MiB back to the host; deflating and rewriting takes it again', async () => {
+    r = await rig();
+    const { device, guest } = r;
+    guest.touchFree();
+    const before = guest.fe.ram.residentBytes();
+    device.setTargetPages(24 * PAGES_PER_MIB);
+    await guest.reach(24 * PAGES_PER_MIB);
+    const inflated = guest.fe.ram.residentBytes();
+    expect(before - inflated).to.equal(24 * MiB);
+    const snap = device.snapshot();
+    expect(snap.actualPages).to.equal(24 * PAGES_PER_MIB);
+    expect(snap.balloonedPages).to.equal(24 * PAGES_PER_MIB);
+    expect(snap.hostResidentBytes).to.equal(inflated);
+    expect(snap.reclaimedBytes).to.equal(24 * MiB);
+    expect(snap.inflate.requests).to.equal(24); // 256 PFNs per buffer
+    // Contiguous PFNs: far fewer hole punches than pages.
+    expect(snap.discardCalls).to.be.at.most(24);
+    for (const pfn of guest.balloonPfns()) expect(guest.peek(pfn)).to.equal(0);
+    device.setTargetPages(0);
+    await guest.reach(0);
+    expect(device.snapshot().balloonedPages).to.equal(0);
+    guest.touchAll();
+    expect(guest.fe.ram.residentBytes()).to.equal(before);
+  });
+
+  it('keeps pages but does not discard while discard is inhibited; discards them when allowed again', async () => {
+    r = await rig({ inhibitDiscard: true });
+    const { device, guest } = r;
+    guest.touchFree();
+    const before = guest.fe.ram.residentBytes();
+    device.setTargetPages(8 * PAGES_PER_MIB);
+    await guest.reach(8 * PAGES_PER_MIB);
+    expect(guest.fe.ram.residentBytes()).to.equal(before);
+    expect(device.snapshot().balloonedPages).to.equal(8 * PAGES_PER_MIB);
+    device.setDiscardInhibited(false);
+    expect(before - guest.fe.ram.residentBytes()).to.equal(8 * MiB);
+  });
+
+  it('free page reporting lowers host-resident bytes without any balloon change', async () => {
+    r = await rig();
+    const { device, guest } = r;
+    guest.touchFree();
+    const before = guest.fe.ram.residentBytes();
+    const reported = await guest.reportFree();
+    expect(reported).to.be.greaterThan(32 * MiB);
+    const after = guest.fe.ram.residentBytes();
+    expect(before - after).to.equal(reported);
+    const snap = device.snapshot();
+    expect(snap.balloonedPages).to.equal(0);
+    expect(snap.reporting.bytes).to.equal(reported);
+    expect(snap.actualPages).to.equal(0);
+  });
+
+  for (const messageBit of ['vballoon', 'seed'] as const) {
+    it(`pressure during an inflate: the target read right after the ack is already num_pages == actual (${messageBit} bit)`, async () => {
+      r = await rig({ messageBit }, { mode: 'seed', messageBit: messageBit === 'seed' ? 2 : 20, pressureWaitMs: 300 });
+      const { device, guest } = r;
+      expect(guest.queues.get('message')).to.equal(4); // stats 2, reporting 3, message 4
+      const events: PressureEvent[] = [];
+      // The policy's job, reduced to its core: cancel the inflate.
+      device.on('pressure', (e: PressureEvent) => {
+        events.push(e);
+        device.setTargetPages(device.actual, 'pressure');
+      });
+      // Inflate toward almost all of RAM, then eat memory while it runs.
+      device.setTargetPages(56 * PAGES_PER_MIB);
+      await until(() => guest.actualPages >= 8 * PAGES_PER_MIB, 'inflate under way');
+      const eaten = await guest.eat(guest.freePages * 4096 + 1 * MiB);
+      expect(events.length).to.be.greaterThan(0);
+      expect(guest.targetsAfterPressure.length).to.be.greaterThan(0);
+      for (const seen of guest.targetsAfterPressure) expect(seen.target).to.equal(seen.actual);
+      expect(guest.targetsAfterPressure[0]!.target).to.equal(events[0]!.actualPages);
+      expect(device.target).to.be.lessThan(56 * PAGES_PER_MIB);
+      expect(eaten.pages).to.be.greaterThan(0);
+      const snap = device.snapshot();
+      expect(snap.messages.pressure).to.equal(events.length);
+      expect(snap.ackLatency.count).to.equal(events.length);
+      expect(snap.ackLatency.lastSeconds).to.be.a('number').and.be.lessThan(1);
+      if (messageBit === 'seed') expect(snap.offeredFeatures & (1n << 2n)).to.equal(1n << 2n); // bit 2 means MESSAGE_VQ here
+    });
+  }
+
+  it('pressure then deflate: a host that deflates on pressure lets the eater finish', async () => {
+    r = await rig({}, { mode: 'seed' });
+    const { device, guest } = r;
+    device.on('pressure', () => device.setTargetPages(Math.max(0, device.actual - 8 * PAGES_PER_MIB), 'pressure'));
+    device.setTargetPages(40 * PAGES_PER_MIB);
+    await guest.reach(40 * PAGES_PER_MIB);
+    const result = await guest.eat(guest.freePages * 4096 + 12 * MiB);
+    expect(result.oomKilled).to.equal(false);
+    expect(guest.oomKills).to.equal(0);
+    expect(guest.pressureMessages).to.be.greaterThan(0);
+  });
+
+  it('a stock guest with DEFLATE_ON_OOM deflates by itself; the device counts it as unrequested', async () => {
+    r = await rig();
+    const { device, guest } = r;
+    const unrequested: number[] = [];
+    device.on('deflate', (e: { pages: number; unrequested: boolean }) => e.unrequested && unrequested.push(e.pages));
+    device.setTargetPages(40 * PAGES_PER_MIB);
+    await guest.reach(40 * PAGES_PER_MIB);
+    const result = await guest.eat(guest.freePages * 4096 + 2 * MiB);
+    expect(result.oomKilled).to.equal(false);
+    expect(guest.oomDeflates).to.be.greaterThan(0);
+    expect(unrequested.length).to.be.greaterThan(0);
+    expect(device.snapshot().deflate.unrequested).to.be.greaterThan(0);
+  });
+
+  describe('stats', () => {
+    it('asks for fresh stats every interval and names every tag', async () => {
+      const clock = new ManualClock();
+      r = await rig({ clock, statsIntervalMs: 1000, statsTimeoutMs: 3000 });
+      const { device, guest } = r;
+      await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
+      const s = device.snapshot().stats;
+      expect(Object.keys(s.values)).to.deep.equal([
+        'swap_in', 'swap_out', 'major_faults', 'minor_faults', 'free_memory', 'total_memory', 'available_memory', 'disk_caches',
+        'hugetlb_allocations', 'hugetlb_failures', 'oom_kills', 'alloc_stalls', 'async_scans', 'direct_scans', 'async_reclaims', 'direct_reclaims',
+      ]);
+      expect(s.values['total_memory']).to.equal(64 * MiB);
+      expect(s.values['free_memory']).to.equal(guest.freePages * 4096);
+      expect(s.updatedAtMs).to.equal(clock.wallNow());
+      expect(s.stale).to.equal(false);
+      clock.advance(999);
+      expect(device.snapshot().statsQueue.requests).to.equal(0);
+      clock.advance(1);
+      await until(() => device.snapshot().statsQueue.updates === 2, 'second stats buffer');
+      expect(device.snapshot().statsQueue.requests).to.equal(1);
+      clock.advance(500);
+      expect(device.snapshot().stats.ageMs).to.equal(500);
+    });
+
+    it('keeps unknown tags by number', async () => {
+      r = await rig();
+      const { device, guest } = r;
+      await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
+      const buf = guest.fe.ram.alloc(20);
+      guest.fe.ram.memory.write(buf, encodeStats([[4, 12345], [99, 7]]));
+      guest.driver('stats').addBuffer([{ addr: buf, len: 20 }]);
+      guest.driver('stats').kick();
+      await until(() => device.snapshot().statsQueue.updates === 2, 'second stats buffer');
+      const s = device.snapshot();
+      expect(s.stats.values).to.deep.equal({ free_memory: 12345, tag_99: 7 });
+      expect(s.stats.byTag.get(99)).to.equal(7);
+      expect(s.invalid.stats_extra_buffer).to.equal(1); // the guest's own buffer was still held
+    });
+
+    it('marks stats stale when a request is not answered within the timeout', async () => {
+      const clock = new ManualClock();
+      r = await rig({ clock, statsIntervalMs: 1000, statsTimeoutMs: 3000 });
+      const { device, guest } = r;
+      await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
+      guest.driver('stats').close(); // the guest no longer hears interrupts on the stats queue
+      (guest as unknown as { stopped: boolean }).stopped = true;
+      clock.advance(1000);
+      expect(device.snapshot().statsQueue.requests).to.equal(1);
+      clock.advance(2999);
+      expect(device.snapshot().stats.stale).to.equal(false);
+      clock.advance(1);
+      expect(device.snapshot().stats.stale).to.equal(true);
+      expect(device.snapshot().statsQueue.timeouts).to.equal(1);
+    });
+  });
+
+  describe('hostile guests (counted; the process and the other queues unaffected)', () => {
+    const cases: Array<{ name: string; reason: string; act(g: BalloonGuest): void }> = [
+      {
+        name: 'PFNs past the end of RAM',
+        reason: 'pfn_outside_ram',
+        act: (g) => {
+          const buf = g.fe.ram.alloc(8);
+          g.fe.ram.memory.writeU32(buf, 0xfffffff0);
+          g.fe.ram.memory.writeU32(buf + 4, 64 * PAGES_PER_MIB);
+          g.driver('inflate').addBuffer([{ addr: buf, len: 8 }]);
+          g.driver('inflate').kick();
+        },
+      },
+      {
+        name: 'a huge inflate buffer',
+        reason: 'too_many_pfns',
+        act: (g) => {
+          g.driver('inflate').addBuffer([{ addr: g.fe.ram.alloc(65536), len: 65536 }]);
+          g.driver('inflate').kick();
+        },
+      },
+      {
+        name: 'a zero-length deflate buffer',
+        reason: 'empty_buffer',
+        act: (g) => {
+          g.driver('deflate').addBuffer([{ addr: g.fe.ram.alloc(8), len: 0 }]);
+          g.driver('deflate').kick();
+        },
+      },
+      {
+        name: 'a device-writable inflate buffer',
+        reason: 'writable_buffer',
+        act: (g) => {
+          g.driver('inflate').addBuffer([{ addr: g.fe.ram.alloc(8), len: 8, writable: true }]);
+          g.driver('inflate').kick();
+        },
+      },
+      {
+        name: 'a stats buffer with a partial entry',
+        reason: 'stats_partial_entry',
+        act: (g) => {
+          const d = g.driver('stats');
+          d.addBuffer([{ addr: g.fe.ram.alloc(64), len: 25 }]);
+          d.kick();
+        },
+      },
+      {
+        name: 'a message of the wrong size',
+        reason: 'message_size',
+        act: (g) => {
+          g.driver('message').addBuffer([{ addr: g.fe.ram.alloc(16), len: 16 }]);
+          g.driver('message').kick();
+        },
+      },
+      {
+        name: 'an unknown message type',
+        reason: 'message_unknown_type',
+        act: (g) => {
+          const buf = g.fe.ram.alloc(4);
+          g.fe.ram.memory.writeU32(buf, 77);
+          g.driver('message').addBuffer([{ addr: buf, len: 4 }]);
+          g.driver('message').kick();
+        },
+      },
+      {
+        name: 'a malformed chain on the inflate queue',
+        reason: 'bad_chain',
+        act: (g) => {
+          const d = g.driver('inflate');
+          d.writeDescriptor(63, { addr: 0x7fffffffn * 4096n, len: 4, flags: 0, next: 0 });
+          d.publish(63);
+          d.kick();
+        },
+      },
+    ];
+    for (const c of cases) {
+      it(c.name, async () => {
+        r = await rig({}, { mode: 'seed' });
+        const { device, guest } = r;
+        c.act(guest);
+        await until(() => (device.snapshot().invalid as Record<string, number>)[c.reason] === 1, `${c.reason} counted`);
+        expect(r.fx.backend.connected).to.equal(true);
+        // The balloon still works on every queue.
+        device.setTargetPages(2 * PAGES_PER_MIB);
+        await guest.reach(2 * PAGES_PER_MIB);
+        device.setTargetPages(0);
+        await guest.reach(0);
+        expect(r.fx.log.find('invalid guest input', 'warn').length).to.be.greaterThan(0);
+      });
+    }
+
+    it('kicks on a queue that has no role', async () => {
+      r = await rig({ messageQueue: true }, { mode: 'stock' });
+      const { device, guest } = r;
+      // The stock driver numbered 4 queues; the device has 5. Start queue 4 by hand and kick it.
+      const d = new SplitRingDriver(guest.fe.ram, 4, 8, true);
+      try {
+        await guest.fe.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 4, num: 8 });
+        const a = d.userAddrs;
+        await guest.fe.request(FrontendRequest.SET_VRING_ADDR, { kind: 'vring-addr', index: 4, flags: 0, desc: a.desc, used: a.used, avail: a.avail, log: 0n });
+        await guest.fe.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 4, noFd: false }, [d.kickFd]);
+        d.addBuffer([{ addr: guest.fe.ram.alloc(8), len: 8 }]);
+        d.kick();
+        await until(() => (device.snapshot().invalid.kick_unused_queue ?? 0) > 0, 'unused-queue kick counted');
+        expect(d.usedIdx).to.equal(0); // its ring was never touched
+        device.setTargetPages(PAGES_PER_MIB);
+        await guest.reach(PAGES_PER_MIB);
+      } finally {
+        d.close();
+      }
+    });
+  });
+
+  it('reset empties the balloon; a reconnect without reset keeps it', async () => {
+    r = await rig();
+    const { device, guest, fx } = r;
+    device.setTargetPages(4 * PAGES_PER_MIB);
+    await guest.reach(4 * PAGES_PER_MIB);
+    await guest.close();
+    await until(() => !fx.backend.connected, 'disconnect');
+    expect(device.snapshot().balloonedPages).to.equal(4 * PAGES_PER_MIB);
+    r.guest = await BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB });
+    expect(device.snapshot().balloonedPages).to.equal(4 * PAGES_PER_MIB);
+    await r.guest.fe.request(FrontendRequest.RESET_DEVICE);
+    await r.guest.fe.requestU64(FrontendRequest.GET_FEATURES);
+    const snap = device.snapshot();
+    expect(snap.balloonedPages).to.equal(0);
+    expect(snap.actualPages).to.equal(0);
+    expect(snap.targetPages).to.equal(4 * PAGES_PER_MIB);
+  });
+
+  it('refuses targets that are not reachable page counts', async () => {
+    r = await rig();
+    expect(() => r!.device.setTargetPages(-1)).to.throw(/target/);
+    expect(() => r!.device.setTargetPages(1.5)).to.throw(/target/);
+    expect(() => r!.device.setTargetPages(64 * PAGES_PER_MIB + 1)).to.throw(/exceeds guest RAM/);
+    expect(() => new BalloonDevice({ configSize: 10 as 8 })).to.throw(/config size/);
+    expect(() => new BalloonDevice({ statsIntervalMs: 0 })).to.throw(/interval/);
+  });
+});
+
+describe('balloon queue layouts (every combination of negotiated optional features)', () => {
+  const optional = ['statsQueue', 'pageReporting', 'messageQueue'] as const;
+  const combos: Array<{ offer: Record<(typeof optional)[number], boolean>; refuse: number[]; messageBit: 'vballoon' | 'seed' }> = [];
+  for (let mask = 0; mask < 8; mask++) {
+    const offer = { statsQueue: (mask & 1) !== 0, pageReporting: (mask & 2) !== 0, messageQueue: (mask & 4) !== 0 };
+    combos.push({ offer, refuse: [], messageBit: 'vballoon' });
+    if (offer.messageQueue) combos.push({ offer, refuse: [], messageBit: 'seed' });
+  }
+  // Offered but refused by the driver: the layout follows what was negotiated.
+  combos.push({ offer: { statsQueue: true, pageReporting: true, messageQueue: true }, refuse: [1], messageBit: 'vballoon' });
+  combos.push({ offer: { statsQueue: true, pageReporting: true, messageQueue: true }, refuse: [5], messageBit: 'vballoon' });
+  combos.push({ offer: { statsQueue: true, pageReporting: true, messageQueue: true }, refuse: [1, 5], messageBit: 'seed' });
+
+  for (const c of combos) {
+    const name = `${Object.entries(c.offer).filter(([, v]) => v).map(([k]) => k).join('+') || 'none'} (${c.messageBit} bit${c.refuse.length ? `, driver refuses ${c.refuse.join(',')}` : ''})`;
+    it(name, async () => {
+      const device = new BalloonDevice({ ...c.offer, messageBit: c.messageBit });
+      const fx = startBackend(device);
+      const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'seed', messageBit: c.messageBit === 'seed' ? 2 : 20, numQueues: device.numQueues, ramBytes: 32 * MiB, refuse: c.refuse, pressureWaitMs: 100 });
+      try {
+        expect(device.numQueues).to.equal(2 + Object.values(c.offer).filter(Boolean).length);
+        const guestLayout = [...guest.queues.entries()].sort((a, b) => a[1] - b[1]).map(([role]) => role);
+        expect(device.snapshot().layout).to.deep.equal(guestLayout);
+        // Every queue works at the index both sides agreed on.
+        device.setTargetPages(PAGES_PER_MIB);
+        await guest.reach(PAGES_PER_MIB);
+        if (guest.queues.has('stats')) await until(() => device.snapshot().statsQueue.updates >= 1, 'stats');
+        if (guest.queues.has('reporting')) {
+          expect(await guest.reportFree()).to.be.greaterThan(0);
+          expect(device.snapshot().reporting.requests).to.be.greaterThan(0);
+        }
+        if (guest.queues.has('message')) {
+          device.once('pressure', () => device.setTargetPages(device.actual));
+          await guest.eat(guest.freePages * 4096 + 4096);
+          expect(device.snapshot().messages.pressure).to.be.greaterThan(0);
+        }
+        expect(device.snapshot().invalid).to.deep.equal({});
+      } finally {
+        await guest.close();
+        await until(() => !fx.backend.connected, 'disconnect');
+        fx.close();
+      }
+    });
+  }
+});
