@@ -242,6 +242,7 @@ export class TestFrontend {
   waitConfigChange(count = this.configChanges + 1, timeoutMs = 5000): Promise<void> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no config change #${count} within ${timeoutMs} ms`)), timeoutMs);
+      timer.unref();
       const check = (): void => {
         if (this.configChanges >= count) {
           clearTimeout(timer);
