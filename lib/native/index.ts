@@ -78,6 +78,8 @@ export interface NativeAddon {
   memfdCreate(name: string, hugetlb?: boolean): number;
   ftruncate(fd: number, size: number): void;
   fstat(fd: number): FileStatus;
+  /** Credentials of the peer of a connected unix socket (SO_PEERCRED). */
+  peerCred(fd: number): { pid: number; uid: number; gid: number };
   /** A new close-on-exec descriptor for the same open file. */
   dup(fd: number): number;
   close(fd: number): void;

@@ -744,6 +744,22 @@ static napi_value vb_close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* peerCred(fd) -> { pid, uid, gid } of the process at the other end of a unix socket. */
+static napi_value vb_peer_cred(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return vb_throw_errno(env, errno, "getsockopt");
+  napi_value out;
+  NAPI_CALL(env, napi_create_object(env, &out));
+  napi_set_named_property(env, out, "pid", vb_int(env, cred.pid));
+  napi_set_named_property(env, out, "uid", vb_int(env, cred.uid));
+  napi_set_named_property(env, out, "gid", vb_int(env, cred.gid));
+  return out;
+}
+
 /* dup(fd) -> a new close-on-exec descriptor for the same open file. */
 static napi_value vb_dup(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -783,6 +799,7 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"memfdCreate", NULL, vb_memfd_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ftruncate", NULL, vb_ftruncate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fstat", NULL, vb_fstat, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"peerCred", NULL, vb_peer_cred, NULL, NULL, NULL, napi_enumerable, NULL},
       {"dup", NULL, vb_dup, NULL, NULL, NULL, napi_enumerable, NULL},
       {"close", NULL, vb_close, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fence", NULL, vb_fence, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -1,0 +1,199 @@
+/**
+ * Prometheus metrics of one daemon, in its own prom-client Registry (never the global one), and
+ * the HTTP endpoint that serves them at /metrics. Every metric is documented in docs/metrics.md.
+ * State gauges and snapshot-derived counters are computed once per scrape from the devices'
+ * snapshots; event counters (policy actions, errors, pressure acknowledgement latency) are
+ * incremented as the events happen.
+ */
+import * as http from 'node:http';
+import { AddressInfo } from 'node:net';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { BalloonDevice, BalloonSnapshot } from '../device/balloon';
+import { Mode } from '../policy/engine';
+
+/** Stats tags whose values are bytes (the others are counts). */
+const BYTE_STATS = new Set(['swap_in', 'swap_out', 'free_memory', 'total_memory', 'available_memory', 'disk_caches', 'async_scans', 'direct_scans', 'async_reclaims', 'direct_reclaims']);
+
+export interface MetricsVm {
+  name: string;
+  device: BalloonDevice;
+  mode: Mode;
+  connections(): number;
+}
+
+type CounterField = (s: BalloonSnapshot) => number;
+
+export class DaemonMetrics {
+  readonly registry = new Registry();
+  private snapshots = new Map<string, BalloonSnapshot>();
+  private readonly policyActions: Counter<'vm' | 'reason'>;
+  private readonly errors: Counter<'vm' | 'kind'>;
+  private readonly ackSeconds: Histogram<'vm'>;
+  private server: http.Server | undefined;
+
+  constructor(private readonly vms: () => MetricsVm[]) {
+    const registers = [this.registry];
+    collectDefaultMetrics({ register: this.registry });
+    const gauge = (name: string, help: string, value: (s: BalloonSnapshot, vm: MetricsVm) => number | undefined): void => {
+      const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
+      const list = this.vms;
+      new Gauge({
+        name,
+        help,
+        labelNames: ['vm'],
+        registers,
+        collect() {
+          this.reset();
+          for (const vm of list()) {
+            const s = snaps().get(vm.name);
+            const v = s === undefined ? undefined : value(s, vm);
+            if (v !== undefined) this.set({ vm: vm.name }, v);
+          }
+        },
+      });
+    };
+    // Counters derived from snapshots: incremented by the growth since the last scrape, so they
+    // stay monotonic even when a device is replaced (its counts restart from zero).
+    const counter = (name: string, help: string, field: CounterField): void => {
+      const last = new Map<string, number>();
+      const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
+      const list = this.vms;
+      new Counter({
+        name,
+        help,
+        labelNames: ['vm'],
+        registers,
+        collect() {
+          for (const vm of list()) {
+            const s = snaps().get(vm.name);
+            if (s === undefined) continue;
+            const v = field(s);
+            const prev = last.get(vm.name) ?? 0;
+            this.inc({ vm: vm.name }, Math.max(0, v >= prev ? v - prev : v));
+            last.set(vm.name, v);
+          }
+        },
+      });
+    };
+    const PAGE = 4096;
+    gauge('vballoon_connected', 'Whether a front-end (QEMU) is connected (1) or not (0).', (s) => (s.connected ? 1 : 0));
+    gauge('vballoon_target_bytes', 'Balloon target (num_pages) in bytes.', (s) => s.targetPages * PAGE);
+    gauge('vballoon_actual_bytes', "Balloon size the guest reports (actual) in bytes.", (s) => s.actualPages * PAGE);
+    gauge('vballoon_ballooned_bytes', 'Guest memory tracked as ballooned by the device, in bytes.', (s) => s.balloonedPages * PAGE);
+    gauge('vballoon_guest_ram_bytes', 'Guest RAM shared by the front-end, in bytes.', (s) => s.guestRamBytes);
+    gauge('vballoon_host_resident_bytes', 'Bytes of the guest memory files the host actually holds.', (s) => s.hostResidentBytes);
+    gauge('vballoon_discard_inhibited', 'Whether giving ballooned memory back to the host is inhibited (1) or not (0).', (s) => (s.discardInhibited ? 1 : 0));
+    gauge('vballoon_guest_stats_age_seconds', 'Seconds since the guest last sent memory statistics.', (s) => (s.stats.ageMs === undefined ? undefined : s.stats.ageMs / 1000));
+    gauge('vballoon_guest_stats_stale', 'Whether the last stats request went unanswered past the timeout (1) or not (0).', (s) => (s.stats.stale ? 1 : 0));
+    gauge('vballoon_tracker_bytes', 'Memory used by the ballooned-page tracker, in bytes.', (s) => s.trackerBytes);
+    counter('vballoon_reclaimed_bytes_total', 'Bytes given back to the host by hole punching (inflate and free page reporting).', (s) => s.reclaimedBytes);
+    counter('vballoon_discard_calls_total', 'fallocate(PUNCH_HOLE) calls made.', (s) => s.discardCalls);
+    counter('vballoon_inflate_requests_total', 'Inflate buffers received.', (s) => s.inflate.requests);
+    counter('vballoon_inflate_pages_total', 'Pages newly ballooned by inflate requests.', (s) => s.inflate.pages);
+    counter('vballoon_deflate_requests_total', 'Deflate buffers received.', (s) => s.deflate.requests);
+    counter('vballoon_deflate_pages_total', 'Pages released by deflate requests.', (s) => s.deflate.pages);
+    counter('vballoon_deflate_unrequested_pages_total', 'Pages the guest deflated without the host asking (DEFLATE_ON_OOM).', (s) => s.deflate.unrequested);
+    counter('vballoon_reported_bytes_total', 'Bytes of free memory the guest reported (free page reporting).', (s) => s.reporting.bytes);
+    counter('vballoon_guest_stats_updates_total', 'Guest statistics updates received.', (s) => s.statsQueue.updates);
+    counter('vballoon_guest_stats_timeouts_total', 'Guest statistics requests that timed out.', (s) => s.statsQueue.timeouts);
+    counter('vballoon_pressure_messages_total', 'Pressure messages received on the message queue.', (s) => s.messages.pressure);
+    counter('vballoon_config_changes_total', 'Config change notifications sent to the guest.', (s) => s.configChanges);
+    {
+      const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
+      const list = this.vms;
+      for (const [name, unit, pick] of [
+        ['vballoon_guest_stat_bytes', 'bytes', (k: string) => BYTE_STATS.has(k)],
+        ['vballoon_guest_stat_count', 'counts', (k: string) => !BYTE_STATS.has(k)],
+      ] as const) {
+        new Gauge({
+          name,
+          help: `Latest guest memory statistics measured in ${unit}, by stat name (tags 0-15 named, others tag_<n>).`,
+          labelNames: ['vm', 'stat'],
+          registers,
+          collect() {
+            this.reset();
+            for (const vm of list()) {
+              const s = snaps().get(vm.name);
+              if (s === undefined) continue;
+              for (const [k, v] of Object.entries(s.stats.values)) if (pick(k)) this.set({ vm: vm.name, stat: k }, v);
+            }
+          },
+        });
+      }
+      new Gauge({
+        name: 'vballoon_policy_mode',
+        help: 'Policy mode of the VM (1 for the current mode).',
+        labelNames: ['vm', 'mode'],
+        registers,
+        collect() {
+          this.reset();
+          for (const vm of list()) this.set({ vm: vm.name, mode: vm.mode }, 1);
+        },
+      });
+      new Counter({
+        name: 'vballoon_connections_total',
+        help: 'Front-end connections served.',
+        labelNames: ['vm'],
+        registers,
+        collect() {
+          this.reset();
+          for (const vm of list()) this.inc({ vm: vm.name }, vm.connections());
+        },
+      });
+    }
+    this.policyActions = new Counter({ name: 'vballoon_policy_actions_total', help: 'Policy decisions, by reason.', labelNames: ['vm', 'reason'], registers });
+    this.errors = new Counter({ name: 'vballoon_errors_total', help: 'Errors by kind: invalid guest input reasons, vhost-user error codes, discard failures.', labelNames: ['vm', 'kind'], registers });
+    this.ackSeconds = new Histogram({
+      name: 'vballoon_pressure_ack_seconds',
+      help: 'Time from the kick of a pressure message to its acknowledgement.',
+      labelNames: ['vm'],
+      buckets: [0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1],
+      registers,
+    });
+  }
+
+  policyAction(vm: string, reason: string): void {
+    this.policyActions.inc({ vm, reason });
+  }
+
+  error(vm: string, kind: string): void {
+    this.errors.inc({ vm, kind });
+  }
+
+  ack(vm: string, seconds: number): void {
+    this.ackSeconds.observe({ vm }, seconds);
+  }
+
+  /** The exposition text (snapshots taken once for the whole scrape). */
+  async render(): Promise<string> {
+    this.snapshots = new Map(this.vms().map((vm) => [vm.name, vm.device.snapshot()]));
+    return this.registry.metrics();
+  }
+
+  /** Serves GET /metrics; resolves with the bound address. */
+  listen(host: string, port: number): Promise<AddressInfo> {
+    const server = http.createServer((req, res) => {
+      if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+        res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
+        return;
+      }
+      this.render().then(
+        (text) => res.writeHead(200, { 'content-type': this.registry.contentType }).end(text),
+        (err: Error) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${err.message}\n`),
+      );
+    });
+    this.server = server;
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve(server.address() as AddressInfo));
+    });
+  }
+
+  close(): Promise<void> {
+    const s = this.server;
+    this.server = undefined;
+    if (s === undefined) return Promise.resolve();
+    s.closeAllConnections();
+    return new Promise((resolve) => s.close(() => resolve()));
+  }
+}
