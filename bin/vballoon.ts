@@ -335,7 +335,7 @@ export function cli(args: string[]): Argv {
     .fail((msg, err) => {
       // A message means a usage problem (yargs validation or a failed check); an error alone
       // comes from a command handler.
-      if (msg) die(EXIT.USAGE, `${msg} (see vballoon --help)`);
+      if (msg) die(EXIT.USAGE, `${msg.replace(/\s*\n\s*/g, ' ')} (see vballoon --help)`);
       die(exitCodeFor(err), err?.message ?? 'failed');
     });
 }

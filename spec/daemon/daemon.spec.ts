@@ -1,0 +1,263 @@
+/**
+ * The real daemon process with the real CLI, a guest driver model on the VM socket, /metrics
+ * parsed by a real Prometheus parser, control-socket abuse, SIGTERM and SIGHUP.
+ */
+import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import parsePrometheus from 'parse-prometheus-text-format';
+import { native } from '../../lib/native';
+import { BalloonGuest } from '../../lib/testing/balloon-guest';
+import { until } from '../helpers';
+import { spawnSync } from 'node:child_process';
+import { BIN, DaemonProcess } from './harness';
+
+const MiB = 1024 * 1024;
+const VM = (d: DaemonProcess, extra: Record<string, unknown> = {}) => ({ name: 'vm0', socket: d.vmSocket('vm0'), memory: '64M', statsInterval: '200ms', ...extra });
+
+function request(socketPath: string, payload: string | Buffer): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = net.createConnection(socketPath);
+    let out = '';
+    s.on('data', (d) => (out += d));
+    s.on('end', () => resolve(out));
+    s.on('close', () => resolve(out));
+    s.on('error', reject);
+    s.on('connect', () => {
+      s.write(payload);
+      setTimeout(() => s.end(), 300);
+    });
+  });
+}
+
+async function metrics(port: number): Promise<string> {
+  const res = await fetch(`http://127.0.0.1:${port}/metrics`);
+  expect(res.status).to.equal(200);
+  return res.text();
+}
+
+describe('daemon and CLI (real processes)', function () {
+  this.timeout(30_000);
+  let d: DaemonProcess;
+  let guest: BalloonGuest | undefined;
+
+  beforeEach(() => {
+    d = new DaemonProcess();
+  });
+  afterEach(async () => {
+    await guest?.close();
+    guest = undefined;
+    if (d.exitCode === undefined) await d.stop();
+  });
+
+  it('set-target inflates a guest; status, stats and watch show it; --json is stable', async () => {
+    await d.start({ vms: [VM(d)] });
+    guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB });
+    const set = await d.cliAsync(['set-target', 'vm0', '16M', '--wait', '--timeout', '20s']);
+    expect(set.code, set.stderr).to.equal(0);
+    expect(set.stdout).to.contain('balloon target 16 MiB (actual 16 MiB)');
+    expect(guest.actualPages).to.equal(16 * 256);
+
+    const status = d.cli(['status', 'vm0', '--json']);
+    expect(status.code).to.equal(0);
+    const s = JSON.parse(status.stdout);
+    expect(Object.keys(s)).to.deep.equal([
+      'vm', 'connected', 'mode', 'socket', 'guestRamBytes', 'targetBytes', 'actualBytes', 'guestSizeBytes', 'balloonedBytes',
+      'hostResidentBytes', 'reclaimedBytes', 'discardInhibited', 'negotiatedQueues', 'pressureMessages', 'policyCooldownSeconds', 'statsAgeSeconds', 'statsStale',
+    ]);
+    expect(s).to.include({ vm: 'vm0', connected: true, mode: 'manual', targetBytes: 16 * MiB, actualBytes: 16 * MiB, balloonedBytes: 16 * MiB, guestRamBytes: 64 * MiB, guestSizeBytes: 48 * MiB });
+    expect(s.negotiatedQueues).to.deep.equal(['inflate', 'deflate', 'stats', 'reporting']);
+    expect(d.cli(['status']).stdout).to.match(/vm0\s+connected\s+manual\s+64 MiB\s+16 MiB\s+16 MiB\s+48 MiB/);
+
+    await until(() => JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).updatedAt !== null, 'stats');
+    const stats = JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout);
+    expect(Object.keys(stats)).to.deep.equal(['vm', 'updatedAt', 'ageSeconds', 'stale', 'stats']);
+    expect(stats.stats.total_memory).to.equal(64 * MiB);
+    expect(d.cli(['stats', 'vm0']).stdout).to.match(/total_memory\s+64 MiB/);
+
+    const watch = d.cli(['watch', 'vm0', '--count', '2', '--interval', '100ms', '--json']);
+    expect(watch.code).to.equal(0);
+    const frames = watch.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    expect(frames).to.have.length(2);
+    expect(frames[1].vms[0]).to.include({ vm: 'vm0', actualBytes: 16 * MiB });
+    expect(d.cli(['watch', 'vm0', '--count', '1']).stdout).to.contain('vm0');
+
+    // --guest-size: QMP's convention (what the guest keeps).
+    const g = d.cli(['set-target', 'vm0', '--guest-size', '56M', '--json']);
+    expect(JSON.parse(g.stdout).targetBytes).to.equal(8 * MiB);
+    await guest.reach(8 * 256);
+
+    const list = JSON.parse(d.cli(['list', '--json']).stdout);
+    expect(list).to.deep.equal([{ vm: 'vm0', connected: true, mode: 'manual', socket: d.vmSocket('vm0') }]);
+    const q = d.cli(['qemu-args', 'vm0']);
+    expect(q.stdout).to.contain('vhost-user-test-device-pci,chardev=vb-vm0,virtio-id=5,num_vqs=5,vq_size=128,config_size=8');
+    expect(q.stdout).to.contain('memory-backend-memfd,id=mem-vm0,size=64M,share=on');
+  });
+
+  it('bad CLI input: one clear line on stderr and a documented exit code', async () => {
+    await d.start({ vms: [VM(d)] });
+    const cases: Array<{ args: string[]; code: number; text: RegExp }> = [
+      { args: ['set-target', 'nope', '1M'], code: 4, text: /no VM named "nope"/ },
+      { args: ['set-target', 'vm0', '12 parsecs'], code: 2, text: /not a size|unknown unit/ },
+      { args: ['set-target', 'vm0', '1G'], code: 5, text: /exceeds guest RAM/ },
+      { args: ['set-target', 'vm0'], code: 2, text: /SIZE or --guest-size/ },
+      { args: ['frobnicate'], code: 2, text: /Unknown argument/ },
+      { args: ['mode', 'vm0', 'turbo'], code: 2, text: /Invalid values/ },
+    ];
+    for (const c of cases) {
+      const r = d.cli(c.args);
+      expect(r.code, `${c.args.join(' ')}: ${r.stderr}`).to.equal(c.code);
+      expect(r.stderr).to.match(c.text);
+      expect(r.stderr.trim().split('\n')).to.have.length(1);
+    }
+    const r = spawnSync(process.execPath, [BIN, '--control', path.join(d.dir, 'nothing.sock'), 'status'], { encoding: 'utf8' });
+    const noDaemon = { code: r.status, stderr: r.stderr };
+    expect(noDaemon.code).to.equal(3);
+    expect(noDaemon.stderr).to.match(/not running/);
+    for (const cmd of ['serve', 'set-target', 'status', 'stats', 'watch', 'qemu-args', 'mode', 'discard', 'list']) {
+      const h = d.cli([cmd, '--help']);
+      expect(h.code, cmd).to.equal(0);
+      expect(h.stdout).to.contain('vballoon');
+    }
+  });
+
+  it('/metrics is valid Prometheus exposition and has every documented metric with its type', async () => {
+    await d.start({ vms: [VM(d, { policy: 'auto', target: '8M' })] });
+    guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'seed', numQueues: 5, ramBytes: 64 * MiB });
+    await until(() => JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).updatedAt !== null, 'stats');
+    await guest.eat(1 * MiB);
+    // A pressure message, so the histogram has an observation.
+    const families = parsePrometheus(await metrics(d.metricsPort));
+    const byName = new Map(families.map((f) => [f.name, f]));
+    const doc = fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'docs', 'metrics.md'), 'utf8');
+    const documented = [...doc.matchAll(/^\| `(vballoon_[a-z_]+)` \| (gauge|counter|histogram) \|/gm)].map((m) => ({ name: m[1]!, type: m[2]! }));
+    expect(documented.length).to.be.greaterThan(25);
+    for (const m of documented) {
+      const f = byName.get(m.name);
+      expect(f, `${m.name} missing`).to.not.equal(undefined);
+      expect(f!.type.toLowerCase(), m.name).to.equal(m.type);
+    }
+    for (const f of families) if (f.name.startsWith('vballoon_')) expect(documented.map((m) => m.name), `${f.name} undocumented`).to.include(f.name);
+    expect(byName.has('process_cpu_user_seconds_total')).to.equal(true);
+    const value = (name: string, labels: Record<string, string> = { vm: 'vm0' }) =>
+      Number(byName.get(name)!.metrics.find((x) => Object.entries(labels).every(([k, v]) => x.labels?.[k] === v))?.value);
+    expect(value('vballoon_connected')).to.equal(1);
+    expect(value('vballoon_guest_ram_bytes')).to.equal(64 * MiB);
+    expect(value('vballoon_guest_stat_bytes', { vm: 'vm0', stat: 'total_memory' })).to.equal(64 * MiB);
+    expect(value('vballoon_policy_mode', { vm: 'vm0', mode: 'auto' })).to.equal(1);
+    const res = await fetch(`http://127.0.0.1:${d.metricsPort}/other`);
+    expect(res.status).to.equal(404);
+  });
+
+  describe('control socket', () => {
+    it('refuses malformed JSON, oversized requests and unknown commands, and changes nothing', async () => {
+      await d.start({ vms: [VM(d)] });
+      const bad = JSON.parse(await request(d.control, '{not json\n'));
+      expect(bad).to.deep.include({ ok: false });
+      expect(bad.error.code).to.equal('EBADJSON');
+      const unknown = JSON.parse(await request(d.control, '{"id":7,"method":"explode"}\n'));
+      expect(unknown).to.deep.include({ id: 7, ok: false });
+      expect(unknown.error.code).to.equal('EUNKNOWNMETHOD');
+      const params = JSON.parse(await request(d.control, '{"id":8,"method":"set-target","params":{"vm":"vm0","bytes":"lots"}}\n'));
+      expect(params.error.code).to.equal('EBADPARAMS');
+      const notObject = JSON.parse(await request(d.control, '[1,2]\n'));
+      expect(notObject.error.code).to.equal('EBADREQUEST');
+      const huge = await request(d.control, Buffer.alloc(200 * 1024, 'x'));
+      expect(JSON.parse(huge.split('\n')[0]!).error.code).to.equal('ETOOLARGE');
+      const proto = JSON.parse(await request(d.control, '{"id":9,"method":"__proto__"}\n'));
+      expect(proto.error.code).to.equal('EUNKNOWNMETHOD');
+      // Nothing changed, the daemon still answers.
+      const s = JSON.parse(d.cli(['status', 'vm0', '--json']).stdout);
+      expect(s.targetBytes).to.equal(0);
+      expect(fs.statSync(d.control).mode & 0o777).to.equal(0o600);
+      const m = parsePrometheus(await metrics(d.metricsPort)).find((f) => f.name === 'vballoon_errors_total')!;
+      expect(m.metrics.filter((x) => x.labels?.vm === 'control').length).to.be.greaterThan(3);
+    });
+
+    it('refuses callers of another user', async () => {
+      await d.start({ control: { socket: d.control, mode: '0666' }, vms: [VM(d)] });
+      fs.chmodSync(d.dir, 0o755);
+      const r = d.cli(['status'], { uid: 65534, gid: 65534 });
+      expect(r.code, r.stderr).to.equal(8);
+      expect(r.stderr).to.match(/uid 65534 may not use this control socket/);
+    });
+
+    it('will not replace a control socket owned by another user', async () => {
+      const sock = d.control;
+      native.close(native.listen(sock, 1)); // a stale socket file, left behind
+      fs.chownSync(sock, 65534, 65534);
+      const file = d.configFile({ vms: [VM(d)] });
+      const r = d.cli(['serve', '--config', file]);
+      expect(r.code).to.equal(7);
+      expect(r.stderr).to.match(/owned by uid 65534.*refusing to replace it/);
+      expect(fs.existsSync(sock)).to.equal(true);
+    });
+
+    it('will not start on a socket another daemon is using', async () => {
+      await d.start({ vms: [VM(d)] });
+      const r = d.cli(['serve', '--config', path.join(d.dir, 'config.json')]);
+      expect(r.code).to.equal(7);
+      expect(r.stderr).to.match(/in use/);
+    });
+  });
+
+  it('validates the configuration file with clear errors', async () => {
+    const cases: Array<{ config: unknown; text: RegExp }> = [
+      { config: { vms: [{ name: 'vm0', memmory: '1G' }] }, text: /vms\[0\]\.memmory: unknown setting/ },
+      { config: { vms: [{ name: 'vm0', memory: 'lots' }] }, text: /vms\[0\]\.memory: "lots" is not a size/ },
+      { config: { vms: [{ name: 'a b' }] }, text: /vms\[0\]\.name/ },
+      { config: { vms: [{ name: 'x' }, { name: 'x', socket: '/tmp/other' }] }, text: /used twice/ },
+      { config: { vms: [{ name: 'x', policy: 'yolo' }] }, text: /vms\[0\]\.policy: expected one of manual, auto/ },
+      { config: { control: { mode: 'rw' } }, text: /control\.mode/ },
+      { config: { vms: [{ name: 'x', memory: '1G', target: '2G' }] }, text: /larger than the guest's memory/ },
+    ];
+    for (const c of cases) {
+      const file = path.join(d.dir, 'bad.json');
+      fs.writeFileSync(file, JSON.stringify(c.config));
+      const r = d.cli(['serve', '--config', file]);
+      expect(r.code, JSON.stringify(c.config)).to.equal(7);
+      expect(r.stderr).to.match(c.text);
+    }
+    const yaml = path.join(d.dir, 'bad.yaml');
+    fs.writeFileSync(yaml, 'vms:\n  - name: vm0\n   memory: [1G\n');
+    const r = d.cli(['serve', '--config', yaml]);
+    expect(r.code).to.equal(7);
+    expect(r.stderr).to.match(/not valid YAML/);
+  });
+
+  it('SIGHUP reloads the configuration', async () => {
+    await d.start({ vms: [VM(d)] });
+    fs.writeFileSync(
+      path.join(d.dir, 'config.json'),
+      JSON.stringify({ control: { socket: d.control }, metrics: { host: '127.0.0.1', port: 0 }, log: { format: 'json' }, vms: [VM(d, { policy: 'auto' }), { name: 'vm1', socket: d.vmSocket('vm1') }] }),
+    );
+    d.signal('SIGHUP');
+    await d.waitLog((l) => l.msg === 'configuration reloaded');
+    const list = JSON.parse(d.cli(['list', '--json']).stdout);
+    expect(list.map((v: { vm: string; mode: string }) => `${v.vm}:${v.mode}`)).to.deep.equal(['vm0:auto', 'vm1:manual']);
+    fs.writeFileSync(path.join(d.dir, 'config.json'), '{"vms": [{"name": 7}]}');
+    d.signal('SIGHUP');
+    await d.waitLog((l) => l.msg.startsWith('reload refused'));
+    expect(JSON.parse(d.cli(['list', '--json']).stdout)).to.have.length(2);
+  });
+
+  it('SIGTERM during an inflate leaves no fd, mapping or socket file behind, and exits 0', async () => {
+    await d.start({ vms: [VM(d)] });
+    guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB });
+    d.cli(['set-target', 'vm0', '48M']);
+    await until(() => guest!.actualPages > 256, 'inflate under way');
+    d.signal('SIGTERM');
+    const stopped = await d.waitLog((l) => l.msg === 'vballoon daemon stopped');
+    expect(stopped['leakedFds']).to.equal(0);
+    expect(stopped['mappings']).to.equal(0);
+    const code = await new Promise<number | null>((resolve) => {
+      const check = (): void => (d.exitCode !== undefined ? resolve(d.exitCode) : void setTimeout(check, 20));
+      check();
+    });
+    expect(code).to.equal(0);
+    expect(fs.existsSync(d.control)).to.equal(false);
+    expect(fs.existsSync(d.vmSocket('vm0'))).to.equal(false);
+    await until(() => guest!.fe.isClosed, 'guest sees the disconnect');
+  });
+});
