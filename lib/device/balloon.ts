@@ -171,6 +171,8 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   private configChangePending = false;
   private inhibit: boolean;
   private lastGuestRamBytes: number | undefined;
+  /** Identity of the files behind guest RAM last time: a new set means a new guest. */
+  private memoryIdentity: string | undefined;
   // stats queue
   private statsHeld: number | undefined;
   private statsTimer: TimerHandle | undefined;
@@ -354,8 +356,18 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
 
   queueReady(vring: Vring): void {
     this.vrings.set(vring.index, vring);
-    const mem = this.host?.memory.totalBytes;
-    if (mem !== undefined && mem > 0) this.lastGuestRamBytes = mem;
+    const memory = this.host?.memory;
+    if (memory !== undefined && memory.totalBytes > 0) {
+      this.lastGuestRamBytes = memory.totalBytes;
+      // A front-end that reconnects (same QEMU) shares the same memory file: the balloon is kept.
+      // Different files mean a new QEMU process, whose guest starts with an empty balloon.
+      const identity = [...new Set(memory.regionList.map((r) => r.fileId))].sort().join(',');
+      if (this.memoryIdentity !== undefined && this.memoryIdentity !== identity && (this.tracker.size > 0 || this.actualPages > 0)) {
+        this.log.info('new guest memory: emptying the balloon state of the previous guest', { balloonedPages: this.tracker.size });
+        this.reset();
+      }
+      this.memoryIdentity = identity;
+    }
     // A target set while no front-end (or no running ring) was there goes out now.
     this.sendConfigChange();
     if (this.layout[vring.index] === 'stats') this.scheduleStats();

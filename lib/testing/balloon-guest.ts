@@ -15,6 +15,7 @@
 import { VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from '../vhost/constants';
 import { SplitRingDriver } from './driver';
 import { TestFrontend } from './frontend';
+import { GuestRam } from './guest-ram';
 
 const PAGE = 4096;
 const PFNS_MAX = 256;
@@ -53,6 +54,8 @@ export interface BalloonGuestOptions {
   refuse?: number[];
   /** How long an allocation waits for the host after a pressure message before OOM (ms). */
   pressureWaitMs?: number;
+  /** Guest RAM to use (a QEMU that reconnects keeps its memory); created when omitted. */
+  ram?: GuestRam;
 }
 
 /** A simple async mutex (Linux's balloon_lock). */
@@ -88,7 +91,7 @@ export class BalloonGuest {
   private readonly used: number[] = [];
   private readonly balloon: number[] = [];
   private readonly reported = new Set<number>();
-  private readonly opts: Required<Omit<BalloonGuestOptions, 'refuse'>> & { refuse: number[] };
+  private readonly opts: Required<Omit<BalloonGuestOptions, 'refuse' | 'ram'>> & { refuse: number[] };
   private readonly lock = new Mutex();
   private config: Uint8Array = new Uint8Array(8);
   private inflateBuf = 0;
@@ -140,6 +143,7 @@ export class BalloonGuest {
       ramBytes: opts.ramBytes ?? 64 * 1024 * 1024,
       queueSize: opts.queueSize ?? 64,
       layout: 'flat',
+      ...(opts.ram === undefined ? {} : { ram: opts.ram }),
     });
     const g = new BalloonGuest(fe, opts);
     try {

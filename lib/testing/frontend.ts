@@ -58,6 +58,8 @@ export interface FrontendOptions {
   layout?: 'q35' | 'flat';
   /** Front-end virtual address of guest RAM's file offset 0 (QEMU's mmap address). */
   userBase?: number;
+  /** Use this guest RAM (owned by the caller, kept open on close), as a reconnecting QEMU does. */
+  ram?: GuestRam;
   /** Mask applied to the back-end's protocol features (QEMU's F_MAX mask by default). */
   protocolMask?: bigint;
   replyTimeoutMs?: number;
@@ -87,7 +89,8 @@ export class TestFrontend {
   private channel: Connection | undefined;
   private waiters: Waiter[] = [];
   private configWaiters: Array<() => void> = [];
-  private readonly options: Required<Omit<FrontendOptions, 'layout' | 'userBase'>> & Pick<FrontendOptions, 'userBase'> & { layout: 'q35' | 'flat' };
+  private readonly options: Required<Omit<FrontendOptions, 'layout' | 'userBase' | 'ram'>> & Pick<FrontendOptions, 'userBase'> & { layout: 'q35' | 'flat' };
+  private readonly ownsRam: boolean;
   private readonly errFds: number[] = [];
   private readonly setupCallFds: number[] = [];
 
@@ -100,7 +103,8 @@ export class TestFrontend {
       replyTimeoutMs: 5000,
       ...options,
     };
-    this.ram = new GuestRam({ sizeBytes: this.options.ramBytes, layout: this.options.layout, ...(options.userBase === undefined ? {} : { userBase: options.userBase }) });
+    this.ownsRam = options.ram === undefined;
+    this.ram = options.ram ?? new GuestRam({ sizeBytes: this.options.ramBytes, layout: this.options.layout, ...(options.userBase === undefined ? {} : { userBase: options.userBase }) });
     let onClose: (e: Error | undefined) => void = () => {};
     this.closed = new Promise((resolve) => (onClose = resolve));
     this.conn = new Connection(
@@ -341,6 +345,6 @@ export class TestFrontend {
     for (const fd of [...this.errFds, ...this.setupCallFds]) closeQuietly(fd);
     this.errFds.length = 0;
     this.setupCallFds.length = 0;
-    this.ram.close();
+    if (this.ownsRam) this.ram.close();
   }
 }

@@ -87,6 +87,7 @@ export class Session implements DeviceHost {
   private channel: BackendChannel | undefined;
   private configChangePending = false;
   private closed = false;
+  private firstMessage = true;
   private readonly closeListeners: Array<(error: Error | undefined) => void> = [];
 
   constructor(
@@ -148,6 +149,17 @@ export class Session implements DeviceHost {
       return;
     }
     const name = requestName(msg.request);
+    if (this.firstMessage) {
+      this.firstMessage = false;
+      // QEMU's vhost-user-base reconnects (chardev reconnect-ms) without negotiating again: it
+      // goes straight to SET_FEATURES, memory and rings, and still uses what it negotiated with
+      // the previous back-end. That was everything we offer (QEMU accepts every offered bit), so
+      // assume it rather than leave QEMU waiting for REPLY_ACKs we would not send.
+      if (msg.request !== FrontendRequest.GET_FEATURES && msg.request !== FrontendRequest.GET_PROTOCOL_FEATURES) {
+        this.ackedProtocol = this.options.protocolFeatures;
+        this.log.warn('front-end resumed without negotiating (a QEMU reconnect): assuming the protocol features it negotiated before', { first: name });
+      }
+    }
     this.options.events.onMessage(name);
     this.log.debug('front-end message', { request: name, flags: msg.flags, fds: msg.fds.length });
     let reply: Payload | undefined;

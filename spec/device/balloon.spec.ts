@@ -8,6 +8,7 @@ import { native } from '../../lib/native';
 import { encodeStats } from '../../lib/device/stats';
 import { BalloonGuest, BalloonGuestOptions } from '../../lib/testing/balloon-guest';
 import { SplitRingDriver } from '../../lib/testing/driver';
+import { GuestRam } from '../../lib/testing/guest-ram';
 import { FrontendRequest } from '../../lib/vhost/constants';
 import { fdCount, startBackend, until, BackendFixture } from '../helpers';
 
@@ -327,22 +328,48 @@ describe('virtio-balloon device', () => {
     });
   });
 
-  it('reset empties the balloon; a reconnect without reset keeps it', async () => {
-    r = await rig();
-    const { device, guest, fx } = r;
-    device.setTargetPages(4 * PAGES_PER_MIB);
-    await guest.reach(4 * PAGES_PER_MIB);
-    await guest.close();
-    await until(() => !fx.backend.connected, 'disconnect');
-    expect(device.snapshot().balloonedPages).to.equal(4 * PAGES_PER_MIB);
-    r.guest = await BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB });
-    expect(device.snapshot().balloonedPages).to.equal(4 * PAGES_PER_MIB);
-    await r.guest.fe.request(FrontendRequest.RESET_DEVICE);
-    await r.guest.fe.requestU64(FrontendRequest.GET_FEATURES);
-    const snap = device.snapshot();
-    expect(snap.balloonedPages).to.equal(0);
-    expect(snap.actualPages).to.equal(0);
-    expect(snap.targetPages).to.equal(4 * PAGES_PER_MIB);
+  it('reset empties the balloon; a reconnect of the same QEMU keeps it; a new QEMU starts empty', async () => {
+    const device = new BalloonDevice();
+    const fx = startBackend(device);
+    const ram = new GuestRam({ sizeBytes: 64 * MiB, layout: 'flat' });
+    const boot = (withRam?: GuestRam) => BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB, ...(withRam ? { ram: withRam } : {}) });
+    let guest = await boot(ram);
+    try {
+      device.setTargetPages(4 * PAGES_PER_MIB);
+      await guest.reach(4 * PAGES_PER_MIB);
+      await guest.close();
+      await until(() => !fx.backend.connected, 'disconnect');
+      expect(device.snapshot().balloonedPages).to.equal(4 * PAGES_PER_MIB);
+      // The same QEMU reconnects: same memory, the balloon is still there.
+      guest = await boot(ram);
+      await until(() => device.snapshot().connected, 'connected');
+      expect(device.snapshot().balloonedPages).to.equal(4 * PAGES_PER_MIB);
+      await guest.fe.request(FrontendRequest.RESET_DEVICE);
+      await guest.fe.requestU64(FrontendRequest.GET_FEATURES);
+      let snap = device.snapshot();
+      expect(snap.balloonedPages).to.equal(0);
+      expect(snap.actualPages).to.equal(0);
+      expect(snap.targetPages).to.equal(4 * PAGES_PER_MIB);
+      await guest.close();
+      await until(() => !fx.backend.connected, 'disconnect');
+      // A new QEMU (new memory file): whatever the old guest had ballooned is forgotten.
+      guest = await boot(ram);
+      await guest.reach(4 * PAGES_PER_MIB);
+      await guest.close();
+      await until(() => !fx.backend.connected, 'disconnect');
+      const already = device.snapshot().inflate.alreadyBallooned;
+      guest = await boot();
+      await guest.reach(4 * PAGES_PER_MIB);
+      snap = device.snapshot();
+      // Every page the new guest ballooned was new to the device (and really punched).
+      expect(snap.inflate.alreadyBallooned).to.equal(already);
+      expect(snap.balloonedPages).to.equal(4 * PAGES_PER_MIB);
+    } finally {
+      await guest.close();
+      await until(() => !fx.backend.connected, 'disconnect');
+      fx.close();
+      ram.close();
+    }
   });
 
   it('refuses targets that are not reachable page counts', async () => {

@@ -83,7 +83,15 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
   { name: 'enable value other than 0/1', code: ErrorCode.VHOST_BAD_VRING, realize: true, step: raw(FrontendRequest.SET_VRING_ENABLE, { kind: 'vring-state', index: 0, num: 7 }) },
   { name: 'protocol features not offered', code: ErrorCode.VHOST_BAD_FEATURES, step: raw(FrontendRequest.SET_PROTOCOL_FEATURES, { kind: 'u64', value: 1n << 14n }) },
   { name: 'virtio features not offered', code: ErrorCode.VHOST_BAD_FEATURES, step: raw(FrontendRequest.SET_FEATURES, { kind: 'u64', value: 1n << 34n }) },
-  { name: 'a request that needs an unnegotiated feature', code: ErrorCode.VHOST_NOT_NEGOTIATED, step: raw(FrontendRequest.GET_CONFIG, { kind: 'config', offset: 0, size: 8, flags: 0, data: new Uint8Array(8) }) },
+  {
+    name: 'a request that needs an unnegotiated feature',
+    code: ErrorCode.VHOST_NOT_NEGOTIATED,
+    step: async (fe) => {
+      await fe.requestU64(FrontendRequest.GET_FEATURES);
+      await fe.request(FrontendRequest.SET_PROTOCOL_FEATURES, { kind: 'u64', value: 1n << 9n }); // CONFIG only
+      raw(FrontendRequest.GET_STATUS, { kind: 'none' })(fe);
+    },
+  },
   { name: 'an unsupported request', code: ErrorCode.VHOST_NOT_NEGOTIATED, realize: true, step: raw(FrontendRequest.SEND_RARP, { kind: 'u64', value: 0n }) },
   { name: 'config read outside the config space', code: ErrorCode.VHOST_BAD_CONFIG, realize: true, step: raw(FrontendRequest.GET_CONFIG, { kind: 'config', offset: 4, size: 8, flags: 0, data: new Uint8Array(8) }) },
   {
