@@ -213,4 +213,38 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       await teardown(r);
     }
   });
+
+  it('7b. daemon restarted while QEMU runs: the daemon reconnects on its own; QEMU 11.1 does not survive it (docs/qemu.md)', async () => {
+    const d = new DaemonProcess();
+    const cfg = { vms: [{ name: 'vm0', connect: true, socket: d.vmSocket('vm0'), memory: '1G', statsInterval: '1s', reporting: false }] };
+    // QEMU listens (server=on,wait=on) and the daemon connects, so that either side can come back.
+    const g = new QemuGuest(env!, { socketPath: d.vmSocket('vm0'), memMiB: 1024, numVqs: 4, configSize: 8, chardevExtra: 'server=on,wait=on' });
+    const booting = g.boot();
+    try {
+      await new Promise((res) => setTimeout(res, 300));
+      await d.start(cfg);
+      await booting;
+      await until(() => status(d).negotiatedQueues.length > 0, 'driver bound', 20_000);
+      d.signal('SIGTERM');
+      await d.waitLog((l) => l.msg === 'vballoon daemon stopped');
+      d.exitCode = undefined;
+      d.logs.length = 0;
+      await d.start(cfg);
+      // The daemon side: it reconnects by itself and resumes without a renegotiation.
+      await d.waitLog((l) => l.msg === 'connected to front-end', 20_000);
+      const outcome = await Promise.race([
+        g.exited.then(() => 'qemu-exited'),
+        d.waitLog((l) => String(l.msg).startsWith('front-end resumed without negotiating'), 20_000).then(() => 'resumed'),
+      ]);
+      if (outcome === 'qemu-exited' || g.exitCode !== undefined) {
+        // QEMU 11.1.3: vhost_dev_start asserts (hdev->vhost_ops) on the new connection.
+        expect(g.output.join('\n')).to.match(/Assertion|vhost/);
+      }
+      expect(d.exitCode).to.equal(undefined);
+      expect(d.cli(['status', 'vm0']).code).to.equal(0);
+    } finally {
+      await g.shutdown();
+      await d.stop();
+    }
+  });
 });
