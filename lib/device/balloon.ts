@@ -4,9 +4,15 @@
  * deflate, the stats queue, the pressure message queue, and free page reporting.
  *
  * Guest input never throws out of here: bad buffers are acknowledged, counted by reason and
- * logged; only an impossible ring state stops a queue (lib/vhost). Ordering of reclaim: pages are
- * discarded synchronously while the inflate buffer is handled, before its used entry is
- * published, so the guest cannot deflate (and touch) a page whose discard has not finished.
+ * logged; only an impossible ring state stops a queue (lib/vhost).
+ *
+ * Ordering of reclaim: an inflate is acknowledged at once and its pages are discarded in batches
+ * (a few milliseconds later, or when 64 MiB are pending). A ballooned page may be touched by the
+ * guest again only after a deflate of it was acknowledged, after a free page report was
+ * acknowledged, or after a device reset; every pending discard is carried out synchronously
+ * before any of those (the deflate and reporting handlers, queueStopped, which runs inside
+ * GET_VRING_BASE before QEMU gets its reply, reset and detach). So no discard can ever hit a page
+ * the guest uses again.
  */
 import { EventEmitter } from 'node:events';
 import { Clock, systemClock, TimerHandle } from '../clock';
@@ -35,7 +41,7 @@ import {
   VIRTIO_BALLOON_PFN_SHIFT,
 } from './constants';
 import { numQueuesFor, QueueRole, queueLayout } from './layout';
-import { PageTracker } from './page-tracker';
+import { PageRun, PageTracker } from './page-tracker';
 import { alignedFileRange, DiscardRange, planDiscards } from './reclaim';
 import { namedStats, parseStats } from './stats';
 
@@ -43,6 +49,14 @@ import { namedStats, parseStats } from './stats';
 const MAX_PFN_BUFFER_BYTES = VIRTIO_BALLOON_ARRAY_PFNS_MAX * 4;
 /** Bytes of one stats buffer read at most (64 entries of 10 bytes; Linux sends 16). */
 const MAX_STATS_BUFFER_BYTES = 640;
+/**
+ * Inflate discards are batched: the ack goes out at once and the holes are punched when this
+ * much is pending, or DISCARD_BATCH_DELAY_MS after the first pending page, or before anything
+ * that could let the guest touch a pending page (see the ordering note in the file header).
+ * Bigger punches amortise the kernel's page-table and TLB work.
+ */
+const DISCARD_BATCH_BYTES = 64 * 1024 * 1024;
+const DISCARD_BATCH_DELAY_MS = 2;
 /** Log lines per invalid-input reason before the device goes quiet about it (still counted). */
 const MAX_LOGS_PER_REASON = 10;
 
@@ -173,6 +187,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   private lastGuestRamBytes: number | undefined;
   /** Identity of the files behind guest RAM last time: a new set means a new guest. */
   private memoryIdentity: string | undefined;
+  /** Newly ballooned runs whose holes are not punched yet (see the ordering note above). */
+  private pendingRuns: PageRun[] = [];
+  private pendingPages = 0;
+  private pendingTimer: TimerHandle | undefined;
   // stats queue
   private statsHeld: number | undefined;
   private statsTimer: TimerHandle | undefined;
@@ -284,7 +302,8 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     if (inhibited === this.inhibit) return;
     this.inhibit = inhibited;
     this.log.info(inhibited ? 'discard inhibited' : 'discard allowed', { balloonedPages: this.tracker.size });
-    if (!inhibited && this.host !== undefined) this.discard(planDiscards([...this.tracker.runs()], (g) => this.host?.memory.find(g), (p, n) => this.tracker.isFull(p, n)));
+    if (inhibited) this.dropPendingDiscards();
+    else if (this.host !== undefined) this.discard(planDiscards([...this.tracker.runs()], (g) => this.host?.memory.find(g), (p, n) => this.tracker.isFull(p, n)));
   }
 
   get discardInhibited(): boolean {
@@ -347,6 +366,7 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   }
 
   detach(): void {
+    this.flushDiscards();
     this.stopStats();
     this.vrings.clear();
     this.host = undefined;
@@ -374,11 +394,15 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   }
 
   queueStopped(index: number): void {
+    // Before QEMU gets its GET_VRING_BASE reply (a stop, a reset, a reboot): nothing may remain
+    // pending once the guest can run without the balloon.
+    this.flushDiscards();
     this.vrings.delete(index);
     if (this.layout[index] === 'stats') this.stopStats();
   }
 
   reset(): void {
+    this.flushDiscards();
     this.tracker.clear();
     this.actualPages = 0;
     this.actualBytes = new Uint8Array(4);
@@ -495,13 +519,12 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     const added = fresh.reduce((n, r) => n + r.count, 0);
     this.counters.inflate.pages += added;
     this.counters.inflate.alreadyBallooned += pfns.length - added;
-    if (!this.inhibit) {
-      // Discard now, before the used entry is published (see the file header).
-      this.discard(planDiscards(fresh, (g) => this.host?.memory.find(g), (p, n) => this.tracker.isFull(p, n)));
-    }
+    if (!this.inhibit && fresh.length > 0) this.queueDiscards(fresh, added);
   }
 
   private handleDeflate(descriptors: readonly Descriptor[]): void {
+    // The guest touches deflated pages once this is acknowledged: finish their discards first.
+    this.flushDiscards();
     this.counters.deflate.requests++;
     const pfns = this.readPfns('deflate', descriptors);
     if (pfns === undefined || pfns.length === 0) return;
@@ -516,6 +539,7 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   }
 
   private handleReport(descriptors: readonly Descriptor[]): void {
+    this.flushDiscards();
     this.counters.reporting.requests++;
     const memory = this.host?.memory;
     if (memory === undefined) return;
@@ -624,6 +648,34 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     this.statsOutstanding = false;
   }
 
+  private queueDiscards(runs: readonly PageRun[], pages: number): void {
+    this.pendingRuns.push(...runs);
+    this.pendingPages += pages;
+    if (this.pendingPages * BALLOON_PAGE_BYTES >= DISCARD_BATCH_BYTES) this.flushDiscards();
+    else this.pendingTimer ??= this.clock.setTimer(DISCARD_BATCH_DELAY_MS, () => this.flushDiscards());
+  }
+
+  /** Punches every pending hole now. */
+  flushDiscards(): void {
+    this.pendingTimer?.cancel();
+    this.pendingTimer = undefined;
+    if (this.pendingRuns.length === 0) return;
+    const runs = this.pendingRuns;
+    this.pendingRuns = [];
+    this.pendingPages = 0;
+    if (this.inhibit || this.host === undefined) return;
+    // Runs from several buffers merge into fewer, longer punches.
+    const merged = runs.length === 1 ? runs : compactRunList(runs);
+    this.discard(planDiscards(merged, (g) => this.host?.memory.find(g), (p, n) => this.tracker.isFull(p, n)));
+  }
+
+  private dropPendingDiscards(): void {
+    this.pendingTimer?.cancel();
+    this.pendingTimer = undefined;
+    this.pendingRuns = [];
+    this.pendingPages = 0;
+  }
+
   /** Punches the planned holes; failures are counted and logged, never thrown. */
   private discard(ranges: readonly DiscardRange[]): void {
     for (const r of ranges) {
@@ -670,6 +722,7 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
 
   /** One typed view of everything observable (the daemon publishes it as metrics). */
   snapshot(): BalloonSnapshot {
+    this.flushDiscards(); // so host-resident bytes reflect every acknowledged inflate
     const c = this.counters;
     return {
       connected: this.host !== undefined,
@@ -704,6 +757,18 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   isBallooned(pfn: number): boolean {
     return this.tracker.has(pfn);
   }
+}
+
+/** Sorts runs and merges those that touch or overlap. */
+function compactRunList(runs: readonly PageRun[]): PageRun[] {
+  const sorted = [...runs].sort((a, b) => a.start - b.start);
+  const out: PageRun[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last !== undefined && r.start <= last.start + last.count) last.count = Math.max(last.count, r.start + r.count - last.start);
+    else out.push({ ...r });
+  }
+  return out;
 }
 
 /** Pages in `bytes` (4 KiB units, rounded down). */
