@@ -50,21 +50,14 @@ function touchAll(buffer: ArrayBuffer): void {
 }
 
 /**
- * The references: punch the same pages on a written memfd, by runs or page by page. As in the
- * measured path (and with QEMU), the memory stays mapped twice while it is punched: once by the
- * "front-end", once by the "back-end". Only the front-end wrote the pages (as the guest does
- * through QEMU's mapping); the back-end's mapping is there but never touched them.
+ * The references: punch the same pages of written memory, by runs (floor) or page by page, from
+ * this process, while the memory is mapped as in the measured path: written through a mapping in
+ * the other process (the "guest"/QEMU side), and mapped but untouched here (the back-end side).
  */
-export function punchReference(pfns: readonly number[], mode: 'floor' | 'per-page'): { seconds: number; releasedBytes: number; calls: number } {
-  const fd = native.memfdCreate('vballoon-bench-ref');
-  const maps: ArrayBuffer[] = [];
+export function punchReference(file: string, pfns: readonly number[], mode: 'floor' | 'per-page'): { seconds: number; releasedBytes: number; calls: number } {
+  const fd = fs.openSync(file, 'r+');
+  const map = native.mmap(fd, RAM_BYTES, 0);
   try {
-    native.ftruncate(fd, RAM_BYTES);
-    for (let i = 0; i < 2; i++) {
-      const map = native.mmap(fd, RAM_BYTES, 0);
-      if (i === 0) touchAll(map);
-      maps.push(map);
-    }
     const before = native.fstat(fd).allocatedBytes;
     const runs = mode === 'floor' ? compactRuns(pfns) : pfns.map((p) => ({ start: p, count: 1 }));
     const t0 = process.hrtime.bigint();
@@ -72,9 +65,26 @@ export function punchReference(pfns: readonly number[], mode: 'floor' | 'per-pag
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     return { seconds, releasedBytes: before - native.fstat(fd).allocatedBytes, calls: runs.length };
   } finally {
-    for (const m of maps) native.munmap(m);
-    closeQuietly(fd);
+    native.munmap(map);
+    fs.closeSync(fd);
   }
+}
+
+/** Child side of a reference: guest memory written through this process's mapping. */
+let refMemory: { fd: number; map: ArrayBuffer } | undefined;
+function prepareReference(): string {
+  const fd = native.memfdCreate('vballoon-bench-ref');
+  native.ftruncate(fd, RAM_BYTES);
+  const map = native.mmap(fd, RAM_BYTES, 0);
+  touchAll(map);
+  refMemory = { fd, map };
+  return `/proc/${process.pid}/fd/${fd}`;
+}
+function releaseReference(): void {
+  if (refMemory === undefined) return;
+  native.munmap(refMemory.map);
+  closeQuietly(refMemory.fd);
+  refMemory = undefined;
 }
 
 /** Child: a Linux-like driver that balloons `pfns`, one 256-PFN buffer at a time. */
@@ -113,13 +123,32 @@ async function childInflate(socketPath: string, pattern: Pattern): Promise<{ sec
 }
 
 function runChild(): void {
-  process.on('message', (req: { socketPath: string; pattern: Pattern } | 'exit') => {
+  process.on('message', (req: { socketPath: string; pattern: Pattern } | 'exit' | 'ref-prepare' | 'ref-release') => {
     if (req === 'exit') process.exit(0);
+    if (req === 'ref-prepare') return void process.send!({ ok: true, file: prepareReference() });
+    if (req === 'ref-release') return void process.send!({ ok: true, released: (releaseReference(), true) });
     childInflate(req.socketPath, req.pattern).then(
       (r) => process.send!({ ok: true, r }),
       (err: Error) => process.send!({ ok: false, message: err.stack ?? err.message }),
     );
   });
+}
+
+function control(child: ChildProcess, req: 'ref-prepare' | 'ref-release'): Promise<{ file?: string }> {
+  return new Promise((resolve) => {
+    child.once('message', (m: { file?: string }) => resolve(m));
+    child.send(req);
+  });
+}
+
+/** Runs one reference with the memory written by the child. */
+async function reference(child: ChildProcess, pfns: readonly number[], mode: 'floor' | 'per-page'): Promise<ReturnType<typeof punchReference>> {
+  const { file } = await control(child, 'ref-prepare');
+  try {
+    return punchReference(file!, pfns, mode);
+  } finally {
+    await control(child, 'ref-release');
+  }
 }
 
 function ask(child: ChildProcess, socketPath: string, pattern: Pattern): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
@@ -163,8 +192,8 @@ export async function benchReclaim(rounds = 5): Promise<ReclaimResult[]> {
           const gibps = (bytes: number, s: number): number => bytes / 2 ** 30 / s;
           v.push(gibps(m.releasedBytes, m.seconds));
           released = m.releasedBytes;
-          const fl = punchReference(pfnsFor(pattern, RAM_BYTES), 'floor');
-          const pg = punchReference(pfnsFor(pattern, RAM_BYTES), 'per-page');
+          const fl = await reference(child, pfnsFor(pattern, RAM_BYTES), 'floor');
+          const pg = await reference(child, pfnsFor(pattern, RAM_BYTES), 'per-page');
           f.push(gibps(fl.releasedBytes, fl.seconds));
           pp.push(gibps(pg.releasedBytes, pg.seconds));
           calls = { vballoon: device.snapshot().discardCalls, floor: fl.calls, perPage: pg.calls };
