@@ -12,7 +12,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NullLogger } from '../lib/log';
-import { native, PollHandle, POLL_READABLE } from '../lib/native';
+import { native } from '../lib/native';
+import { echoPings, pingPong, Waker } from './common';
 import { EchoDevice } from '../lib/testing/echo-device';
 import { TestFrontend } from '../lib/testing/frontend';
 import { VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from '../lib/vhost/constants';
@@ -25,45 +26,7 @@ const CHILD_PONG_FD = 5; // written by the parent, read by the child
 type Request = { kind: 'pingpong'; iterations: number } | { kind: 'kick'; iterations: number; socketPath: string } | { kind: 'exit' };
 type Reply = { kind: 'samples'; samplesNs: number[] } | { kind: 'error'; message: string };
 
-/**
- * A persistent watcher on an eventfd; next() resolves at its next readiness. Both measured paths
- * wait through one of these, so they pay the same event-loop cost.
- */
-class Waker {
-  private resolve: (() => void) | undefined;
-  private readonly handle: PollHandle;
-  constructor(private readonly fd: number) {
-    this.handle = native.pollStart(fd, POLL_READABLE, () => {
-      if (native.eventfdRead(this.fd) === null) return;
-      const r = this.resolve;
-      this.resolve = undefined;
-      r?.();
-    });
-  }
-  next(): Promise<void> {
-    return new Promise((resolve) => (this.resolve = resolve));
-  }
-  close(): void {
-    native.pollStop(this.handle);
-  }
-}
 
-async function childPingPong(iterations: number): Promise<number[]> {
-  const waker = new Waker(CHILD_PONG_FD);
-  const samples: number[] = [];
-  try {
-    for (let i = 0; i < iterations; i++) {
-      const t0 = process.hrtime.bigint();
-      const back = waker.next();
-      native.eventfdWrite(CHILD_PING_FD, 1);
-      await back;
-      samples.push(Number(process.hrtime.bigint() - t0));
-    }
-  } finally {
-    waker.close();
-  }
-  return samples;
-}
 
 async function childKick(iterations: number, socketPath: string): Promise<number[]> {
   const fe = TestFrontend.connect(socketPath, { numQueues: 1, configSize: 8, queueSize: 256 });
@@ -98,7 +61,7 @@ function runChild(): void {
   process.on('message', (req: Request) => {
     const reply = (r: Reply): void => void process.send!(r);
     if (req.kind === 'exit') process.exit(0);
-    const work = req.kind === 'pingpong' ? childPingPong(req.iterations) : childKick(req.iterations, req.socketPath);
+    const work = req.kind === 'pingpong' ? pingPong(CHILD_PING_FD, CHILD_PONG_FD, req.iterations) : childKick(req.iterations, req.socketPath);
     work.then(
       (samplesNs) => reply({ kind: 'samples', samplesNs }),
       (err: Error) => reply({ kind: 'error', message: err.stack ?? err.message }),
@@ -135,9 +98,7 @@ export async function benchKickLatency(options: { rounds?: number; iterations?: 
   const backend = new VhostUserBackend(new EchoDevice({ numQueues: 1 }), { log: new NullLogger() });
   backend.listen(socketPath);
   // The echo side of the ping-pong lives in this process, on the same event loop as the back-end.
-  const echo = native.pollStart(ping, POLL_READABLE, () => {
-    if (native.eventfdRead(ping) !== null) native.eventfdWrite(pong, 1);
-  });
+  const echo = echoPings(ping, pong);
   const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
   try {
     const per = { pingpong: [] as Array<ReturnType<typeof summarize>>, kick: [] as Array<ReturnType<typeof summarize>> };

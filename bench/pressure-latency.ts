@@ -11,7 +11,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { BalloonDevice } from '../lib/device/balloon';
 import { NullLogger } from '../lib/log';
-import { native, PollHandle, POLL_READABLE } from '../lib/native';
+import { native } from '../lib/native';
+import { echoPings, pingPong, Waker } from './common';
 import { BalloonGuest } from '../lib/testing/balloon-guest';
 import { TestFrontend } from '../lib/testing/frontend';
 import { VhostUserBackend } from '../lib/vhost/server';
@@ -23,24 +24,6 @@ const PONG_FD = 5;
 
 type Req = { kind: 'pressure'; socketPath: string; iterations: number } | { kind: 'pingpong'; iterations: number } | { kind: 'churn'; socketPath: string; seconds: number } | { kind: 'exit' };
 
-class Waker {
-  private resolve: (() => void) | undefined;
-  private readonly handle: PollHandle;
-  constructor(fd: number) {
-    this.handle = native.pollStart(fd, POLL_READABLE, () => {
-      if (native.eventfdRead(fd) === null) return;
-      const r = this.resolve;
-      this.resolve = undefined;
-      r?.();
-    });
-  }
-  next(): Promise<void> {
-    return new Promise((resolve) => (this.resolve = resolve));
-  }
-  close(): void {
-    native.pollStop(this.handle);
-  }
-}
 
 async function pressureLoop(socketPath: string, iterations: number): Promise<number[]> {
   // The seed's driver, reduced to its message queue: realize, start all queues, then messages.
@@ -73,22 +56,6 @@ async function pressureLoop(socketPath: string, iterations: number): Promise<num
   }
 }
 
-async function pingpong(iterations: number): Promise<number[]> {
-  const waker = new Waker(PONG_FD);
-  const samples: number[] = [];
-  try {
-    for (let i = 0; i < iterations; i++) {
-      const t0 = process.hrtime.bigint();
-      const back = waker.next();
-      native.eventfdWrite(PING_FD, 1);
-      await back;
-      samples.push(Number(process.hrtime.bigint() - t0));
-    }
-  } finally {
-    waker.close();
-  }
-  return samples;
-}
 
 /** Another VM: a Linux-like guest that keeps inflating and deflating. */
 async function churn(socketPath: string, seconds: number): Promise<number[]> {
@@ -106,7 +73,7 @@ async function churn(socketPath: string, seconds: number): Promise<number[]> {
 function runChild(): void {
   process.on('message', (req: Req) => {
     if (req.kind === 'exit') process.exit(0);
-    const work = req.kind === 'pressure' ? pressureLoop(req.socketPath, req.iterations) : req.kind === 'pingpong' ? pingpong(req.iterations) : churn(req.socketPath, req.seconds);
+    const work = req.kind === 'pressure' ? pressureLoop(req.socketPath, req.iterations) : req.kind === 'pingpong' ? pingPong(PING_FD, PONG_FD, req.iterations) : churn(req.socketPath, req.seconds);
     work.then(
       (samples) => process.send!({ ok: true, samples }),
       (err: Error) => process.send!({ ok: false, message: err.stack ?? err.message }),
@@ -138,9 +105,7 @@ export async function benchPressureLatency(options: { rounds?: number; iteration
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-bench-'));
   const ping = native.eventfd(0, true);
   const pong = native.eventfd(0, true);
-  const echo = native.pollStart(ping, POLL_READABLE, () => {
-    if (native.eventfdRead(ping) !== null) native.eventfdWrite(pong, 1);
-  });
+  const echo = echoPings(ping, pong);
   // VM A: message queue only; its pressure listener flips the target like the policy would.
   const a = new BalloonDevice({ statsQueue: false, pageReporting: false, messageQueue: true });
   let flip = 0;
