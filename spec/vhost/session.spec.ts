@@ -218,4 +218,17 @@ describe('vhost-user session state machine', () => {
     await d.waitUsed(1);
     await fe.stop();
   });
+
+  it('serves a front-end that resumes without negotiating (QEMU reconnect) with the features it had', async () => {
+    fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8 });
+    // No GET_FEATURES / SET_PROTOCOL_FEATURES: straight to SET_FEATURES and a NEED_REPLY message.
+    fe.protocolFeatures = SUPPORTED_PROTOCOL_FEATURES; // what the front-end believes it negotiated
+    (fe as unknown as { backendFeatures: bigint }).backendFeatures = device.features() | (1n << 30n);
+    const drivers = await fe.start(FEATURES, [0]);
+    const d = drivers.get(0)!;
+    d.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]);
+    d.kick();
+    await d.waitUsed(1);
+    expect(fx.log.find('front-end resumed without negotiating', 'warn')).to.have.length(1);
+  });
 });
