@@ -46,7 +46,9 @@ if command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 -device help 2
 else
   if [ ! -f "$TRIXIE/.complete" ]; then
     apt_install debootstrap
-    curl -fsS -o /dev/null --max-time 20 "$MIRROR/dists/trixie/Release" || fail "cannot reach the Debian archive at $MIRROR"
+    if command -v curl >/dev/null; then
+      curl -fsS -o /dev/null --max-time 20 "$MIRROR/dists/trixie/Release" || fail "cannot reach the Debian archive at $MIRROR"
+    fi
     rm -rf "$TRIXIE"
     log "debootstrap trixie into $TRIXIE (once; about a minute)"
     debootstrap --variant=minbase trixie "$TRIXIE" "$MIRROR" >&2 || fail "debootstrap failed"
