@@ -38,7 +38,6 @@ import {
   VIRTIO_BALLOON_F_PAGE_REPORTING,
   VIRTIO_BALLOON_F_STATS_VQ,
   VIRTIO_BALLOON_MSG_PRESSURE,
-  VIRTIO_BALLOON_PFN_SHIFT,
 } from './constants';
 import { numQueuesFor, QueueRole, queueLayout } from './layout';
 import { PageRun, PageTracker } from './page-tracker';
@@ -752,11 +751,6 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       configChanges: c.configChanges,
     };
   }
-
-  /** Is `pfn` in the balloon (tests, diagnostics). */
-  isBallooned(pfn: number): boolean {
-    return this.tracker.has(pfn);
-  }
 }
 
 /** Sorts runs and merges those that touch or overlap. */
@@ -769,9 +763,4 @@ function compactRunList(runs: readonly PageRun[]): PageRun[] {
     else out.push({ ...r });
   }
   return out;
-}
-
-/** Pages in `bytes` (4 KiB units, rounded down). */
-export function bytesToPages(bytes: number): number {
-  return Math.floor(bytes / 2 ** VIRTIO_BALLOON_PFN_SHIFT);
 }

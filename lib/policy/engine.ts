@@ -27,18 +27,6 @@ export type Reason =
   | 'host_pressure'
   | 'reinflate';
 
-/** Reasons that mean "the guest needs memory". */
-export const GUEST_PRESSURE_REASONS: readonly Reason[] = [
-  'guest_pressure_message',
-  'guest_oom_kill',
-  'guest_alloc_stall',
-  'guest_swap_in',
-  'guest_major_faults',
-  'guest_low_available',
-  'guest_deflate_on_oom',
-  'inflate_stalled',
-];
-
 export interface PolicyConfig {
   /** Deflate on pressure: this fraction of the balloon... */
   pressureStepFraction: number;
