@@ -7,7 +7,7 @@
  * logged; only an impossible ring state stops a queue (lib/vhost).
  *
  * Ordering of reclaim: an inflate is acknowledged at once and its pages are discarded in batches
- * (a few milliseconds later, or when 64 MiB are pending). A ballooned page may be touched by the
+ * (a few milliseconds later, or when 4 MiB are pending). A ballooned page may be touched by the
  * guest again only after a deflate of it was acknowledged, after a free page report was
  * acknowledged, or after a device reset; every pending discard is carried out synchronously
  * before any of those (the deflate and reporting handlers, queueStopped, which runs inside
@@ -52,9 +52,10 @@ const MAX_STATS_BUFFER_BYTES = 640;
  * Inflate discards are batched: the ack goes out at once and the holes are punched when this
  * much is pending, or DISCARD_BATCH_DELAY_MS after the first pending page, or before anything
  * that could let the guest touch a pending page (see the ordering note in the file header).
- * Bigger punches amortise the kernel's page-table and TLB work.
+ * Merged runs amortise the kernel's page-table and TLB work; the 4 MiB bound keeps one flush to
+ * about a millisecond of kernel time, so one VM's reclaim does not stall the others' kicks.
  */
-const DISCARD_BATCH_BYTES = 64 * 1024 * 1024;
+const DISCARD_BATCH_BYTES = 4 * 1024 * 1024;
 const DISCARD_BATCH_DELAY_MS = 2;
 /** Log lines per invalid-input reason before the device goes quiet about it (still counted). */
 const MAX_LOGS_PER_REASON = 10;
