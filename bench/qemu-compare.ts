@@ -123,11 +123,7 @@ async function runVballoon(env: E2eEnv, dir: string): Promise<Run> {
 async function runBuiltin(env: E2eEnv, dir: string): Promise<Run> {
   const qmpSock = path.join(dir, 'qmp.sock');
   // The same guest, memory backend and machine; the balloon is QEMU's own.
-  const g = new QemuGuest(env, { socketPath: '', memMiB: GUEST_MIB, numVqs: 0, configSize: 8 });
-  const args = g.args();
-  const i = args.indexOf('-chardev');
-  args.splice(i, 4, '-device', 'virtio-balloon-pci', '-qmp', `unix:${qmpSock},server=on,wait=off`);
-  (g as unknown as { args: () => string[] }).args = () => args;
+  const g = new QemuGuest(env, { socketPath: '', builtinBalloonQmp: qmpSock, memMiB: GUEST_MIB, numVqs: 0, configSize: 8 });
   try {
     await g.boot();
     const qmp = await Qmp.connect(qmpSock);

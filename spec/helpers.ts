@@ -54,3 +54,10 @@ export function startBackend(device: VhostUserDevice, options: Partial<BackendOp
     },
   };
 }
+
+/** Closes a front-end, waits until the back-end has dropped the connection, then stops it. */
+export async function hangUp(fe: { close(): void }, fx: BackendFixture): Promise<void> {
+  fe.close();
+  await until(() => !fx.backend.connected, 'disconnect');
+  fx.close();
+}

@@ -34,9 +34,10 @@ export class DaemonMetrics {
   constructor(private readonly vms: () => MetricsVm[]) {
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry });
+    // prom-client calls collect() with `this` bound to the metric: reach the daemon through these.
+    const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
+    const list = this.vms;
     const gauge = (name: string, help: string, value: (s: BalloonSnapshot, vm: MetricsVm) => number | undefined): void => {
-      const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
-      const list = this.vms;
       new Gauge({
         name,
         help,
@@ -56,8 +57,6 @@ export class DaemonMetrics {
     // stay monotonic even when a device is replaced (its counts restart from zero).
     const counter = (name: string, help: string, field: CounterField): void => {
       const last = new Map<string, number>();
-      const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
-      const list = this.vms;
       new Counter({
         name,
         help,
@@ -99,8 +98,6 @@ export class DaemonMetrics {
     counter('vballoon_pressure_messages_total', 'Pressure messages received on the message queue.', (s) => s.messages.pressure);
     counter('vballoon_config_changes_total', 'Config change notifications sent to the guest.', (s) => s.configChanges);
     {
-      const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
-      const list = this.vms;
       for (const [name, unit, pick] of [
         ['vballoon_guest_stat_bytes', 'bytes', (k: string) => BYTE_STATS.has(k)],
         ['vballoon_guest_stat_count', 'counts', (k: string) => !BYTE_STATS.has(k)],

@@ -180,7 +180,7 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   private readonly vrings = new Map<number, Vring>();
   private readonly tracker = new PageTracker();
   private targetPages = 0;
-  private actualPages = 0;
+  /** The driver-written `actual` field, byte for byte (partial writes land here). */
   private actualBytes: Uint8Array = new Uint8Array(4);
   private configChangePending = false;
   private inhibit: boolean;
@@ -255,6 +255,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   /** The guest's `actual` in 4 KiB pages. */
   get actual(): number {
     return this.actualPages;
+  }
+
+  private get actualPages(): number {
+    return new DataView(this.actualBytes.buffer, this.actualBytes.byteOffset, 4).getUint32(0, true);
   }
 
   get connected(): boolean {
@@ -339,6 +343,7 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   }
 
   writeConfig(offset: number, data: Uint8Array, fromMigration: boolean): void {
+    const previous = this.actualPages;
     // Only `actual` is driver-writable (poison_val would be, with PAGE_POISON, which we do not
     // offer). Partial and byte-wise writes update the bytes they cover.
     for (let i = 0; i < data.length; i++) {
@@ -351,12 +356,8 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       }
       // Everything else is device-owned (QEMU sends its whole cached config on every write).
     }
-    const actual = new DataView(this.actualBytes.buffer).getUint32(0, true);
-    if (actual !== this.actualPages) {
-      const previous = this.actualPages;
-      this.actualPages = actual;
-      this.emit('actual', { actualPages: actual, previous });
-    }
+    const actual = this.actualPages;
+    if (actual !== previous) this.emit('actual', { actualPages: actual, previous });
   }
 
   attach(host: DeviceHost, log: Logger): void {
@@ -404,7 +405,6 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   reset(): void {
     this.flushDiscards();
     this.tracker.clear();
-    this.actualPages = 0;
     this.actualBytes = new Uint8Array(4);
     this.stopStats();
     this.statsValues = new Map();

@@ -62,8 +62,9 @@ export interface NativeAddon {
   /** Idempotent. Always stop watching before closing the fd. */
   pollStop(handle: PollHandle): void;
   eventfd(initial: number, nonBlocking: boolean): number;
-  /** The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode. */
-  eventfdRead(fd: number): number | null;
+  /** The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode;
+   * pass mayBlock=false for a descriptor known to be non-blocking to save a poll() call. */
+  eventfdRead(fd: number, mayBlock?: boolean): number | null;
   /** false when the counter is full. */
   eventfdWrite(fd: number, value?: number): boolean;
   /** A MAP_SHARED mapping as an ArrayBuffer; offset must be page-aligned, length <= 4 GiB

@@ -510,22 +510,28 @@ static napi_value vb_eventfd(napi_env env, napi_callback_info info) {
   return vb_int(env, fd);
 }
 
-/* eventfdRead(fd) -> counter as a number (saturated at 2^53), or null when it is zero.
- * A descriptor from a front-end may be in blocking mode; a zero-timeout poll first makes sure
- * this never blocks the event loop even then. */
+/* eventfdRead(fd, mayBlock = true) -> counter as a number (saturated at 2^53), or null when it
+ * is zero. A descriptor from a front-end may be in blocking mode: unless the caller knows it is
+ * non-blocking (mayBlock false), a zero-timeout poll first makes sure this never blocks. */
 static napi_value vb_eventfd_read(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
+  napi_value argv[2];
   int32_t fd;
-  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
-  struct pollfd p = {.fd = fd, .events = POLLIN};
-  int rc;
-  do {
-    rc = poll(&p, 1, 0);
-  } while (rc < 0 && errno == EINTR);
-  if (rc < 0) return vb_throw_errno(env, errno, "poll");
-  if (rc == 0 || (p.revents & POLLIN) == 0) {
-    if (p.revents & POLLNVAL) return vb_throw_errno(env, EBADF, "read");
-    return vb_null(env);
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  bool may_block = true;
+  napi_valuetype t;
+  napi_typeof(env, argv[1], &t);
+  if (t == napi_boolean) napi_get_value_bool(env, argv[1], &may_block);
+  if (may_block) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int rc;
+    do {
+      rc = poll(&p, 1, 0);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) return vb_throw_errno(env, errno, "poll");
+    if (rc == 0 || (p.revents & POLLIN) == 0) {
+      if (p.revents & POLLNVAL) return vb_throw_errno(env, EBADF, "read");
+      return vb_null(env);
+    }
   }
   uint64_t value;
   ssize_t n;

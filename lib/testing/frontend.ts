@@ -27,7 +27,7 @@ import { GuestRam } from './guest-ram';
 export const QEMU_PROTOCOL_MASK = (1n << 24n) - 1n;
 
 /** Requests that always have a reply body. */
-const REPLYING = new Set<number>([
+export const REPLYING = new Set<number>([
   FrontendRequest.GET_FEATURES,
   FrontendRequest.GET_PROTOCOL_FEATURES,
   FrontendRequest.GET_QUEUE_NUM,

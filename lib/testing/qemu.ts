@@ -30,7 +30,10 @@ export function loadE2eEnv(cacheDir: string): E2eEnv | undefined {
 }
 
 export interface GuestOptions {
+  /** The vballoon socket; unused with `builtinBalloonQmp`. */
   socketPath: string;
+  /** Use QEMU's own virtio-balloon-pci instead, with QMP on this unix socket (benchmarks). */
+  builtinBalloonQmp?: string;
   memMiB: number;
   numVqs: number;
   configSize: number;
@@ -99,10 +102,14 @@ export class QemuGuest {
       `memory-backend-memfd,id=mem,size=${o.memMiB}M,share=on`,
       '-machine',
       'q35,memory-backend=mem',
-      '-chardev',
-      `socket,id=vb,path=${o.socketPath}${o.chardevExtra ? `,${o.chardevExtra}` : ''}`,
-      '-device',
-      `vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=${o.numVqs},vq_size=${o.vqSize ?? 128},config_size=${o.configSize}`,
+      ...(o.builtinBalloonQmp === undefined
+        ? [
+            '-chardev',
+            `socket,id=vb,path=${o.socketPath}${o.chardevExtra ? `,${o.chardevExtra}` : ''}`,
+            '-device',
+            `vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=${o.numVqs},vq_size=${o.vqSize ?? 128},config_size=${o.configSize}`,
+          ]
+        : ['-device', 'virtio-balloon-pci', '-qmp', `unix:${o.builtinBalloonQmp},server=on,wait=off`]),
       '-kernel',
       this.env.kernel,
       '-initrd',

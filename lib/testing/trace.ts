@@ -8,7 +8,7 @@ import { closeQuietly, native } from '../native';
 import { decodeU64Reply, Payload } from '../vhost/codec';
 import { FrontendRequest, VHOST_USER_NEED_REPLY_MASK } from '../vhost/constants';
 import { SplitRingDriver } from './driver';
-import { TestFrontend } from './frontend';
+import { REPLYING, TestFrontend } from './frontend';
 
 export interface TraceEntry {
   request: FrontendRequest;
@@ -173,15 +173,7 @@ export async function replayTrace(entries: readonly TraceEntry[], fe: TestFronte
           break;
       }
       if (fds.length !== e.fdCount) fail(e, `trace has ${e.fdCount} fds, replay built ${fds.length}`);
-      const replying = [
-        FrontendRequest.GET_FEATURES,
-        FrontendRequest.GET_PROTOCOL_FEATURES,
-        FrontendRequest.GET_QUEUE_NUM,
-        FrontendRequest.GET_MAX_MEM_SLOTS,
-        FrontendRequest.GET_VRING_BASE,
-        FrontendRequest.GET_CONFIG,
-        FrontendRequest.GET_STATUS,
-      ].includes(e.request);
+      const replying = REPLYING.has(e.request);
       const needAck = (e.flags & VHOST_USER_NEED_REPLY_MASK) !== 0;
       const frame = await fe.send(e.request, e.flags, payload, fds, replying || needAck);
       if (e.request === FrontendRequest.SET_VRING_KICK) drivers.get(lastRing)!.kick(); // QEMU 11.1 injects a kick

@@ -13,7 +13,7 @@ import { ErrorCode, ErrorCodeValue, GuestMemoryError, VballoonError, VhostProtoc
 import { Logger } from '../log';
 import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
 import { checkDisjoint, GuestMemory, MemoryRegion, validateRegion, ValidRegion } from '../virtio/guest-memory';
-import { SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
+import { ringSizes, SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
 import { BackendChannel } from './backend-channel';
 import { decodeRequest, encodeReply, FrontendMessage, needsReply, Payload, RegionPayload, requestName } from './codec';
 import {
@@ -46,6 +46,8 @@ class RingState {
   base = 0;
   addr: { desc: number; used: number; avail: number } | undefined;
   kickFd = -1;
+  /** The kick fd is in blocking mode (QEMU's are not): reads must poll first. */
+  kickMayBlock = true;
   kickNoFd = false;
   kickWatch: PollHandle | undefined;
   kickTimer: NodeJS.Timeout | undefined;
@@ -476,6 +478,11 @@ export class Session implements DeviceHost {
     } else {
       ring.kickFd = this.takeFd(msg);
       ring.kickNoFd = false;
+      try {
+        ring.kickMayBlock = !native.fstat(ring.kickFd).nonBlocking;
+      } catch {
+        ring.kickMayBlock = true;
+      }
     }
     ring.started = true;
     ring.broken = false;
@@ -496,7 +503,7 @@ export class Session implements DeviceHost {
         return;
       }
       try {
-        native.eventfdRead(ring.kickFd);
+        native.eventfdRead(ring.kickFd, ring.kickMayBlock);
       } catch (err) {
         this.failRing(ring, new VirtqueueError(ErrorCode.VHOST_BAD_VRING, `kick fd of queue ${ring.index}: ${(err as Error).message}`));
         return;
@@ -534,7 +541,7 @@ export class Session implements DeviceHost {
   /** Builds the SplitQueue if everything it needs is known. */
   private buildQueue(ring: RingState, strict: boolean): void {
     if (ring.queue !== undefined || ring.addr === undefined || ring.num === 0) return;
-    const sizes = { desc: 16 * ring.num, avail: 6 + 2 * ring.num, used: 6 + 8 * ring.num };
+    const sizes = ringSizes(ring.num);
     const desc = this.memory.userToGuest(ring.addr.desc, sizes.desc);
     const avail = this.memory.userToGuest(ring.addr.avail, sizes.avail);
     const used = this.memory.userToGuest(ring.addr.used, sizes.used);
@@ -641,7 +648,6 @@ export class Session implements DeviceHost {
       ring.base = 0;
       ring.num = 0;
       ring.addr = undefined;
-      this.updateReady(ring);
     }
   }
 

@@ -106,6 +106,13 @@ describe('native addon', () => {
     expect(native.fstat(efd).nonBlocking).to.equal(false);
     expect(native.eventfdRead(efd)).to.equal(null);
     native.close(efd);
+    // A descriptor known to be non-blocking is read without the poll() first.
+    const nb = native.eventfd(0, true);
+    expect(native.fstat(nb).nonBlocking).to.equal(true);
+    expect(native.eventfdRead(nb, false)).to.equal(null);
+    native.eventfdWrite(nb, 2);
+    expect(native.eventfdRead(nb, false)).to.equal(2);
+    native.close(nb);
   });
 
   it('maps a memfd; munmap detaches the buffer so stale views cannot touch unmapped memory', () => {

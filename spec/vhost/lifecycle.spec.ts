@@ -3,7 +3,7 @@ import { native } from '../../lib/native';
 import { EchoDevice } from '../../lib/testing/echo-device';
 import { TestFrontend } from '../../lib/testing/frontend';
 import { FrontendRequest, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from '../../lib/vhost/constants';
-import { fdCount, startBackend, until } from '../helpers';
+import { fdCount, hangUp, startBackend, until } from '../helpers';
 
 describe('vhost-user back-end lifecycle (real socket, memfd, eventfds)', () => {
   it('negotiates, starts rings, completes chains and stops like QEMU', async () => {
@@ -31,9 +31,7 @@ describe('vhost-user back-end lifecycle (real socket, memfd, eventfds)', () => {
       expect(bases.get(1)).to.equal(0);
       expect(device.ready.size).to.equal(0);
     } finally {
-      fe.close();
-      await until(() => !fx.backend.connected, 'disconnect');
-      fx.close();
+      await hangUp(fe, fx);
     }
     expect(native.mappingCount()).to.equal(0);
     expect(fdCount()).to.equal(fdsBefore);

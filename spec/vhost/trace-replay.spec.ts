@@ -10,7 +10,7 @@ import { EchoDevice } from '../../lib/testing/echo-device';
 import { TestFrontend } from '../../lib/testing/frontend';
 import { parseTrace, replayTrace } from '../../lib/testing/trace';
 import { MAX_MEM_SLOTS, protocolBit, ProtocolFeature, SUPPORTED_PROTOCOL_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1 } from '../../lib/vhost/constants';
-import { fdCount, startBackend, until } from '../helpers';
+import { fdCount, hangUp, startBackend } from '../helpers';
 
 const TRACES = path.resolve(__dirname, '..', '..', '..', '..', 'shared', 'reference', 'traces');
 // Balloon features the trace's back-end offered: VERSION_1 | STATS_VQ | MUST_TELL_HOST.
@@ -55,9 +55,7 @@ describe('QEMU 11.1 trace replay (real socket)', () => {
         expect(fx.backend.counters.errors.size).to.equal(0);
         expect(fx.backend.connected).to.equal(true);
       } finally {
-        fe.close();
-        await until(() => !fx.backend.connected, 'disconnect');
-        fx.close();
+        await hangUp(fe, fx);
       }
       expect(native.mappingCount()).to.equal(0);
       expect(fdCount()).to.equal(fdsBefore);
