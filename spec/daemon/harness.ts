@@ -37,7 +37,14 @@ export class DaemonProcess {
     const file = this.configFile(config);
     const proc = spawn(process.execPath, [BIN, 'serve', '--config', file, ...extraArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc = proc;
-    this.exited = new Promise((resolve) => proc.on('exit', (code) => resolve((this.exitCode = code))));
+    this.exitCode = undefined;
+    // Only this process's exit counts (a previous daemon's late exit event must not).
+    this.exited = new Promise((resolve) =>
+      proc.on('exit', (code) => {
+        if (this.proc === proc) this.exitCode = code;
+        resolve(code);
+      }),
+    );
     let buffered = '';
     proc.stderr!.setEncoding('utf8');
     proc.stderr!.on('data', (chunk: string) => {
@@ -89,6 +96,14 @@ export class DaemonProcess {
 
   signal(sig: NodeJS.Signals): void {
     this.proc?.kill(sig);
+  }
+
+  /** Stops the daemon with SIGTERM and starts it again with `config` (logs start afresh). */
+  async restart(config: Record<string, unknown>): Promise<void> {
+    this.signal('SIGTERM');
+    await this.exited;
+    this.logs.length = 0;
+    await this.start(config);
   }
 
   async stop(): Promise<number | null> {

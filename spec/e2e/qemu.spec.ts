@@ -225,11 +225,7 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       await d.start(cfg);
       await booting;
       await until(() => status(d).negotiatedQueues.length > 0, 'driver bound', 20_000);
-      d.signal('SIGTERM');
-      await d.waitLog((l) => l.msg === 'vballoon daemon stopped');
-      d.exitCode = undefined;
-      d.logs.length = 0;
-      await d.start(cfg);
+      await d.restart(cfg);
       // The daemon side: it reconnects by itself and resumes without a renegotiation.
       await d.waitLog((l) => l.msg === 'connected to front-end', 20_000);
       const outcome = await Promise.race([
