@@ -28,7 +28,10 @@ async function sample(pid: number, seconds: number): Promise<{ rssMiB: number; c
   const a = procStats(pid);
   await new Promise((r) => setTimeout(r, seconds * 1000));
   const b = procStats(pid);
-  return { rssMiB: Math.round((b.rssBytes / MiB) * 10) / 10, cpuPercent: Math.round(((b.cpuSeconds - a.cpuSeconds) / seconds) * 1000) / 10 };
+  return {
+    rssMiB: Math.round((b.rssBytes / MiB) * 10) / 10,
+    cpuPercent: Math.round(((b.cpuSeconds - a.cpuSeconds) / seconds) * 1000) / 10,
+  };
 }
 
 function waitFor(cond: () => boolean, timeoutMs: number): Promise<void> {
@@ -52,7 +55,13 @@ export interface CostRow {
 export interface CostResult {
   reference: { rssMiB: number; cpuPercent: number };
   rows: CostRow[];
-  trackerBytesPerGiB: { contiguous: number; everyOther: number; bitmap: number; ratioContiguous: number; ratioEveryOther: number };
+  trackerBytesPerGiB: {
+    contiguous: number;
+    everyOther: number;
+    bitmap: number;
+    ratioContiguous: number;
+    ratioEveryOther: number;
+  };
   windowSeconds: number;
 }
 
@@ -69,14 +78,22 @@ export async function benchCost(options: { counts?: number[]; seconds?: number }
   for (const n of counts) {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-cost-'));
     const control = path.join(dir, 'control.sock');
-    const vms = Array.from({ length: n }, (_, i) => ({ name: `vm${i}`, socket: path.join(dir, `vm${i}.sock`), memory: '64M' }));
+    const vms = Array.from({ length: n }, (_, i) => ({
+      name: `vm${i}`,
+      socket: path.join(dir, `vm${i}.sock`),
+      memory: '64M',
+    }));
     const config = path.join(dir, 'config.json');
-    fs.writeFileSync(config, JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms }));
+    fs.writeFileSync(
+      config,
+      JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms }),
+    );
     const daemon: ChildProcess = spawn(process.execPath, [bin, 'serve', '--config', config], { stdio: 'ignore' });
     const guests: BalloonGuest[] = [];
     try {
       await waitFor(() => fs.existsSync(control), 10_000);
-      for (const vm of vms) guests.push(await BalloonGuest.boot(vm.socket, { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB }));
+      for (const vm of vms)
+        guests.push(await BalloonGuest.boot(vm.socket, { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB }));
       await new Promise((r) => setTimeout(r, 1000));
       const idle = await sample(daemon.pid!, seconds);
       // Serving: every VM's balloon moves 16 MiB up and down, all the time.
@@ -85,7 +102,7 @@ export async function benchCost(options: { counts?: number[]; seconds?: number }
         let up = true;
         while (!stop) {
           await callDaemon(control, 'set-target', { vm: vm.name, bytes: up ? 16 * MiB : 0 });
-          await waitFor(() => stop || guests[i]!.actualPages === (up ? 16 * 256 : 0), 30_000).catch(() => undefined);
+          await waitFor(() => stop || guests[i].actualPages === (up ? 16 * 256 : 0), 30_000).catch(() => undefined);
           up = !up;
         }
       });

@@ -23,10 +23,11 @@ import { median, spreadPercent, summarize } from './stats';
 const CHILD_PING_FD = 4; // written by the child, read by the parent
 const CHILD_PONG_FD = 5; // written by the parent, read by the child
 
-type Request = { kind: 'pingpong'; iterations: number } | { kind: 'kick'; iterations: number; socketPath: string } | { kind: 'exit' };
+type Request =
+  | { kind: 'pingpong'; iterations: number }
+  | { kind: 'kick'; iterations: number; socketPath: string }
+  | { kind: 'exit' };
 type Reply = { kind: 'samples'; samplesNs: number[] } | { kind: 'error'; message: string };
-
-
 
 async function childKick(iterations: number, socketPath: string): Promise<number[]> {
   const fe = TestFrontend.connect(socketPath, { numQueues: 1, configSize: 8, queueSize: 256 });
@@ -61,7 +62,10 @@ function runChild(): void {
   process.on('message', (req: Request) => {
     const reply = (r: Reply): void => void process.send!(r);
     if (req.kind === 'exit') process.exit(0);
-    const work = req.kind === 'pingpong' ? pingPong(CHILD_PING_FD, CHILD_PONG_FD, req.iterations) : childKick(req.iterations, req.socketPath);
+    const work =
+      req.kind === 'pingpong'
+        ? pingPong(CHILD_PING_FD, CHILD_PONG_FD, req.iterations)
+        : childKick(req.iterations, req.socketPath);
     work.then(
       (samplesNs) => reply({ kind: 'samples', samplesNs }),
       (err: Error) => reply({ kind: 'error', message: err.stack ?? err.message }),
@@ -101,7 +105,10 @@ export async function benchKickLatency(options: { rounds?: number; iterations?: 
   const echo = echoPings(ping, pong);
   const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
   try {
-    const per = { pingpong: [] as Array<ReturnType<typeof summarize>>, kick: [] as Array<ReturnType<typeof summarize>> };
+    const per = {
+      pingpong: [] as Array<ReturnType<typeof summarize>>,
+      kick: [] as Array<ReturnType<typeof summarize>>,
+    };
     // Warm up both paths (JIT, page faults), then alternate measured rounds.
     await ask(child, { kind: 'pingpong', iterations: 2000 });
     await ask(child, { kind: 'kick', iterations: 2000, socketPath });

@@ -22,8 +22,11 @@ const MiB = 1024 * 1024;
 const PING_FD = 4;
 const PONG_FD = 5;
 
-type Req = { kind: 'pressure'; socketPath: string; iterations: number } | { kind: 'pingpong'; iterations: number } | { kind: 'churn'; socketPath: string; seconds: number } | { kind: 'exit' };
-
+type Req =
+  | { kind: 'pressure'; socketPath: string; iterations: number }
+  | { kind: 'pingpong'; iterations: number }
+  | { kind: 'churn'; socketPath: string; seconds: number }
+  | { kind: 'exit' };
 
 async function pressureLoop(socketPath: string, iterations: number): Promise<number[]> {
   // The seed's driver, reduced to its message queue: realize, start all queues, then messages.
@@ -56,7 +59,6 @@ async function pressureLoop(socketPath: string, iterations: number): Promise<num
   }
 }
 
-
 /** Another VM: a Linux-like guest that keeps inflating and deflating. */
 async function churn(socketPath: string, seconds: number): Promise<number[]> {
   const g = await BalloonGuest.boot(socketPath, { mode: 'stock', numQueues: 5, ramBytes: 256 * MiB });
@@ -73,7 +75,12 @@ async function churn(socketPath: string, seconds: number): Promise<number[]> {
 function runChild(): void {
   process.on('message', (req: Req) => {
     if (req.kind === 'exit') process.exit(0);
-    const work = req.kind === 'pressure' ? pressureLoop(req.socketPath, req.iterations) : req.kind === 'pingpong' ? pingPong(PING_FD, PONG_FD, req.iterations) : churn(req.socketPath, req.seconds);
+    const work =
+      req.kind === 'pressure'
+        ? pressureLoop(req.socketPath, req.iterations)
+        : req.kind === 'pingpong'
+          ? pingPong(PING_FD, PONG_FD, req.iterations)
+          : churn(req.socketPath, req.seconds);
     work.then(
       (samples) => process.send!({ ok: true, samples }),
       (err: Error) => process.send!({ ok: false, message: err.stack ?? err.message }),
@@ -83,7 +90,9 @@ function runChild(): void {
 
 function ask(child: ChildProcess, req: Req): Promise<number[]> {
   return new Promise((resolve, reject) => {
-    child.once('message', (m: { ok: boolean; samples?: number[]; message?: string }) => (m.ok ? resolve(m.samples!) : reject(new Error(m.message))));
+    child.once('message', (m: { ok: boolean; samples?: number[]; message?: string }) =>
+      m.ok ? resolve(m.samples!) : reject(new Error(m.message)),
+    );
     child.send(req);
   });
 }
@@ -99,7 +108,9 @@ export interface PressureLatencyResult {
   ratioP50UnderLoad: number;
 }
 
-export async function benchPressureLatency(options: { rounds?: number; iterations?: number } = {}): Promise<PressureLatencyResult> {
+export async function benchPressureLatency(
+  options: { rounds?: number; iterations?: number } = {},
+): Promise<PressureLatencyResult> {
   const rounds = options.rounds ?? 3;
   const iterations = options.iterations ?? 5000;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-bench-'));
@@ -141,13 +152,18 @@ export async function benchPressureLatency(options: { rounds?: number; iteration
     }, 50);
     await new Promise((res) => setTimeout(res, 1000));
     const inflatesBefore = b.snapshot().inflate.requests;
-    for (let r = 0; r < rounds; r++) pl.push(summarize(await ask(child, { kind: 'pressure', socketPath: sockA, iterations })));
+    for (let r = 0; r < rounds; r++)
+      pl.push(summarize(await ask(child, { kind: 'pressure', socketPath: sockA, iterations })));
     const inflatesDuring = b.snapshot().inflate.requests - inflatesBefore;
     clearInterval(resize);
     await load;
     if (inflatesDuring === 0) throw new Error('the other VM did not inflate during the measurement');
     const us = (ns: number): number => Math.round(ns / 10) / 100;
-    const agg = (list: Array<ReturnType<typeof summarize>>) => ({ p50: us(median(list.map((s) => s.p50))), p99: us(median(list.map((s) => s.p99))), p999: us(median(list.map((s) => s.p999))) });
+    const agg = (list: Array<ReturnType<typeof summarize>>) => ({
+      p50: us(median(list.map((s) => s.p50))),
+      p99: us(median(list.map((s) => s.p99))),
+      p999: us(median(list.map((s) => s.p999))),
+    });
     const pingpong = agg(pp);
     const pressure = agg(pr);
     const pressureUnderLoad = agg(pl);

@@ -63,7 +63,8 @@ class Qmp {
 function qemuMemfdBytes(pid: number): number {
   for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
     const target = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
-    if (target.startsWith('/memfd:') && target.includes('mem')) return fs.statSync(`/proc/${pid}/fd/${fd}`).blocks * 512;
+    if (target.startsWith('/memfd:') && target.includes('mem'))
+      return fs.statSync(`/proc/${pid}/fd/${fd}`).blocks * 512;
   }
   throw new Error('no guest memfd in QEMU');
 }
@@ -78,7 +79,7 @@ async function until(cond: () => Promise<boolean>, timeoutMs: number): Promise<v
 
 async function touch(g: QemuGuest): Promise<void> {
   const mem = await g.meminfo();
-  await g.run(`/bin/eater ${Math.floor((mem['MemAvailable']! - 48 * MiB) / MiB)} 16 0 0`, 120_000);
+  await g.run(`/bin/eater ${Math.floor((mem['MemAvailable'] - 48 * MiB) / MiB)} 16 0 0`, 120_000);
 }
 
 interface Run {
@@ -92,14 +93,32 @@ async function runVballoon(env: E2eEnv, dir: string): Promise<Run> {
   const control = path.join(dir, 'control.sock');
   const sock = path.join(dir, 'vm0.sock');
   const config = path.join(dir, 'vb.json');
-  fs.writeFileSync(config, JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms: [{ name: 'vm0', socket: sock, memory: `${GUEST_MIB}M`, reporting: false, messageQueue: false, deflateOnOom: false }] }));
+  fs.writeFileSync(
+    config,
+    JSON.stringify({
+      control: { socket: control },
+      metrics: false,
+      log: { level: 'warn' },
+      vms: [
+        {
+          name: 'vm0',
+          socket: sock,
+          memory: `${GUEST_MIB}M`,
+          reporting: false,
+          messageQueue: false,
+          deflateOnOom: false,
+        },
+      ],
+    }),
+  );
   const daemon: ChildProcess = spawn(process.execPath, [bin, 'serve', '--config', config], { stdio: 'ignore' });
   const g = new QemuGuest(env, { socketPath: sock, memMiB: GUEST_MIB, numVqs: 3, configSize: 8 });
   try {
     const deadline = Date.now() + 10_000;
     while (!fs.existsSync(control) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     await g.boot();
-    const status = async (): Promise<{ actualBytes: number; hostResidentBytes: number; negotiatedQueues: string[] }> => (await callDaemon(control, 'status', { vm: 'vm0' })) as never;
+    const status = async (): Promise<{ actualBytes: number; hostResidentBytes: number; negotiatedQueues: string[] }> =>
+      (await callDaemon(control, 'status', { vm: 'vm0' })) as never;
     await until(async () => (await status()).negotiatedQueues.length > 0, 20_000);
     await touch(g);
     const before = (await status()).hostResidentBytes;
@@ -123,7 +142,13 @@ async function runVballoon(env: E2eEnv, dir: string): Promise<Run> {
 async function runBuiltin(env: E2eEnv, dir: string): Promise<Run> {
   const qmpSock = path.join(dir, 'qmp.sock');
   // The same guest, memory backend and machine; the balloon is QEMU's own.
-  const g = new QemuGuest(env, { socketPath: '', builtinBalloonQmp: qmpSock, memMiB: GUEST_MIB, numVqs: 0, configSize: 8 });
+  const g = new QemuGuest(env, {
+    socketPath: '',
+    builtinBalloonQmp: qmpSock,
+    memMiB: GUEST_MIB,
+    numVqs: 0,
+    configSize: 8,
+  });
   try {
     await g.boot();
     const qmp = await Qmp.connect(qmpSock);
@@ -163,7 +188,8 @@ export interface QemuCompareResult {
 
 export async function benchQemuCompare(rounds = 3): Promise<QemuCompareResult> {
   const env = loadE2eEnv(process.env['VBALLOON_E2E_CACHE'] ?? path.resolve(__dirname, '..', '..', '.cache', 'e2e'));
-  if (env === undefined) return { skipped: 'no QEMU environment (run scripts/e2e-env.sh as root)', rounds: 0, balloonMiB: BALLOON / MiB };
+  if (env === undefined)
+    return { skipped: 'no QEMU environment (run scripts/e2e-env.sh as root)', rounds: 0, balloonMiB: BALLOON / MiB };
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-qemu-bench-'));
   const v: Run[] = [];
   const b: Run[] = [];

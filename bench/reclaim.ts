@@ -35,11 +35,11 @@ export function pfnsFor(pattern: Pattern, ramBytes: number): number[] {
   if (pattern === 'contiguous') return all.slice(0, Math.floor(all.length * 0.75));
   if (pattern === 'every-other') return all.filter((p) => p % 2 === 0);
   let seed = 12345;
-  const rand = (): number => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff);
+  const rand = (): number => (seed = (seed * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff;
   const shuffled = [...all];
   for (let i = shuffled.length - 1; i > 0; i--) {
     const j = Math.floor(rand() * (i + 1));
-    [shuffled[i], shuffled[j]] = [shuffled[j]!, shuffled[i]!];
+    [shuffled[i], shuffled[j]] = [shuffled[j], shuffled[i]];
   }
   return shuffled.slice(0, Math.floor(all.length / 2));
 }
@@ -54,7 +54,11 @@ function touchAll(buffer: ArrayBuffer): void {
  * this process, while the memory is mapped as in the measured path: written through a mapping in
  * the other process (the "guest"/QEMU side), and mapped but untouched here (the back-end side).
  */
-export function punchReference(file: string, pfns: readonly number[], mode: 'floor' | 'per-page'): { seconds: number; releasedBytes: number; calls: number } {
+export function punchReference(
+  file: string,
+  pfns: readonly number[],
+  mode: 'floor' | 'per-page',
+): { seconds: number; releasedBytes: number; calls: number } {
   const fd = fs.openSync(file, 'r+');
   const map = native.mmap(fd, RAM_BYTES, 0);
   try {
@@ -88,8 +92,17 @@ function releaseReference(): void {
 }
 
 /** Child: a Linux-like driver that balloons `pfns`, one 256-PFN buffer at a time. */
-async function childInflate(socketPath: string, pattern: Pattern): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
-  const fe = TestFrontend.connect(socketPath, { numQueues: 2, configSize: 8, ramBytes: RAM_BYTES, layout: 'flat', queueSize: 128 });
+async function childInflate(
+  socketPath: string,
+  pattern: Pattern,
+): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
+  const fe = TestFrontend.connect(socketPath, {
+    numQueues: 2,
+    configSize: 8,
+    ramBytes: RAM_BYTES,
+    layout: 'flat',
+    queueSize: 128,
+  });
   try {
     await fe.realize();
     const d = (await fe.start(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX, [0, 1])).get(0)!;
@@ -114,7 +127,8 @@ async function childInflate(socketPath: string, pattern: Pattern): Promise<{ sec
     // The last batch of holes is punched at most a few milliseconds after the last ack: the
     // clock stops when the host has really released the memory.
     const expected = pfns.length * 4096;
-    for (let spin = 0; before - fe.ram.residentBytes() < expected && spin < 100_000; spin++) await new Promise((r) => setImmediate(r));
+    for (let spin = 0; before - fe.ram.residentBytes() < expected && spin < 100_000; spin++)
+      await new Promise((r) => setImmediate(r));
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     return { seconds, releasedBytes: before - fe.ram.residentBytes(), buffers };
   } finally {
@@ -142,7 +156,11 @@ function control(child: ChildProcess, req: 'ref-prepare' | 'ref-release'): Promi
 }
 
 /** Runs one reference with the memory written by the child. */
-async function reference(child: ChildProcess, pfns: readonly number[], mode: 'floor' | 'per-page'): Promise<ReturnType<typeof punchReference>> {
+async function reference(
+  child: ChildProcess,
+  pfns: readonly number[],
+  mode: 'floor' | 'per-page',
+): Promise<ReturnType<typeof punchReference>> {
   const { file } = await control(child, 'ref-prepare');
   try {
     return punchReference(file!, pfns, mode);
@@ -151,9 +169,17 @@ async function reference(child: ChildProcess, pfns: readonly number[], mode: 'fl
   }
 }
 
-function ask(child: ChildProcess, socketPath: string, pattern: Pattern): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
+function ask(
+  child: ChildProcess,
+  socketPath: string,
+  pattern: Pattern,
+): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
   return new Promise((resolve, reject) => {
-    child.once('message', (m: { ok: boolean; r?: { seconds: number; releasedBytes: number; buffers: number }; message?: string }) => (m.ok ? resolve(m.r!) : reject(new Error(m.message))));
+    child.once(
+      'message',
+      (m: { ok: boolean; r?: { seconds: number; releasedBytes: number; buffers: number }; message?: string }) =>
+        m.ok ? resolve(m.r!) : reject(new Error(m.message)),
+    );
     child.send({ socketPath, pattern });
   });
 }

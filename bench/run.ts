@@ -27,51 +27,154 @@ async function main(): Promise<void> {
   if (want('latency')) {
     const l = await benchKickLatency(quick ? { rounds: 2, iterations: 3000 } : {});
     results['kickLatency'] = l;
-    rows.push(['kick-to-used p50 (us)', String(l.kick.p50), `${l.pingpong.p50} eventfd ping-pong`, String(l.ratioP50), '']);
-    rows.push(['kick-to-used p99 (us)', String(l.kick.p99), `${l.pingpong.p99} eventfd ping-pong`, String(l.ratioP99), '']);
+    rows.push([
+      'kick-to-used p50 (us)',
+      String(l.kick.p50),
+      `${l.pingpong.p50} eventfd ping-pong`,
+      String(l.ratioP50),
+      '',
+    ]);
+    rows.push([
+      'kick-to-used p99 (us)',
+      String(l.kick.p99),
+      `${l.pingpong.p99} eventfd ping-pong`,
+      String(l.ratioP99),
+      '',
+    ]);
   }
   if (want('reclaim')) {
     const rs = await benchReclaim(quick ? 2 : 5);
     results['reclaim'] = rs;
     for (const r of rs) {
-      rows.push([`reclaim ${r.pattern} (GiB/s released)`, String(r.vballoonGiBps), `${r.floorGiBps} floor (${r.punchCalls.floor} punches)`, r2(r.ratioToFloor), '<= 1.25 x floor']);
-      rows.push([`reclaim ${r.pattern} vs per-page (GiB/s)`, String(r.vballoonGiBps), `${r.perPageGiBps} per-page (${r.punchCalls.perPage} punches)`, `${r.speedupOverPerPage}x faster`, r.pattern === 'contiguous' ? 'faster' : '']);
+      rows.push([
+        `reclaim ${r.pattern} (GiB/s released)`,
+        String(r.vballoonGiBps),
+        `${r.floorGiBps} floor (${r.punchCalls.floor} punches)`,
+        r2(r.ratioToFloor),
+        '<= 1.25 x floor',
+      ]);
+      rows.push([
+        `reclaim ${r.pattern} vs per-page (GiB/s)`,
+        String(r.vballoonGiBps),
+        `${r.perPageGiBps} per-page (${r.punchCalls.perPage} punches)`,
+        `${r.speedupOverPerPage}x faster`,
+        r.pattern === 'contiguous' ? 'faster' : '',
+      ]);
     }
   }
   if (want('pressure')) {
     const p = await benchPressureLatency(quick ? { rounds: 1, iterations: 1000 } : {});
     results['pressureLatency'] = p;
-    rows.push(['pressure ack p50 (us)', String(p.pressure.p50), `${p.pingpong.p50} eventfd ping-pong`, String(p.ratioP50), '<= 2 x ping-pong']);
+    rows.push([
+      'pressure ack p50 (us)',
+      String(p.pressure.p50),
+      `${p.pingpong.p50} eventfd ping-pong`,
+      String(p.ratioP50),
+      '<= 2 x ping-pong',
+    ]);
     rows.push(['pressure ack p99 (us)', String(p.pressure.p99), '1000', r2(p.pressure.p99 / 1000), '< 1 ms']);
-    rows.push(['pressure ack p99.9 (us)', String(p.pressure.p999), `${p.pingpong.p999} eventfd ping-pong`, r2(p.pressure.p999 / p.pingpong.p999), '']);
-    rows.push(['pressure ack p50, other VM inflating (us)', String(p.pressureUnderLoad.p50), `${p.pingpong.p50} eventfd ping-pong`, String(p.ratioP50UnderLoad), '<= 2 x ping-pong']);
-    rows.push(['pressure ack p99, other VM inflating (us)', String(p.pressureUnderLoad.p99), '1000', r2(p.pressureUnderLoad.p99 / 1000), '< 1 ms']);
+    rows.push([
+      'pressure ack p99.9 (us)',
+      String(p.pressure.p999),
+      `${p.pingpong.p999} eventfd ping-pong`,
+      r2(p.pressure.p999 / p.pingpong.p999),
+      '',
+    ]);
+    rows.push([
+      'pressure ack p50, other VM inflating (us)',
+      String(p.pressureUnderLoad.p50),
+      `${p.pingpong.p50} eventfd ping-pong`,
+      String(p.ratioP50UnderLoad),
+      '<= 2 x ping-pong',
+    ]);
+    rows.push([
+      'pressure ack p99, other VM inflating (us)',
+      String(p.pressureUnderLoad.p99),
+      '1000',
+      r2(p.pressureUnderLoad.p99 / 1000),
+      '< 1 ms',
+    ]);
   }
   if (want('qemu')) {
     const q = await benchQemuCompare(quick ? 1 : 3);
     results['qemuCompare'] = q;
     if (q.skipped !== undefined) rows.push(['real guest 512 MiB', 'skipped', q.skipped, '', '']);
     else {
-      rows.push(['real guest: inflate 512 MiB (s)', String(q.vballoon!.inflateSeconds), `${q.builtin!.inflateSeconds} QEMU virtio-balloon-pci`, String(q.inflateRatio), '<= 1']);
-      rows.push(['real guest: deflate 512 MiB (s)', String(q.vballoon!.deflateSeconds), `${q.builtin!.deflateSeconds} QEMU virtio-balloon-pci`, String(q.deflateRatio), '<= 1']);
-      rows.push(['real guest: host memory released (MiB)', String(q.vballoon!.releasedMiB), `${q.builtin!.releasedMiB} QEMU virtio-balloon-pci`, r2(q.vballoon!.releasedMiB / q.builtin!.releasedMiB), '>= 1']);
+      rows.push([
+        'real guest: inflate 512 MiB (s)',
+        String(q.vballoon!.inflateSeconds),
+        `${q.builtin!.inflateSeconds} QEMU virtio-balloon-pci`,
+        String(q.inflateRatio),
+        '<= 1',
+      ]);
+      rows.push([
+        'real guest: deflate 512 MiB (s)',
+        String(q.vballoon!.deflateSeconds),
+        `${q.builtin!.deflateSeconds} QEMU virtio-balloon-pci`,
+        String(q.deflateRatio),
+        '<= 1',
+      ]);
+      rows.push([
+        'real guest: host memory released (MiB)',
+        String(q.vballoon!.releasedMiB),
+        `${q.builtin!.releasedMiB} QEMU virtio-balloon-pci`,
+        r2(q.vballoon!.releasedMiB / q.builtin!.releasedMiB),
+        '>= 1',
+      ]);
     }
   }
   if (want('cost')) {
     const c = await benchCost(quick ? { counts: [1, 16], seconds: 3 } : {});
     results['cost'] = c;
     for (const row of c.rows) {
-      rows.push([`daemon idle, ${row.vms} VM(s): RSS MiB / CPU %`, `${row.idle.rssMiB} / ${row.idle.cpuPercent}`, `${c.reference.rssMiB} / ${c.reference.cpuPercent} bare node`, r2(row.idle.rssMiB / c.reference.rssMiB), '']);
-      rows.push([`daemon serving ${row.vms} VM(s): RSS MiB / CPU %`, `${row.serving.rssMiB} / ${row.serving.cpuPercent}`, `${c.reference.rssMiB} / ${c.reference.cpuPercent} bare node`, r2(row.serving.rssMiB / c.reference.rssMiB), '']);
+      rows.push([
+        `daemon idle, ${row.vms} VM(s): RSS MiB / CPU %`,
+        `${row.idle.rssMiB} / ${row.idle.cpuPercent}`,
+        `${c.reference.rssMiB} / ${c.reference.cpuPercent} bare node`,
+        r2(row.idle.rssMiB / c.reference.rssMiB),
+        '',
+      ]);
+      rows.push([
+        `daemon serving ${row.vms} VM(s): RSS MiB / CPU %`,
+        `${row.serving.rssMiB} / ${row.serving.cpuPercent}`,
+        `${c.reference.rssMiB} / ${c.reference.cpuPercent} bare node`,
+        r2(row.serving.rssMiB / c.reference.rssMiB),
+        '',
+      ]);
     }
     const t = c.trackerBytesPerGiB;
-    rows.push(['page tracker per GiB, contiguous (bytes)', String(t.contiguous), `${t.bitmap} bitmap`, String(t.ratioContiguous), '']);
-    rows.push(['page tracker per GiB, every other page (bytes)', String(t.everyOther), `${t.bitmap} bitmap`, String(t.ratioEveryOther), '']);
+    rows.push([
+      'page tracker per GiB, contiguous (bytes)',
+      String(t.contiguous),
+      `${t.bitmap} bitmap`,
+      String(t.ratioContiguous),
+      '',
+    ]);
+    rows.push([
+      'page tracker per GiB, every other page (bytes)',
+      String(t.everyOther),
+      `${t.bitmap} bitmap`,
+      String(t.ratioEveryOther),
+      '',
+    ]);
   }
 
-  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
-  for (const r of rows) console.log(r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd());
-  const out = { date: new Date().toISOString(), node: process.version, cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, quick, results };
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+  for (const r of rows)
+    console.log(
+      r
+        .map((cell, c) => cell.padEnd(widths[c]))
+        .join('  ')
+        .trimEnd(),
+    );
+  const out = {
+    date: new Date().toISOString(),
+    node: process.version,
+    cpus: os.cpus().length,
+    cpuModel: os.cpus()[0]?.model,
+    quick,
+    results,
+  };
   const dir = path.resolve(__dirname, '..', '..', 'bench', 'results');
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, 'latest.json'), `${JSON.stringify(out, null, 2)}\n`);

@@ -3,7 +3,7 @@
 export function percentile(sorted: readonly number[], p: number): number {
   if (sorted.length === 0) return NaN;
   const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[i]!;
+  return sorted[i];
 }
 
 export function summarize(samples: readonly number[]): { p50: number; p99: number; p999: number; n: number } {
@@ -12,7 +12,10 @@ export function summarize(samples: readonly number[]): { p50: number; p99: numbe
 }
 
 export function median(values: readonly number[]): number {
-  return percentile([...values].sort((a, b) => a - b), 50);
+  return percentile(
+    [...values].sort((a, b) => a - b),
+    50,
+  );
 }
 
 /** Spread as (max - min) / median, in percent. */

@@ -13,7 +13,17 @@ import { StreamLogger } from '../lib/log';
 import { formatBytes, parseDuration, parseSize } from '../lib/units';
 
 /** Exit codes (docs/cli.md). */
-export const EXIT = { OK: 0, INTERNAL: 1, USAGE: 2, NO_DAEMON: 3, NO_VM: 4, TARGET: 5, TIMEOUT: 6, CONFIG: 7, DENIED: 8 } as const;
+export const EXIT = {
+  OK: 0,
+  INTERNAL: 1,
+  USAGE: 2,
+  NO_DAEMON: 3,
+  NO_VM: 4,
+  TARGET: 5,
+  TIMEOUT: 6,
+  CONFIG: 7,
+  DENIED: 8,
+} as const;
 
 function die(code: number, message: string): never {
   process.stderr.write(`vballoon: ${message}\n`);
@@ -58,19 +68,42 @@ function size(text: string, what: string): number {
 }
 
 function table(rows: string[][]): string {
-  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows
+    .map((r) =>
+      r
+        .map((cell, c) => cell.padEnd(widths[c]))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 const bytesOrDash = (b: number | null): string => (b === null ? '-' : formatBytes(b));
 
 export function statusTable(list: VmStatus[]): string {
-  const rows = [['VM', 'STATE', 'MODE', 'GUEST RAM', 'BALLOON TARGET', 'BALLOON ACTUAL', 'GUEST SIZE', 'HOST RESIDENT', 'RECLAIMED', 'PRESSURE', 'STATS AGE']];
+  const rows = [
+    [
+      'VM',
+      'STATE',
+      'MODE',
+      'GUEST RAM',
+      'BALLOON TARGET',
+      'BALLOON ACTUAL',
+      'GUEST SIZE',
+      'HOST RESIDENT',
+      'RECLAIMED',
+      'PRESSURE',
+      'STATS AGE',
+    ],
+  ];
   for (const s of list) {
     rows.push([
       s.vm,
       s.connected ? 'connected' : 'waiting',
-      s.mode + (s.policyCooldownSeconds > 0 ? ` (cooldown ${s.policyCooldownSeconds}s)` : '') + (s.discardInhibited ? ' [no discard]' : ''),
+      s.mode +
+        (s.policyCooldownSeconds > 0 ? ` (cooldown ${s.policyCooldownSeconds}s)` : '') +
+        (s.discardInhibited ? ' [no discard]' : ''),
       bytesOrDash(s.guestRamBytes),
       formatBytes(s.targetBytes),
       formatBytes(s.actualBytes),
@@ -84,14 +117,24 @@ export function statusTable(list: VmStatus[]): string {
   return table(rows);
 }
 
-const COUNT_STATS = new Set(['major_faults', 'minor_faults', 'hugetlb_allocations', 'hugetlb_failures', 'oom_kills', 'alloc_stalls']);
+const COUNT_STATS = new Set([
+  'major_faults',
+  'minor_faults',
+  'hugetlb_allocations',
+  'hugetlb_failures',
+  'oom_kills',
+  'alloc_stalls',
+]);
 
 export function statsTable(list: VmStats[]): string {
   const out: string[] = [];
   for (const s of list) {
-    out.push(`${s.vm}: ${s.updatedAt === null ? 'no stats yet' : `updated ${s.updatedAt} (${s.ageSeconds}s ago)${s.stale ? ', STALE' : ''}`}`);
+    out.push(
+      `${s.vm}: ${s.updatedAt === null ? 'no stats yet' : `updated ${s.updatedAt} (${s.ageSeconds}s ago)${s.stale ? ', STALE' : ''}`}`,
+    );
     const rows = [['STAT', 'VALUE']];
-    for (const [k, v] of Object.entries(s.stats)) rows.push([k, COUNT_STATS.has(k) || k.startsWith('tag_') ? String(v) : formatBytes(v)]);
+    for (const [k, v] of Object.entries(s.stats))
+      rows.push([k, COUNT_STATS.has(k) || k.startsWith('tag_') ? String(v) : formatBytes(v)]);
     if (rows.length > 1) out.push(table(rows));
   }
   return out.join('\n\n');
@@ -107,7 +150,7 @@ async function waitForTarget(argv: { control: string }, vm: string, timeoutMs: n
   const start = Date.now();
   const first = (await call(argv, 'status', { vm })) as VmStatus;
   const from = first.actualBytes;
-  const tty = process.stderr.isTTY === true;
+  const tty = process.stderr.isTTY;
   for (;;) {
     const s = (await call(argv, 'status', { vm })) as VmStatus;
     const total = Math.abs(s.targetBytes - from);
@@ -120,7 +163,10 @@ async function waitForTarget(argv: { control: string }, vm: string, timeoutMs: n
     }
     if (Date.now() - start > timeoutMs) {
       if (tty) process.stderr.write('\n');
-      die(EXIT.TIMEOUT, `${vm} did not reach its target within ${Math.round(timeoutMs / 1000)}s (actual ${formatBytes(s.actualBytes)}, target ${formatBytes(s.targetBytes)})`);
+      die(
+        EXIT.TIMEOUT,
+        `${vm} did not reach its target within ${Math.round(timeoutMs / 1000)}s (actual ${formatBytes(s.actualBytes)}, target ${formatBytes(s.targetBytes)})`,
+      );
     }
     if (!tty && (Date.now() - start) % 5000 < 250) process.stderr.write(`${line}\n`);
     await new Promise((r) => setTimeout(r, 200));
@@ -131,14 +177,15 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
   const file = argv['config'] as string | undefined;
   const build = (): ReturnType<typeof readConfig> => {
     const doc = (file === undefined ? {} : loadConfigFile(file)) as Record<string, unknown>;
-    if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw new ConfigError(`${file}: the configuration must be a mapping`);
+    if (typeof doc !== 'object' || doc === null || Array.isArray(doc))
+      throw new ConfigError(`${file}: the configuration must be a mapping`);
     const control = { ...((doc['control'] as object | undefined) ?? {}) } as Record<string, unknown>;
     if (argv['control'] !== undefined && argv['controlExplicit'] === true) control['socket'] = argv['control'];
     if (argv['controlMode'] !== undefined) control['mode'] = argv['controlMode'];
     doc['control'] = control;
     if (argv['metrics'] === false) doc['metrics'] = false;
     else if (typeof argv['metrics'] === 'string') {
-      const m = /^(.*):(\d+)$/.exec(argv['metrics'] as string);
+      const m = /^(.*):(\d+)$/.exec(argv['metrics']);
       if (m === null) throw new ConfigError(`--metrics ${argv['metrics']}: expected HOST:PORT`);
       doc['metrics'] = { host: m[1], port: Number(m[2]) };
     }
@@ -147,7 +194,7 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
     if (argv['logLevel'] !== undefined) log['level'] = argv['logLevel'];
     doc['log'] = log;
     const flagVms = ((argv['vm'] as string[] | undefined) ?? []).map(parseVmFlag);
-    doc['vms'] = [...(((doc['vms'] as unknown[] | undefined) ?? []) as unknown[]), ...flagVms];
+    doc['vms'] = [...((doc['vms'] as unknown[] | undefined) ?? []), ...flagVms];
     return readConfig(doc);
   };
   let config: ReturnType<typeof readConfig>;
@@ -187,7 +234,9 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
     try {
       daemon.reload(build()).catch((err: Error) => log.error('reload failed', { error: err.message }));
     } catch (err) {
-      log.error('reload refused: the new configuration is invalid; keeping the old one', { error: (err as Error).message });
+      log.error('reload refused: the new configuration is invalid; keeping the old one', {
+        error: (err as Error).message,
+      });
     }
   });
 }
@@ -197,14 +246,22 @@ export function cli(args: string[]): Argv {
   return yargs(args)
     .scriptName('vballoon')
     .usage('$0 <command> [options]')
-    .option('control', { type: 'string', default: defaultControlSocket(), describe: 'control socket of the daemon (env VBALLOON_CONTROL)' })
+    .option('control', {
+      type: 'string',
+      default: defaultControlSocket(),
+      describe: 'control socket of the daemon (env VBALLOON_CONTROL)',
+    })
     .command(
       'serve',
       'run the daemon: serve the VMs given by --config and --vm',
       (y) =>
         y
           .option('config', { type: 'string', describe: 'configuration file (JSON or YAML)' })
-          .option('vm', { type: 'string', array: true, describe: 'a VM: name=vm0,socket=PATH,memory=1G,policy=auto|manual,... (repeatable)' })
+          .option('vm', {
+            type: 'string',
+            array: true,
+            describe: 'a VM: name=vm0,socket=PATH,memory=1G,policy=auto|manual,... (repeatable)',
+          })
           .option('control-mode', { type: 'string', describe: 'control socket permissions (octal, default 0600)' })
           .option('metrics', { describe: 'metrics HOST:PORT (default 127.0.0.1:9464); --no-metrics to disable' })
           .option('log-format', { choices: ['text', 'json'] as const })
@@ -218,12 +275,20 @@ export function cli(args: string[]): Argv {
         y
           .positional('vm', { type: 'string', demandOption: true })
           .positional('size', { type: 'string', describe: 'balloon size: 512M, 2GiB, bytes' })
-          .option('guest-size', { type: 'string', describe: "memory the guest should keep (QMP's `balloon` convention)" })
-          .option('wait', { type: 'boolean', default: false, describe: 'show progress until actual reaches the target' })
+          .option('guest-size', {
+            type: 'string',
+            describe: "memory the guest should keep (QMP's `balloon` convention)",
+          })
+          .option('wait', {
+            type: 'boolean',
+            default: false,
+            describe: 'show progress until actual reaches the target',
+          })
           .option('timeout', { type: 'string', default: '120s', describe: 'how long --wait waits' })
           .option('json', { type: 'boolean', default: false })
           .check((a) => {
-            if ((a.size === undefined) === (a['guest-size'] === undefined)) throw new Error('give either SIZE or --guest-size');
+            if ((a.size === undefined) === (a['guest-size'] === undefined))
+              throw new Error('give either SIZE or --guest-size');
             return true;
           }),
       async (argv) => {
@@ -238,10 +303,14 @@ export function cli(args: string[]): Argv {
           } catch (err) {
             die(EXIT.USAGE, `--timeout: ${(err as Error).message}`);
           }
-          await waitForTarget(argv, argv.vm!, timeoutMs);
+          await waitForTarget(argv, argv.vm, timeoutMs);
         }
         const final = argv.wait ? ((await call(argv, 'status', { vm: argv.vm })) as VmStatus) : status;
-        process.stdout.write(argv.json ? `${JSON.stringify(final)}\n` : `${final.vm}: balloon target ${formatBytes(final.targetBytes)} (actual ${formatBytes(final.actualBytes)})\n`);
+        process.stdout.write(
+          argv.json
+            ? `${JSON.stringify(final)}\n`
+            : `${final.vm}: balloon target ${formatBytes(final.targetBytes)} (actual ${formatBytes(final.actualBytes)})\n`,
+        );
       },
     )
     .command(
@@ -280,12 +349,15 @@ export function cli(args: string[]): Argv {
         } catch (err) {
           die(EXIT.USAGE, `--interval: ${(err as Error).message}`);
         }
-        const tty = process.stdout.isTTY === true && !argv.json;
+        const tty = process.stdout.isTTY && !argv.json;
         for (let i = 0; argv.count === undefined || i < argv.count; i++) {
           const r = await call(argv, 'status', argv.vm === undefined ? {} : { vm: argv.vm });
           const list = Array.isArray(r) ? (r as VmStatus[]) : [r as VmStatus];
           if (argv.json) process.stdout.write(`${JSON.stringify({ time: new Date().toISOString(), vms: list })}\n`);
-          else process.stdout.write(`${tty ? '\x1b[H\x1b[2J' : ''}${new Date().toISOString()}\n${statusTable(list)}\n${tty ? '' : '\n'}`);
+          else
+            process.stdout.write(
+              `${tty ? '\x1b[H\x1b[2J' : ''}${new Date().toISOString()}\n${statusTable(list)}\n${tty ? '' : '\n'}`,
+            );
           if (argv.count !== undefined && i + 1 >= argv.count) break;
           await new Promise((res) => setTimeout(res, intervalMs));
         }
@@ -303,7 +375,10 @@ export function cli(args: string[]): Argv {
     .command(
       'mode <vm> <mode>',
       'switch the policy mode of a VM',
-      (y) => y.positional('vm', { type: 'string', demandOption: true }).positional('mode', { choices: ['auto', 'manual'] as const, demandOption: true }),
+      (y) =>
+        y
+          .positional('vm', { type: 'string', demandOption: true })
+          .positional('mode', { choices: ['auto', 'manual'] as const, demandOption: true }),
       async (argv) => {
         const s = (await call(argv, 'set-mode', { vm: argv.vm, mode: argv.mode })) as VmStatus;
         process.stdout.write(`${s.vm}: policy ${s.mode}\n`);
@@ -312,7 +387,10 @@ export function cli(args: string[]): Argv {
     .command(
       'discard <vm> <action>',
       'inhibit or allow giving ballooned memory back to the host',
-      (y) => y.positional('vm', { type: 'string', demandOption: true }).positional('action', { choices: ['inhibit', 'allow'] as const, demandOption: true }),
+      (y) =>
+        y
+          .positional('vm', { type: 'string', demandOption: true })
+          .positional('action', { choices: ['inhibit', 'allow'] as const, demandOption: true }),
       async (argv) => {
         const s = (await call(argv, 'set-discard', { vm: argv.vm, inhibit: argv.action === 'inhibit' })) as VmStatus;
         process.stdout.write(`${s.vm}: discard ${s.discardInhibited ? 'inhibited' : 'allowed'}\n`);
@@ -325,7 +403,10 @@ export function cli(args: string[]): Argv {
       async (argv) => {
         const r = (await call(argv, 'list')) as Array<{ vm: string; connected: boolean; mode: string; socket: string }>;
         if (argv.json) process.stdout.write(`${JSON.stringify(r)}\n`);
-        else process.stdout.write(`${table([['VM', 'STATE', 'MODE', 'SOCKET'], ...r.map((v) => [v.vm, v.connected ? 'connected' : 'waiting', v.mode, v.socket])])}\n`);
+        else
+          process.stdout.write(
+            `${table([['VM', 'STATE', 'MODE', 'SOCKET'], ...r.map((v) => [v.vm, v.connected ? 'connected' : 'waiting', v.mode, v.socket])])}\n`,
+          );
       },
     )
     .demandCommand(1, 'a command is required')

@@ -4,16 +4,26 @@
  * TiB (binary) or KB, MB, GB, TB (decimal). Durations: ms, s, m, h.
  */
 
-const BINARY: Record<string, number> = { k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40 };
+const BINARY: Record<string, number> = {
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+  kib: 2 ** 10,
+  mib: 2 ** 20,
+  gib: 2 ** 30,
+  tib: 2 ** 40,
+};
 const DECIMAL: Record<string, number> = { kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12 };
 
 /** Bytes for `text`, or throws an Error saying what is wrong. */
 export function parseSize(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(text);
   if (m === null) throw new Error(`"${text}" is not a size (examples: 512M, 2GiB, 1073741824)`);
-  const unit = m[2]!.toLowerCase();
+  const unit = m[2].toLowerCase();
   const factor = unit === '' || unit === 'b' ? 1 : (BINARY[unit] ?? DECIMAL[unit]);
-  if (factor === undefined) throw new Error(`"${text}": unknown unit "${m[2]}" (use K, M, G, T, KiB, MiB, GiB, TiB, KB, MB, GB, TB)`);
+  if (factor === undefined)
+    throw new Error(`"${text}": unknown unit "${m[2]}" (use K, M, G, T, KiB, MiB, GiB, TiB, KB, MB, GB, TB)`);
   const bytes = Number(m[1]) * factor;
   if (!Number.isSafeInteger(Math.round(bytes))) throw new Error(`"${text}" is too large`);
   return Math.round(bytes);

@@ -14,9 +14,13 @@ import { loadE2eEnv, QemuGuest } from '../lib/testing/qemu';
 
 async function main(): Promise<void> {
   const root = path.resolve(__dirname, '..', '..');
-  if (process.getuid?.() !== 0) throw new Error('run it as root (it prepares QEMU in a Debian root and needs /run/vballoon)');
+  if (process.getuid?.() !== 0)
+    throw new Error('run it as root (it prepares QEMU in a Debian root and needs /run/vballoon)');
   const cache = process.env['VBALLOON_E2E_CACHE'] ?? path.join(root, '.cache', 'e2e');
-  execFileSync('bash', [path.join(root, 'scripts', 'e2e-env.sh')], { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, VBALLOON_E2E_CACHE: cache } });
+  execFileSync('bash', [path.join(root, 'scripts', 'e2e-env.sh')], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+    env: { ...process.env, VBALLOON_E2E_CACHE: cache },
+  });
   const env = loadE2eEnv(cache);
   if (env === undefined) throw new Error('the QEMU environment is missing');
   const runDir = defaultRunDir();

@@ -13,7 +13,12 @@ export class ClientError extends Error {
 }
 
 /** Sends `method(params)` and resolves with the result, or rejects with a ClientError. */
-export function callDaemon(socketPath: string, method: string, params: Record<string, unknown> = {}, timeoutMs = 10_000): Promise<unknown> {
+export function callDaemon(
+  socketPath: string,
+  method: string,
+  params: Record<string, unknown> = {},
+  timeoutMs = 10_000,
+): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const socket = net.createConnection(socketPath);
     let buffered = '';
@@ -39,7 +44,10 @@ export function callDaemon(socketPath: string, method: string, params: Record<st
         return done(() => reject(new ClientError('EBADJSON', 'the daemon sent something that is not JSON')));
       }
       if (response.ok === true) done(() => resolve(response.result));
-      else done(() => reject(new ClientError(response.error?.code ?? 'EINTERNAL', response.error?.message ?? 'unknown error')));
+      else
+        done(() =>
+          reject(new ClientError(response.error?.code ?? 'EINTERNAL', response.error?.message ?? 'unknown error')),
+        );
     });
     socket.on('error', (err: NodeJS.ErrnoException) => {
       const code = err.code ?? 'EIO';
@@ -51,6 +59,8 @@ export function callDaemon(socketPath: string, method: string, params: Record<st
             : `cannot reach the daemon at ${socketPath}: ${err.message}`;
       done(() => reject(new ClientError(code === 'ENOENT' || code === 'ECONNREFUSED' ? 'ENODAEMON' : code, message)));
     });
-    socket.on('end', () => done(() => reject(new ClientError('ECLOSED', 'the daemon closed the connection without answering'))));
+    socket.on('end', () =>
+      done(() => reject(new ClientError('ECLOSED', 'the daemon closed the connection without answering'))),
+    );
   });
 }

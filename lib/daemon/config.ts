@@ -70,7 +70,8 @@ class Reader {
     allowed: readonly string[],
   ) {
     for (const key of Object.keys(obj)) {
-      if (!allowed.includes(key)) throw new ConfigError(`${this.at(key)}: unknown setting (known: ${allowed.join(', ')})`);
+      if (!allowed.includes(key))
+        throw new ConfigError(`${this.at(key)}: unknown setting (known: ${allowed.join(', ')})`);
     }
   }
   at(key: string): string {
@@ -123,7 +124,8 @@ class Reader {
   }
   oneOf<T extends string>(key: string, values: readonly T[], def: T): T {
     const v = this.obj[key] ?? def;
-    if (typeof v !== 'string' || !values.includes(v as T)) throw new ConfigError(`${this.at(key)}: expected one of ${values.join(', ')}`);
+    if (typeof v !== 'string' || !values.includes(v as T))
+      throw new ConfigError(`${this.at(key)}: expected one of ${values.join(', ')}`);
     return v as T;
   }
   sub(key: string, allowed: readonly string[]): Reader {
@@ -156,10 +158,12 @@ function readVm(v: unknown, where: string, runDir: string): VmConfig {
   if (!isObj(v)) throw new ConfigError(`${where}: expected a mapping`);
   const r = new Reader(v, where, VM_KEYS);
   const name = r.str('name');
-  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) throw new ConfigError(`${r.at('name')}: "${name}" must be 1-64 letters, digits, '.', '_' or '-'`);
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name))
+    throw new ConfigError(`${r.at('name')}: "${name}" must be 1-64 letters, digits, '.', '_' or '-'`);
   const memoryBytes = r.size('memory');
   const targetBytes = r.size('target', 0)!;
-  if (memoryBytes !== undefined && targetBytes > memoryBytes) throw new ConfigError(`${r.at('target')}: larger than the guest's memory`);
+  if (memoryBytes !== undefined && targetBytes > memoryBytes)
+    throw new ConfigError(`${r.at('target')}: larger than the guest's memory`);
   const configSize = r.int('configSize', 8, 8, 16);
   if (![8, 12, 16].includes(configSize)) throw new ConfigError(`${r.at('configSize')}: expected 8, 12 or 16`);
   const queueSize = r.int('queueSize', 128, 1, 1024);
@@ -196,8 +200,14 @@ export function readConfig(doc: unknown): DaemonConfig {
   const modeRaw = control.raw('mode');
   let mode = 0o600;
   if (modeRaw !== undefined) {
-    const parsed = typeof modeRaw === 'string' && /^0?[0-7]{3}$/.test(modeRaw) ? parseInt(modeRaw, 8) : typeof modeRaw === 'number' ? modeRaw : NaN;
-    if (!Number.isInteger(parsed) || parsed < 0 || parsed > 0o777) throw new ConfigError(`control.mode: expected an octal mode such as "0600"`);
+    const parsed =
+      typeof modeRaw === 'string' && /^0?[0-7]{3}$/.test(modeRaw)
+        ? parseInt(modeRaw, 8)
+        : typeof modeRaw === 'number'
+          ? modeRaw
+          : NaN;
+    if (!Number.isInteger(parsed) || parsed < 0 || parsed > 0o777)
+      throw new ConfigError(`control.mode: expected an octal mode such as "0600"`);
     mode = parsed;
   }
   let tcp: { host: string; port: number } | undefined;
@@ -217,7 +227,8 @@ export function readConfig(doc: unknown): DaemonConfig {
   for (const key of Object.keys(DEFAULT_POLICY) as Array<keyof PolicyConfig>) {
     if (!policyReader.has(key)) continue;
     const v = policyReader.raw(key);
-    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new ConfigError(`policy.${key}: expected a non-negative number`);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0)
+      throw new ConfigError(`policy.${key}: expected a non-negative number`);
     policy[key] = v;
   }
   const vmsRaw = r.raw('vms') ?? [];
@@ -234,7 +245,10 @@ export function readConfig(doc: unknown): DaemonConfig {
   return {
     control: { socket: control.has('socket') ? control.str('socket') : defaultControlSocket(), mode, tcp },
     metrics,
-    log: { format: log.oneOf('format', ['text', 'json'] as const, 'text'), level: log.oneOf('level', ['debug', 'info', 'warn', 'error'] as const, 'info') },
+    log: {
+      format: log.oneOf('format', ['text', 'json'] as const, 'text'),
+      level: log.oneOf('level', ['debug', 'info', 'warn', 'error'] as const, 'info'),
+    },
     policy,
     vms,
   };
@@ -263,7 +277,14 @@ export function parseVmFlag(text: string): Obj {
     if (eq <= 0) throw new ConfigError(`--vm ${text}: "${part}" is not key=value`);
     const key = part.slice(0, eq).trim();
     const value = part.slice(eq + 1).trim();
-    out[key] = value === 'true' ? true : value === 'false' ? false : /^\d+$/.test(value) && key !== 'name' && key !== 'memory' && key !== 'target' ? Number(value) : value;
+    out[key] =
+      value === 'true'
+        ? true
+        : value === 'false'
+          ? false
+          : /^\d+$/.test(value) && key !== 'name' && key !== 'memory' && key !== 'target'
+            ? Number(value)
+            : value;
   }
   return out;
 }
@@ -287,7 +308,9 @@ export function deviceOptions(vm: VmConfig): BalloonOptions {
 /** The QEMU options that attach this VM's balloon (memory backend, chardev, device). */
 export function qemuArgs(vm: VmConfig, device: BalloonDevice = new BalloonDevice(deviceOptions(vm))): string[] {
   const mem = vm.memoryBytes === undefined ? '<guest RAM, e.g. 1G>' : `${Math.round(vm.memoryBytes / 2 ** 20)}M`;
-  const chardev = vm.connect ? `socket,id=vb-${vm.name},path=${vm.socket},server=on,wait=off` : `socket,id=vb-${vm.name},path=${vm.socket}`;
+  const chardev = vm.connect
+    ? `socket,id=vb-${vm.name},path=${vm.socket},server=on,wait=off`
+    : `socket,id=vb-${vm.name},path=${vm.socket}`;
   return [
     '-m',
     mem,

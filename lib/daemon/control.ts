@@ -87,7 +87,10 @@ export class ControlServer {
       server.listen(port, host, () => resolve());
     });
     this.servers.push(server);
-    this.options.log.warn('control API listening on TCP: anyone who can reach it can control the balloons', { host, port });
+    this.options.log.warn('control API listening on TCP: anyone who can reach it can control the balloons', {
+      host,
+      port,
+    });
     return server.address() as net.AddressInfo;
   }
 
@@ -113,7 +116,12 @@ export class ControlServer {
       try {
         const cred = fd === undefined ? undefined : native.peerCred(fd);
         allowed = cred !== undefined && (cred.uid === 0 || cred.uid === process.geteuid?.());
-        if (!allowed) fail(null, 'EUNAUTHORIZED', `uid ${cred?.uid ?? '?'} may not use this control socket (only root and uid ${process.geteuid?.()})`);
+        if (!allowed)
+          fail(
+            null,
+            'EUNAUTHORIZED',
+            `uid ${cred?.uid ?? '?'} may not use this control socket (only root and uid ${process.geteuid?.()})`,
+          );
       } catch (err) {
         fail(null, 'EINTERNAL', `cannot read peer credentials: ${(err as Error).message}`);
       }
@@ -142,20 +150,34 @@ export class ControlServer {
     });
   }
 
-  private async handleLine(socket: net.Socket, line: string, fail: (id: unknown, code: ControlErrorCode, message: string) => void): Promise<void> {
-    if (Buffer.byteLength(line) > MAX_REQUEST_BYTES) return fail(null, 'ETOOLARGE', `request larger than ${MAX_REQUEST_BYTES} bytes`);
+  private async handleLine(
+    socket: net.Socket,
+    line: string,
+    fail: (id: unknown, code: ControlErrorCode, message: string) => void,
+  ): Promise<void> {
+    if (Buffer.byteLength(line) > MAX_REQUEST_BYTES)
+      return fail(null, 'ETOOLARGE', `request larger than ${MAX_REQUEST_BYTES} bytes`);
     let request: unknown;
     try {
       request = JSON.parse(line);
     } catch (err) {
       return fail(null, 'EBADJSON', `not JSON: ${(err as Error).message}`);
     }
-    if (typeof request !== 'object' || request === null || Array.isArray(request)) return fail(null, 'EBADREQUEST', 'a request is a JSON object');
+    if (typeof request !== 'object' || request === null || Array.isArray(request))
+      return fail(null, 'EBADREQUEST', 'a request is a JSON object');
     const { id, method, params } = request as { id?: unknown; method?: unknown; params?: unknown };
     if (typeof method !== 'string') return fail(id, 'EBADREQUEST', '"method" must be a string');
-    if (params !== undefined && (typeof params !== 'object' || params === null || Array.isArray(params))) return fail(id, 'EBADPARAMS', '"params" must be an object');
-    const handler = Object.prototype.hasOwnProperty.call(this.options.handlers, method) ? this.options.handlers[method] : undefined;
-    if (handler === undefined) return fail(id, 'EUNKNOWNMETHOD', `unknown method "${method}" (known: ${Object.keys(this.options.handlers).join(', ')})`);
+    if (params !== undefined && (typeof params !== 'object' || params === null || Array.isArray(params)))
+      return fail(id, 'EBADPARAMS', '"params" must be an object');
+    const handler = Object.prototype.hasOwnProperty.call(this.options.handlers, method)
+      ? this.options.handlers[method]
+      : undefined;
+    if (handler === undefined)
+      return fail(
+        id,
+        'EUNKNOWNMETHOD',
+        `unknown method "${method}" (known: ${Object.keys(this.options.handlers).join(', ')})`,
+      );
     try {
       const result = await handler((params ?? {}) as Record<string, unknown>);
       respond(socket, { id: id ?? null, ok: true, result });
@@ -191,9 +213,14 @@ export function prepareSocketPath(socketPath: string): void {
     if (isSystemError(err, 'ENOENT')) return;
     throw err;
   }
-  if (!st.isSocket()) throw new ControlError('EINTERNAL', `${socketPath} exists and is not a socket; refusing to replace it`);
+  if (!st.isSocket())
+    throw new ControlError('EINTERNAL', `${socketPath} exists and is not a socket; refusing to replace it`);
   const me = process.geteuid?.() ?? 0;
-  if (st.uid !== me) throw new ControlError('EUNAUTHORIZED', `${socketPath} is owned by uid ${st.uid}, not by us (uid ${me}); refusing to replace it`);
+  if (st.uid !== me)
+    throw new ControlError(
+      'EUNAUTHORIZED',
+      `${socketPath} is owned by uid ${st.uid}, not by us (uid ${me}); refusing to replace it`,
+    );
   let fd = -1;
   try {
     fd = native.connect(socketPath);

@@ -89,7 +89,14 @@ export class Daemon {
     this.config = config;
     this.log = options.log;
     this.clock = options.clock ?? systemClock;
-    this.metrics = new DaemonMetrics(() => [...this.vms.values()].map((v) => ({ name: v.config.name, device: v.device, mode: v.mode, connections: () => v.backend.counters.connections })));
+    this.metrics = new DaemonMetrics(() =>
+      [...this.vms.values()].map((v) => ({
+        name: v.config.name,
+        device: v.device,
+        mode: v.mode,
+        connections: () => v.backend.counters.connections,
+      })),
+    );
     this.policy = new PolicyLoop({
       clock: this.clock,
       log: this.log.child({ component: 'policy' }),
@@ -107,11 +114,17 @@ export class Daemon {
   async start(): Promise<void> {
     this.baseline = { fds: openFds(), mappings: native.mappingCount() };
     for (const vm of this.config.vms) await this.addVm(vm);
-    const control = new ControlServer({ log: this.log.child({ component: 'control' }), handlers: this.handlers(), onError: (code) => this.metrics.error('control', code) });
+    const control = new ControlServer({
+      log: this.log.child({ component: 'control' }),
+      handlers: this.handlers(),
+      onError: (code) => this.metrics.error('control', code),
+    });
     this.control = control;
     await control.listenUnix(this.config.control.socket, this.config.control.mode);
-    if (this.config.control.tcp !== undefined) this.controlTcpAddress = await control.listenTcp(this.config.control.tcp.host, this.config.control.tcp.port);
-    if (this.config.metrics !== undefined) this.metricsAddress = await this.metrics.listen(this.config.metrics.host, this.config.metrics.port);
+    if (this.config.control.tcp !== undefined)
+      this.controlTcpAddress = await control.listenTcp(this.config.control.tcp.host, this.config.control.tcp.port);
+    if (this.config.metrics !== undefined)
+      this.metricsAddress = await this.metrics.listen(this.config.metrics.host, this.config.metrics.port);
     this.policy.start();
     this.log.info('vballoon daemon started', {
       vms: this.config.vms.map((v) => v.name).join(',') || '(none)',
@@ -134,7 +147,9 @@ export class Daemon {
     device.on('ack', (e: { seconds: number }) => this.metrics.ack(vm.name, e.seconds));
     const runtime: VmRuntime = { config: vm, device, backend, mode: vm.policy };
     if (vm.connect) {
-      backend.connect(vm.socket, { retryIntervalMs: 1000, reconnect: true }).catch((err: Error) => log.error('cannot connect to the front-end', { error: err.message }));
+      backend
+        .connect(vm.socket, { retryIntervalMs: 1000, reconnect: true })
+        .catch((err: Error) => log.error('cannot connect to the front-end', { error: err.message }));
     } else {
       backend.listen(vm.socket);
     }
@@ -172,7 +187,10 @@ export class Daemon {
       const { policy: _p2, targetBytes: _t2, inhibitDiscard: _i2, ...restOld } = current.config;
       if (JSON.stringify(restNew) !== JSON.stringify(restOld)) {
         if (current.device.connected) {
-          this.log.warn('VM settings changed that need a restart of its back-end; kept the old ones while QEMU is connected', { vm: vm.name });
+          this.log.warn(
+            'VM settings changed that need a restart of its back-end; kept the old ones while QEMU is connected',
+            { vm: vm.name },
+          );
           continue;
         }
         this.removeVm(vm.name);
@@ -199,7 +217,11 @@ export class Daemon {
     // on /dev/null that the first listening server creates for the life of the process.
     const before = this.baseline?.fds ?? new Set<string>();
     const leaked = [...openFds()].filter((f) => !before.has(f) && !f.endsWith(' -> /dev/null'));
-    this.log.info('vballoon daemon stopped', { leakedFds: leaked.length, mappings: native.mappingCount(), ...(leaked.length > 0 ? { fds: leaked.join(', ') } : {}) });
+    this.log.info('vballoon daemon stopped', {
+      leakedFds: leaked.length,
+      mappings: native.mappingCount(),
+      ...(leaked.length > 0 ? { fds: leaked.join(', ') } : {}),
+    });
   }
 
   // ---- operations (control API) ----------------------------------------------------------------
@@ -207,7 +229,8 @@ export class Daemon {
   private vm(name: unknown): VmRuntime {
     if (typeof name !== 'string') throw new ControlError('EBADPARAMS', '"vm" must be a string');
     const vm = this.vms.get(name);
-    if (vm === undefined) throw new ControlError('ENOVM', `no VM named "${name}" (known: ${[...this.vms.keys()].join(', ') || 'none'})`);
+    if (vm === undefined)
+      throw new ControlError('ENOVM', `no VM named "${name}" (known: ${[...this.vms.keys()].join(', ') || 'none'})`);
     return vm;
   }
 
@@ -236,7 +259,8 @@ export class Daemon {
       discardInhibited: s.discardInhibited,
       negotiatedQueues: s.layout,
       pressureMessages: s.messages.pressure,
-      policyCooldownSeconds: engine === undefined ? 0 : Math.max(0, Math.round((engine.cooldownUntilMs - this.clock.now()) / 1000)),
+      policyCooldownSeconds:
+        engine === undefined ? 0 : Math.max(0, Math.round((engine.cooldownUntilMs - this.clock.now()) / 1000)),
       statsAgeSeconds: s.stats.ageMs === undefined ? null : Math.round(s.stats.ageMs / 100) / 10,
       statsStale: s.stats.stale,
     };
@@ -259,15 +283,19 @@ export class Daemon {
     const ram = this.guestRamBytes(vm);
     let bytes: number;
     if (p.guestBytes !== undefined) {
-      if (typeof p.guestBytes !== 'number' || !Number.isSafeInteger(p.guestBytes) || p.guestBytes < 0) throw new ControlError('EBADPARAMS', '"guestBytes" must be a non-negative integer');
-      if (ram === undefined) throw new ControlError('ETARGET', `guest RAM of ${name} is unknown (not connected and no "memory" configured)`);
+      if (typeof p.guestBytes !== 'number' || !Number.isSafeInteger(p.guestBytes) || p.guestBytes < 0)
+        throw new ControlError('EBADPARAMS', '"guestBytes" must be a non-negative integer');
+      if (ram === undefined)
+        throw new ControlError('ETARGET', `guest RAM of ${name} is unknown (not connected and no "memory" configured)`);
       if (p.guestBytes > ram) throw new ControlError('ETARGET', `guest size ${p.guestBytes} exceeds guest RAM ${ram}`);
       bytes = ram - p.guestBytes;
     } else {
-      if (typeof p.bytes !== 'number' || !Number.isSafeInteger(p.bytes) || p.bytes < 0) throw new ControlError('EBADPARAMS', '"bytes" (or "guestBytes") must be a non-negative integer');
+      if (typeof p.bytes !== 'number' || !Number.isSafeInteger(p.bytes) || p.bytes < 0)
+        throw new ControlError('EBADPARAMS', '"bytes" (or "guestBytes") must be a non-negative integer');
       bytes = p.bytes;
     }
-    if (ram !== undefined && bytes > ram) throw new ControlError('ETARGET', `balloon of ${bytes} bytes exceeds guest RAM of ${ram} bytes`);
+    if (ram !== undefined && bytes > ram)
+      throw new ControlError('ETARGET', `balloon of ${bytes} bytes exceeds guest RAM of ${ram} bytes`);
     const pages = Math.floor(bytes / BALLOON_PAGE_BYTES);
     try {
       this.policy.setOperatorTarget(name, pages);
@@ -296,7 +324,12 @@ export class Daemon {
   }
 
   list(): Array<{ vm: string; connected: boolean; mode: Mode; socket: string }> {
-    return [...this.vms.values()].map((v) => ({ vm: v.config.name, connected: v.device.connected, mode: v.mode, socket: v.config.socket }));
+    return [...this.vms.values()].map((v) => ({
+      vm: v.config.name,
+      connected: v.device.connected,
+      mode: v.mode,
+      socket: v.config.socket,
+    }));
   }
 
   private handlers(): Record<string, (p: Record<string, unknown>) => unknown> {

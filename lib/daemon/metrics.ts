@@ -12,7 +12,18 @@ import { BalloonDevice, BalloonSnapshot } from '../device/balloon';
 import { Mode } from '../policy/engine';
 
 /** Stats tags whose values are bytes (the others are counts). */
-const BYTE_STATS = new Set(['swap_in', 'swap_out', 'free_memory', 'total_memory', 'available_memory', 'disk_caches', 'async_scans', 'direct_scans', 'async_reclaims', 'direct_reclaims']);
+const BYTE_STATS = new Set([
+  'swap_in',
+  'swap_out',
+  'free_memory',
+  'total_memory',
+  'available_memory',
+  'disk_caches',
+  'async_scans',
+  'direct_scans',
+  'async_reclaims',
+  'direct_reclaims',
+]);
 
 export interface MetricsVm {
   name: string;
@@ -37,7 +48,11 @@ export class DaemonMetrics {
     // prom-client calls collect() with `this` bound to the metric: reach the daemon through these.
     const snaps = (): Map<string, BalloonSnapshot> => this.snapshots;
     const list = this.vms;
-    const gauge = (name: string, help: string, value: (s: BalloonSnapshot, vm: MetricsVm) => number | undefined): void => {
+    const gauge = (
+      name: string,
+      help: string,
+      value: (s: BalloonSnapshot, vm: MetricsVm) => number | undefined,
+    ): void => {
       new Gauge({
         name,
         help,
@@ -75,27 +90,67 @@ export class DaemonMetrics {
       });
     };
     const PAGE = 4096;
-    gauge('vballoon_connected', 'Whether a front-end (QEMU) is connected (1) or not (0).', (s) => (s.connected ? 1 : 0));
+    gauge('vballoon_connected', 'Whether a front-end (QEMU) is connected (1) or not (0).', (s) =>
+      s.connected ? 1 : 0,
+    );
     gauge('vballoon_target_bytes', 'Balloon target (num_pages) in bytes.', (s) => s.targetPages * PAGE);
-    gauge('vballoon_actual_bytes', "Balloon size the guest reports (actual) in bytes.", (s) => s.actualPages * PAGE);
-    gauge('vballoon_ballooned_bytes', 'Guest memory tracked as ballooned by the device, in bytes.', (s) => s.balloonedPages * PAGE);
+    gauge('vballoon_actual_bytes', 'Balloon size the guest reports (actual) in bytes.', (s) => s.actualPages * PAGE);
+    gauge(
+      'vballoon_ballooned_bytes',
+      'Guest memory tracked as ballooned by the device, in bytes.',
+      (s) => s.balloonedPages * PAGE,
+    );
     gauge('vballoon_guest_ram_bytes', 'Guest RAM shared by the front-end, in bytes.', (s) => s.guestRamBytes);
-    gauge('vballoon_host_resident_bytes', 'Bytes of the guest memory files the host actually holds.', (s) => s.hostResidentBytes);
-    gauge('vballoon_discard_inhibited', 'Whether giving ballooned memory back to the host is inhibited (1) or not (0).', (s) => (s.discardInhibited ? 1 : 0));
-    gauge('vballoon_guest_stats_age_seconds', 'Seconds since the guest last sent memory statistics.', (s) => (s.stats.ageMs === undefined ? undefined : s.stats.ageMs / 1000));
-    gauge('vballoon_guest_stats_stale', 'Whether the last stats request went unanswered past the timeout (1) or not (0).', (s) => (s.stats.stale ? 1 : 0));
+    gauge(
+      'vballoon_host_resident_bytes',
+      'Bytes of the guest memory files the host actually holds.',
+      (s) => s.hostResidentBytes,
+    );
+    gauge(
+      'vballoon_discard_inhibited',
+      'Whether giving ballooned memory back to the host is inhibited (1) or not (0).',
+      (s) => (s.discardInhibited ? 1 : 0),
+    );
+    gauge('vballoon_guest_stats_age_seconds', 'Seconds since the guest last sent memory statistics.', (s) =>
+      s.stats.ageMs === undefined ? undefined : s.stats.ageMs / 1000,
+    );
+    gauge(
+      'vballoon_guest_stats_stale',
+      'Whether the last stats request went unanswered past the timeout (1) or not (0).',
+      (s) => (s.stats.stale ? 1 : 0),
+    );
     gauge('vballoon_tracker_bytes', 'Memory used by the ballooned-page tracker, in bytes.', (s) => s.trackerBytes);
-    counter('vballoon_reclaimed_bytes_total', 'Bytes given back to the host by hole punching (inflate and free page reporting).', (s) => s.reclaimedBytes);
+    counter(
+      'vballoon_reclaimed_bytes_total',
+      'Bytes given back to the host by hole punching (inflate and free page reporting).',
+      (s) => s.reclaimedBytes,
+    );
     counter('vballoon_discard_calls_total', 'fallocate(PUNCH_HOLE) calls made.', (s) => s.discardCalls);
     counter('vballoon_inflate_requests_total', 'Inflate buffers received.', (s) => s.inflate.requests);
     counter('vballoon_inflate_pages_total', 'Pages newly ballooned by inflate requests.', (s) => s.inflate.pages);
     counter('vballoon_deflate_requests_total', 'Deflate buffers received.', (s) => s.deflate.requests);
     counter('vballoon_deflate_pages_total', 'Pages released by deflate requests.', (s) => s.deflate.pages);
-    counter('vballoon_deflate_unrequested_pages_total', 'Pages the guest deflated without the host asking (DEFLATE_ON_OOM).', (s) => s.deflate.unrequested);
-    counter('vballoon_reported_bytes_total', 'Bytes of free memory the guest reported (free page reporting).', (s) => s.reporting.bytes);
+    counter(
+      'vballoon_deflate_unrequested_pages_total',
+      'Pages the guest deflated without the host asking (DEFLATE_ON_OOM).',
+      (s) => s.deflate.unrequested,
+    );
+    counter(
+      'vballoon_reported_bytes_total',
+      'Bytes of free memory the guest reported (free page reporting).',
+      (s) => s.reporting.bytes,
+    );
     counter('vballoon_guest_stats_updates_total', 'Guest statistics updates received.', (s) => s.statsQueue.updates);
-    counter('vballoon_guest_stats_timeouts_total', 'Guest statistics requests that timed out.', (s) => s.statsQueue.timeouts);
-    counter('vballoon_pressure_messages_total', 'Pressure messages received on the message queue.', (s) => s.messages.pressure);
+    counter(
+      'vballoon_guest_stats_timeouts_total',
+      'Guest statistics requests that timed out.',
+      (s) => s.statsQueue.timeouts,
+    );
+    counter(
+      'vballoon_pressure_messages_total',
+      'Pressure messages received on the message queue.',
+      (s) => s.messages.pressure,
+    );
     counter('vballoon_config_changes_total', 'Config change notifications sent to the guest.', (s) => s.configChanges);
     {
       for (const [name, unit, pick] of [
@@ -138,8 +193,18 @@ export class DaemonMetrics {
         },
       });
     }
-    this.policyActions = new Counter({ name: 'vballoon_policy_actions_total', help: 'Policy decisions, by reason.', labelNames: ['vm', 'reason'], registers });
-    this.errors = new Counter({ name: 'vballoon_errors_total', help: 'Errors by kind: invalid guest input reasons, vhost-user error codes, discard failures.', labelNames: ['vm', 'kind'], registers });
+    this.policyActions = new Counter({
+      name: 'vballoon_policy_actions_total',
+      help: 'Policy decisions, by reason.',
+      labelNames: ['vm', 'reason'],
+      registers,
+    });
+    this.errors = new Counter({
+      name: 'vballoon_errors_total',
+      help: 'Errors by kind: invalid guest input reasons, vhost-user error codes, discard failures.',
+      labelNames: ['vm', 'kind'],
+      registers,
+    });
     this.ackSeconds = new Histogram({
       name: 'vballoon_pressure_ack_seconds',
       help: 'Time from the kick of a pressure message to its acknowledgement.',

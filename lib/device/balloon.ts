@@ -234,7 +234,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     this.maxQueueSize = options.maxQueueSize ?? 1024;
     const configSize = options.configSize ?? 8;
     if (!CONFIG_SIZES.includes(configSize)) {
-      throw new VballoonError(ErrorCode.BALLOON_CONFIG, `config size ${configSize} is not one of ${CONFIG_SIZES.join(', ')}`);
+      throw new VballoonError(
+        ErrorCode.BALLOON_CONFIG,
+        `config size ${configSize} is not one of ${CONFIG_SIZES.join(', ')}`,
+      );
     }
     this.configSize = configSize;
     this.statsIntervalMs = options.statsIntervalMs ?? 5000;
@@ -307,7 +310,14 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     this.inhibit = inhibited;
     this.log.info(inhibited ? 'discard inhibited' : 'discard allowed', { balloonedPages: this.tracker.size });
     if (inhibited) this.dropPendingDiscards();
-    else if (this.host !== undefined) this.discard(planDiscards([...this.tracker.runs()], (g) => this.host?.memory.find(g), (p, n) => this.tracker.isFull(p, n)));
+    else if (this.host !== undefined)
+      this.discard(
+        planDiscards(
+          [...this.tracker.runs()],
+          (g) => this.host?.memory.find(g),
+          (p, n) => this.tracker.isFull(p, n),
+        ),
+      );
   }
 
   get discardInhibited(): boolean {
@@ -323,7 +333,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   setFeatures(acked: bigint): void {
     this.acked = acked;
     this.layout = queueLayout(acked, this.messageBit);
-    if ((this.offered & bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)) !== 0n && (acked & bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)) === 0n) {
+    if (
+      (this.offered & bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)) !== 0n &&
+      (acked & bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)) === 0n
+    ) {
       this.log.info('driver did not accept MUST_TELL_HOST: deflate notices are a courtesy');
     }
     this.log.info('features negotiated', { acked, layout: this.layout.join(',') });
@@ -352,7 +365,7 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       else if (fromMigration && at < CONFIG_ACTUAL) {
         // A migration restore may set the device-owned target too.
         const shift = 8 * (at - CONFIG_NUM_PAGES);
-        this.targetPages = ((this.targetPages & ~(0xff << shift)) | (data[i]! << shift)) >>> 0;
+        this.targetPages = ((this.targetPages & ~(0xff << shift)) | (data[i] << shift)) >>> 0;
       }
       // Everything else is device-owned (QEMU sends its whole cached config on every write).
     }
@@ -383,8 +396,14 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       // A front-end that reconnects (same QEMU) shares the same memory file: the balloon is kept.
       // Different files mean a new QEMU process, whose guest starts with an empty balloon.
       const identity = [...new Set(memory.regionList.map((r) => r.fileId))].sort().join(',');
-      if (this.memoryIdentity !== undefined && this.memoryIdentity !== identity && (this.tracker.size > 0 || this.actualPages > 0)) {
-        this.log.info('new guest memory: emptying the balloon state of the previous guest', { balloonedPages: this.tracker.size });
+      if (
+        this.memoryIdentity !== undefined &&
+        this.memoryIdentity !== identity &&
+        (this.tracker.size > 0 || this.actualPages > 0)
+      ) {
+        this.log.info('new guest memory: emptying the balloon state of the previous guest', {
+          balloonedPages: this.tracker.size,
+        });
         this.reset();
       }
       this.memoryIdentity = identity;
@@ -444,7 +463,8 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
             return 0;
         }
       },
-      onBadChain: (_head, error: VirtqueueError) => this.invalid('bad_chain', `queue ${vring.index} (${role}): ${error.message}`),
+      onBadChain: (_head, error: VirtqueueError) =>
+        this.invalid('bad_chain', `queue ${vring.index} (${role}): ${error.message}`),
     };
     // At most one ring's worth of chains per pass; the rest continues on the next turn.
     const result = processRing(vring, handler, vring.queue.size);
@@ -466,7 +486,11 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     const n = (this.counters.invalid[reason] ?? 0) + 1;
     this.counters.invalid[reason] = n;
     if (n <= MAX_LOGS_PER_REASON) {
-      this.log.warn('invalid guest input', { reason, detail, ...(n === MAX_LOGS_PER_REASON ? { note: 'further ones are counted, not logged' } : {}) });
+      this.log.warn('invalid guest input', {
+        reason,
+        detail,
+        ...(n === MAX_LOGS_PER_REASON ? { note: 'further ones are counted, not logged' } : {}),
+      });
     }
     this.emit('invalid', { reason, detail });
   }
@@ -488,7 +512,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       return undefined;
     }
     if (bytes > MAX_PFN_BUFFER_BYTES) {
-      this.invalid('too_many_pfns', `${kind} buffer of ${bytes} bytes holds more than ${VIRTIO_BALLOON_ARRAY_PFNS_MAX} PFNs`);
+      this.invalid(
+        'too_many_pfns',
+        `${kind} buffer of ${bytes} bytes holds more than ${VIRTIO_BALLOON_ARRAY_PFNS_MAX} PFNs`,
+      );
       return undefined;
     }
     if (bytes % 4 !== 0) this.invalid('unaligned_buffer', `${kind} buffer of ${bytes} bytes is not whole PFNs`);
@@ -578,7 +605,12 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       return;
     }
     this.counters.messages.pressure++;
-    const event: PressureEvent = { type, atMs: this.clock.now(), actualPages: this.actualPages, targetPages: this.targetPages };
+    const event: PressureEvent = {
+      type,
+      atMs: this.clock.now(),
+      actualPages: this.actualPages,
+      targetPages: this.targetPages,
+    };
     this.log.info('guest reports memory pressure', { actualPages: event.actualPages, targetPages: event.targetPages });
     // Listeners (the policy) run now: a target they set is in config space, and its
     // CONFIG_CHANGE_MSG sent, before this buffer is returned to the guest.
@@ -594,8 +626,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     this.statsHeld = head;
     const bytes = vring.queue.readChain(descriptors, MAX_STATS_BUFFER_BYTES + 1);
     const parsed = parseStats(bytes.subarray(0, MAX_STATS_BUFFER_BYTES));
-    if (parsed.partialEntry) this.invalid('stats_partial_entry', `stats buffer of ${bytes.length} bytes ends inside an entry`);
-    if (parsed.truncated || bytes.length > MAX_STATS_BUFFER_BYTES) this.invalid('stats_too_long', 'stats buffer longer than 64 entries');
+    if (parsed.partialEntry)
+      this.invalid('stats_partial_entry', `stats buffer of ${bytes.length} bytes ends inside an entry`);
+    if (parsed.truncated || bytes.length > MAX_STATS_BUFFER_BYTES)
+      this.invalid('stats_too_long', 'stats buffer longer than 64 entries');
     this.statsValues = parsed.values;
     this.statsUpdatedWall = this.clock.wallNow();
     this.statsUpdatedMono = this.clock.now();
@@ -666,7 +700,13 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     if (this.inhibit || this.host === undefined) return;
     // Runs from several buffers merge into fewer, longer punches.
     const merged = runs.length === 1 ? runs : compactRunList(runs);
-    this.discard(planDiscards(merged, (g) => this.host?.memory.find(g), (p, n) => this.tracker.isFull(p, n)));
+    this.discard(
+      planDiscards(
+        merged,
+        (g) => this.host?.memory.find(g),
+        (p, n) => this.tracker.isFull(p, n),
+      ),
+    );
   }
 
   private dropPendingDiscards(): void {
@@ -686,7 +726,11 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       } catch (err) {
         this.counters.discardErrors++;
         if (this.counters.discardErrors <= MAX_LOGS_PER_REASON) {
-          this.log.error('cannot give memory back to the host', { offset: r.fileOffset, length: r.length, error: (err as Error).message });
+          this.log.error('cannot give memory back to the host', {
+            offset: r.fileOffset,
+            length: r.length,
+            error: (err as Error).message,
+          });
         }
       }
     }
@@ -760,7 +804,8 @@ function compactRunList(runs: readonly PageRun[]): PageRun[] {
   const out: PageRun[] = [];
   for (const r of sorted) {
     const last = out[out.length - 1];
-    if (last !== undefined && r.start <= last.start + last.count) last.count = Math.max(last.count, r.start + r.count - last.start);
+    if (last !== undefined && r.start <= last.start + last.count)
+      last.count = Math.max(last.count, r.start + r.count - last.start);
     else out.push({ ...r });
   }
   return out;

@@ -45,11 +45,11 @@ export class PageTracker {
 
   has(pfn: number): boolean {
     const chunk = pfn >>> CHUNK_SHIFT;
-    const c = chunk < this.counts.length ? this.counts[chunk]! : 0;
+    const c = chunk < this.counts.length ? this.counts[chunk] : 0;
     if (c === 0) return false;
     if (c === CHUNK_PAGES) return true;
     const idx = pfn & (CHUNK_PAGES - 1);
-    return (this.partial.get(chunk)![idx >>> 5]! & (1 << (idx & 31))) !== 0;
+    return (this.partial.get(chunk)![idx >>> 5] & (1 << (idx & 31))) !== 0;
   }
 
   private bitmap(chunk: number, fill: boolean): Uint32Array {
@@ -66,13 +66,13 @@ export class PageTracker {
   private set(pfn: number): boolean {
     const chunk = pfn >>> CHUNK_SHIFT;
     this.ensure(chunk);
-    const c = this.counts[chunk]!;
+    const c = this.counts[chunk];
     if (c === CHUNK_PAGES) return false;
     const idx = pfn & (CHUNK_PAGES - 1);
     const bm = this.bitmap(chunk, false);
     const mask = 1 << (idx & 31);
-    if (bm[idx >>> 5]! & mask) return false;
-    bm[idx >>> 5]! |= mask;
+    if (bm[idx >>> 5] & mask) return false;
+    bm[idx >>> 5] |= mask;
     this.counts[chunk] = c + 1;
     if (c + 1 === CHUNK_PAGES) this.partial.delete(chunk);
     this.total++;
@@ -82,13 +82,13 @@ export class PageTracker {
   /** Clears one page; returns true if it was in the balloon. */
   private unset(pfn: number): boolean {
     const chunk = pfn >>> CHUNK_SHIFT;
-    const c = chunk < this.counts.length ? this.counts[chunk]! : 0;
+    const c = chunk < this.counts.length ? this.counts[chunk] : 0;
     if (c === 0) return false;
     const idx = pfn & (CHUNK_PAGES - 1);
     const bm = this.bitmap(chunk, c === CHUNK_PAGES);
     const mask = 1 << (idx & 31);
-    if ((bm[idx >>> 5]! & mask) === 0) return false;
-    bm[idx >>> 5]! &= ~mask;
+    if ((bm[idx >>> 5] & mask) === 0) return false;
+    bm[idx >>> 5] &= ~mask;
     this.counts[chunk] = c - 1;
     if (c - 1 === 0) this.partial.delete(chunk);
     this.total--;
@@ -120,7 +120,7 @@ export class PageTracker {
     while (pfn < end) {
       const chunk = pfn >>> CHUNK_SHIFT;
       const chunkEnd = (chunk + 1) * CHUNK_PAGES;
-      const c = chunk < this.counts.length ? this.counts[chunk]! : 0;
+      const c = chunk < this.counts.length ? this.counts[chunk] : 0;
       if (pfn % CHUNK_PAGES === 0 && end >= chunkEnd) {
         if (c !== CHUNK_PAGES) return false;
       } else {
@@ -135,7 +135,7 @@ export class PageTracker {
   *runs(): Generator<PageRun> {
     let open: PageRun | undefined;
     for (let chunk = 0; chunk < this.counts.length; chunk++) {
-      const c = this.counts[chunk]!;
+      const c = this.counts[chunk];
       if (c === 0) continue;
       const base = chunk * CHUNK_PAGES;
       for (let i = 0; i < CHUNK_PAGES; i++) {

@@ -98,7 +98,6 @@ function loadAddon(): NativeAddon {
   let lastError: unknown;
   for (const candidate of candidates) {
     try {
-      // eslint-disable-next-line @typescript-eslint/no-var-requires
       return require(candidate) as NativeAddon;
     } catch (err) {
       lastError = err;

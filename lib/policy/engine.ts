@@ -140,7 +140,15 @@ export interface PolicyState {
 }
 
 export type PolicyEvent =
-  | { kind: 'vm-added'; vm: string; guestRamPages: number; mode: Mode; operatorPages: number; targetPages: number; actualPages: number }
+  | {
+      kind: 'vm-added';
+      vm: string;
+      guestRamPages: number;
+      mode: Mode;
+      operatorPages: number;
+      targetPages: number;
+      actualPages: number;
+    }
   | { kind: 'vm-removed'; vm: string }
   | { kind: 'guest-ram'; vm: string; pages: number }
   | { kind: 'operator-target'; vm: string; pages: number }
@@ -227,7 +235,8 @@ class Step {
     const previous = vm.targetPages;
     vm.targetPages = target;
     // An inflate starts now (the balloon was not behind): stall detection measures from here.
-    if (target > previous && previous <= vm.actualPages) vm.progressMark = { atMs: this.now, actualPages: vm.actualPages };
+    if (target > previous && previous <= vm.actualPages)
+      vm.progressMark = { atMs: this.now, actualPages: vm.actualPages };
     this.actions.push({ kind: 'set-target', vm: vm.name, pages: target, previous, reason, inputs });
   }
 
@@ -242,10 +251,17 @@ class Step {
     vm.lastPressureMs = this.now;
     const doublings = Math.min(vm.streak - 1, c.pressureStepMaxDoublings);
     const base = Math.min(vm.actualPages, vm.targetPages);
-    const stepPages = Math.max(pages(c.pressureStepMinBytes), Math.ceil(base * c.pressureStepFraction)) * 2 ** doublings;
+    const stepPages =
+      Math.max(pages(c.pressureStepMinBytes), Math.ceil(base * c.pressureStepFraction)) * 2 ** doublings;
     const cooldown = Math.min(c.cooldownBaseMs * 2 ** Math.min(vm.streak - 1, 20), c.cooldownMaxMs);
     if (vm.mode === 'auto') vm.cooldownUntilMs = Math.max(vm.cooldownUntilMs, this.now + cooldown);
-    this.set(vm, base - stepPages, reason, { ...inputs, streak: vm.streak, stepPages, cooldownMs: cooldown, actualPages: vm.actualPages });
+    this.set(vm, base - stepPages, reason, {
+      ...inputs,
+      streak: vm.streak,
+      stepPages,
+      cooldownMs: cooldown,
+      actualPages: vm.actualPages,
+    });
   }
 }
 
@@ -258,20 +274,33 @@ function inferFromSample(step: Step, vm: VmState): void {
   if (p !== undefined) {
     const dt = Math.max(1, (s.atMs - p.atMs) / 1000);
     const delta = (k: keyof GuestSample): number | undefined =>
-      s[k] !== undefined && p[k] !== undefined ? Math.max(0, s[k]! - p[k]!) : undefined;
+      s[k] !== undefined && p[k] !== undefined ? Math.max(0, s[k] - p[k]) : undefined;
     const oom = delta('oomKills');
     if (oom !== undefined && oom > 0) return step.pressure(vm, 'guest_oom_kill', { oomKills: oom });
     const stalls = delta('allocStalls');
-    if (stalls !== undefined && stalls >= c.allocStallsPerSample) return step.pressure(vm, 'guest_alloc_stall', { allocStalls: stalls });
+    if (stalls !== undefined && stalls >= c.allocStallsPerSample)
+      return step.pressure(vm, 'guest_alloc_stall', { allocStalls: stalls });
     const swapIn = delta('swapInBytes');
-    if (swapIn !== undefined && swapIn / dt >= c.swapInBytesPerSec) return step.pressure(vm, 'guest_swap_in', { swapInBytesPerSec: Math.round(swapIn / dt) });
+    if (swapIn !== undefined && swapIn / dt >= c.swapInBytesPerSec)
+      return step.pressure(vm, 'guest_swap_in', { swapInBytesPerSec: Math.round(swapIn / dt) });
     const majflt = delta('majorFaults');
-    if (majflt !== undefined && majflt / dt >= c.majorFaultsPerSec && s.availableBytes !== undefined && s.availableBytes < 2 * floor) {
-      return step.pressure(vm, 'guest_major_faults', { majorFaultsPerSec: Math.round(majflt / dt), availableBytes: s.availableBytes });
+    if (
+      majflt !== undefined &&
+      majflt / dt >= c.majorFaultsPerSec &&
+      s.availableBytes !== undefined &&
+      s.availableBytes < 2 * floor
+    ) {
+      return step.pressure(vm, 'guest_major_faults', {
+        majorFaultsPerSec: Math.round(majflt / dt),
+        availableBytes: s.availableBytes,
+      });
     }
   }
   if (s.availableBytes !== undefined && s.availableBytes < c.lowAvailableFloorFactor * floor && vm.actualPages > 0) {
-    step.pressure(vm, 'guest_low_available', { availableBytes: s.availableBytes, floorBytes: Math.round(c.lowAvailableFloorFactor * floor) });
+    step.pressure(vm, 'guest_low_available', {
+      availableBytes: s.availableBytes,
+      floorBytes: Math.round(c.lowAvailableFloorFactor * floor),
+    });
   }
 }
 
@@ -296,12 +325,18 @@ function tick(step: Step): void {
     if (behind > pages(c.stallMinProgressBytes) && now - vm.progressMark.atMs >= c.stallWindowMs) {
       const moved = vm.actualPages - vm.progressMark.actualPages;
       if (moved < pages(c.stallMinProgressBytes)) {
-        step.pressure(vm, 'inflate_stalled', { movedPages: moved, windowMs: now - vm.progressMark.atMs, behindPages: behind });
+        step.pressure(vm, 'inflate_stalled', {
+          movedPages: moved,
+          windowMs: now - vm.progressMark.atMs,
+          behindPages: behind,
+        });
       }
       vm.progressMark = { atMs: now, actualPages: vm.actualPages };
     }
   }
-  const autoVms = vms.filter((vm) => vm.mode === 'auto' && now >= vm.cooldownUntilMs && vm.targetPages < vm.operatorPages);
+  const autoVms = vms.filter(
+    (vm) => vm.mode === 'auto' && now >= vm.cooldownUntilMs && vm.targetPages < vm.operatorPages,
+  );
   const host = step.state.host;
   if (host.underPressure && host.memTotalBytes !== undefined && host.memAvailableBytes !== undefined) {
     // Take from the guests with the most reclaimable memory first, in bounded steps, until the
@@ -331,12 +366,19 @@ function tick(step: Step): void {
     const take = Math.min(c.reinflateStepBytes, reclaimable, (vm.operatorPages - vm.targetPages) * PAGE);
     if (take < c.minChangeBytes && vm.operatorPages - vm.targetPages > pages(c.minChangeBytes)) continue;
     if (take <= 0) continue;
-    step.set(vm, vm.targetPages + pages(take), 'reinflate', { reclaimableBytes: reclaimable, operatorPages: vm.operatorPages });
+    step.set(vm, vm.targetPages + pages(take), 'reinflate', {
+      reclaimableBytes: reclaimable,
+      operatorPages: vm.operatorPages,
+    });
   }
 }
 
 /** The engine. Returns a new state; `state` is not modified. */
-export function step(state: PolicyState, event: PolicyEvent, nowMs: number): { state: PolicyState; actions: PolicyAction[] } {
+export function step(
+  state: PolicyState,
+  event: PolicyEvent,
+  nowMs: number,
+): { state: PolicyState; actions: PolicyAction[] } {
   const next = clone(state);
   const s = new Step(next, nowMs);
   const vmOf = (name: string): VmState | undefined => next.vms[name];
@@ -358,7 +400,7 @@ export function step(state: PolicyState, event: PolicyEvent, nowMs: number): { s
       };
       // A balloon above the ceiling (auto) or off the operator's value (manual) is corrected.
       if (event.mode === 'manual' || event.targetPages > event.operatorPages) {
-        s.set(next.vms[event.vm]!, event.operatorPages, 'operator', { operatorPages: event.operatorPages });
+        s.set(next.vms[event.vm], event.operatorPages, 'operator', { operatorPages: event.operatorPages });
       }
       break;
     case 'guest-ram': {
@@ -374,7 +416,8 @@ export function step(state: PolicyState, event: PolicyEvent, nowMs: number): { s
       if (vm === undefined) break;
       vm.operatorPages = Math.max(0, Math.round(event.pages));
       // Manual: obey. Auto: a lower ceiling applies at once; a higher one is approached by ticks.
-      if (vm.mode === 'manual' || vm.targetPages > vm.operatorPages) s.set(vm, vm.operatorPages, 'operator', { operatorPages: vm.operatorPages });
+      if (vm.mode === 'manual' || vm.targetPages > vm.operatorPages)
+        s.set(vm, vm.operatorPages, 'operator', { operatorPages: vm.operatorPages });
       break;
     }
     case 'mode': {
@@ -407,7 +450,8 @@ export function step(state: PolicyState, event: PolicyEvent, nowMs: number): { s
     }
     case 'deflate': {
       const vm = vmOf(event.vm);
-      if (vm !== undefined && event.unrequested && event.pages > 0) s.pressure(vm, 'guest_deflate_on_oom', { deflatedPages: event.pages });
+      if (vm !== undefined && event.unrequested && event.pages > 0)
+        s.pressure(vm, 'guest_deflate_on_oom', { deflatedPages: event.pages });
       break;
     }
     case 'host':

@@ -94,9 +94,19 @@ export class PolicyLoop {
       const device = this.attached.get(action.vm)?.device;
       try {
         device?.setTargetPages(action.pages, action.reason);
-        this.log.info('policy sets balloon target', { vm: action.vm, reason: action.reason, targetPages: action.pages, previous: action.previous, ...action.inputs });
+        this.log.info('policy sets balloon target', {
+          vm: action.vm,
+          reason: action.reason,
+          targetPages: action.pages,
+          previous: action.previous,
+          ...action.inputs,
+        });
       } catch (err) {
-        this.log.error('policy could not set the target', { vm: action.vm, reason: action.reason, error: (err as Error).message });
+        this.log.error('policy could not set the target', {
+          vm: action.vm,
+          reason: action.reason,
+          error: (err as Error).message,
+        });
       }
     }
     this.options.onAction?.(action);
@@ -106,9 +116,12 @@ export class PolicyLoop {
   addVm(name: string, device: BalloonDevice, mode: Mode, operatorPages = device.target): void {
     if (this.attached.has(name)) throw new Error(`VM ${name} is already under the policy`);
     const onPressure = (_e: PressureEvent): void => void this.feed({ kind: 'pressure', vm: name });
-    const onStats = (s: GuestStatsSnapshot): void => void this.feed({ kind: 'stats', vm: name, sample: sampleFromStats(s) });
-    const onActual = (e: { actualPages: number }): void => void this.feed({ kind: 'progress', vm: name, actualPages: e.actualPages });
-    const onDeflate = (e: { pages: number; unrequested: boolean }): void => void this.feed({ kind: 'deflate', vm: name, pages: e.pages, unrequested: e.unrequested });
+    const onStats = (s: GuestStatsSnapshot): void =>
+      void this.feed({ kind: 'stats', vm: name, sample: sampleFromStats(s) });
+    const onActual = (e: { actualPages: number }): void =>
+      void this.feed({ kind: 'progress', vm: name, actualPages: e.actualPages });
+    const onDeflate = (e: { pages: number; unrequested: boolean }): void =>
+      void this.feed({ kind: 'deflate', vm: name, pages: e.pages, unrequested: e.unrequested });
     const onConnection = (): void => {
       const ram = device.guestRamPages;
       if (ram !== undefined) this.feed({ kind: 'guest-ram', vm: name, pages: ram });
@@ -158,14 +171,19 @@ export class PolicyLoop {
   tick(): void {
     const host = readHostSample(this.host);
     if (host !== undefined) {
-      const event: PolicyEvent = { kind: 'host', memTotalBytes: host.memTotalBytes, memAvailableBytes: host.memAvailableBytes };
+      const event: PolicyEvent = {
+        kind: 'host',
+        memTotalBytes: host.memTotalBytes,
+        memAvailableBytes: host.memAvailableBytes,
+      };
       if (host.psiSomeAvg10 !== undefined) event.psiSomeAvg10 = host.psiSomeAvg10;
       this.feed(event);
     }
     // Guest RAM becomes known once a front-end shares memory.
     for (const [name, a] of this.attached) {
       const ram = a.device.guestRamPages;
-      if (ram !== undefined && this.state.vms[name]?.guestRamPages !== ram) this.feed({ kind: 'guest-ram', vm: name, pages: ram });
+      if (ram !== undefined && this.state.vms[name]?.guestRamPages !== ram)
+        this.feed({ kind: 'guest-ram', vm: name, pages: ram });
     }
     this.feed({ kind: 'tick' });
   }

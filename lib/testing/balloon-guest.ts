@@ -158,7 +158,8 @@ export class BalloonGuest {
   private knows(bitNo: number): boolean {
     if (this.opts.refuse.includes(bitNo)) return false;
     if (this.opts.mode === 'seed' && bitNo === this.opts.messageBit) return true;
-    if (this.opts.mode === 'seed' && this.opts.messageBit === F.DEFLATE_ON_OOM && bitNo === F.DEFLATE_ON_OOM) return false;
+    if (this.opts.mode === 'seed' && this.opts.messageBit === F.DEFLATE_ON_OOM && bitNo === F.DEFLATE_ON_OOM)
+      return false;
     return [F.MUST_TELL_HOST, F.STATS_VQ, F.DEFLATE_ON_OOM, F.REPORTING].includes(bitNo);
   }
 
@@ -185,7 +186,10 @@ export class BalloonGuest {
     this.deflateBuf = ram.alloc(PFNS_MAX * 4);
     this.messageBuf = ram.alloc(4);
     this.statsBuf = ram.alloc(16 * 10);
-    await fe.start(acked, roles.map((_, i) => i));
+    await fe.start(
+      acked,
+      roles.map((_, i) => i),
+    );
     // The stats buffer goes in at probe, filled, as Linux does.
     if (this.has(F.STATS_VQ)) {
       this.fillStats();
@@ -248,7 +252,8 @@ export class BalloonGuest {
         }
         const diff = this.targetPages - this.actualPages;
         let progressed = false;
-        if (diff > 0 && !this.underPressure && !this.pressurePending) progressed = await this.lock.run(() => this.inflate(Math.min(PFNS_MAX, diff)));
+        if (diff > 0 && !this.underPressure && !this.pressurePending)
+          progressed = await this.lock.run(() => this.inflate(Math.min(PFNS_MAX, diff)));
         else if (diff < 0) progressed = await this.lock.run(() => this.deflate(Math.min(PFNS_MAX, -diff)));
         if (progressed) continue;
         // Sleep until a config change or a poke (pressure handled, memory freed), or retry later.
@@ -417,7 +422,8 @@ export class BalloonGuest {
 
   /** Deflated pages are the guest's again: writing them works and costs host memory again. */
   touchAll(): void {
-    for (let pfn = 0; pfn < this.state.length; pfn++) if (this.state[pfn] === PageState.Free || this.state[pfn] === PageState.Used) this.touch(pfn, pfn);
+    for (let pfn = 0; pfn < this.state.length; pfn++)
+      if (this.state[pfn] === PageState.Free || this.state[pfn] === PageState.Used) this.touch(pfn, pfn);
   }
 
   /** Reads back a page's first word (to check guest memory contents). */

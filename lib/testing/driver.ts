@@ -127,16 +127,16 @@ export class SplitRingDriver {
     const ids = this.freeHeads.splice(0, segments.length);
     segments.forEach((s, i) => {
       const last = i === segments.length - 1;
-      this.writeDescriptor(ids[i]!, {
+      this.writeDescriptor(ids[i], {
         addr: s.addr,
         len: s.len,
         flags: (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT),
-        next: last ? 0 : ids[i + 1]!,
+        next: last ? 0 : ids[i + 1],
       });
     });
-    this.publish(ids[0]!);
-    this.chains.set(ids[0]!, ids);
-    return ids[0]!;
+    this.publish(ids[0]);
+    this.chains.set(ids[0], ids);
+    return ids[0];
   }
 
   /** Adds a chain through an indirect table written at `tableGpa`. */
@@ -145,7 +145,16 @@ export class SplitRingDriver {
     if (head === undefined) throw new Error('no room for the chain');
     segments.forEach((s, i) => {
       const last = i === segments.length - 1;
-      this.writeDescriptor(i, { addr: s.addr, len: s.len, flags: (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT), next: last ? 0 : i + 1 }, tableGpa);
+      this.writeDescriptor(
+        i,
+        {
+          addr: s.addr,
+          len: s.len,
+          flags: (s.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT),
+          next: last ? 0 : i + 1,
+        },
+        tableGpa,
+      );
     });
     this.writeDescriptor(head, { addr: tableGpa, len: 16 * segments.length, flags: VRING_DESC_F_INDIRECT, next: 0 });
     this.publish(head);
@@ -228,7 +237,11 @@ export class SplitRingDriver {
         this.waiters.push(check);
       };
       const timer = setTimeout(() => {
-        reject(new Error(`queue ${this.index}: ${count} used entries not seen within ${timeoutMs} ms (used idx ${this.usedIdx}, seen ${this.lastUsed})`));
+        reject(
+          new Error(
+            `queue ${this.index}: ${count} used entries not seen within ${timeoutMs} ms (used idx ${this.usedIdx}, seen ${this.lastUsed})`,
+          ),
+        );
       }, timeoutMs);
       timer.unref();
       check();

@@ -42,7 +42,7 @@ export class EchoDevice implements VhostUserDevice {
     this.maxQueueSize = options.maxQueueSize ?? 1024;
     this.configSize = options.configSize ?? 8;
     this.config = new Uint8Array(this.configSize);
-    this.offered = options.features ?? (VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC);
+    this.offered = options.features ?? VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
   }
 
   features(): bigint {
@@ -64,7 +64,7 @@ export class EchoDevice implements VhostUserDevice {
   }
   attach(host: DeviceHost, log: Logger): void {
     this.host = host;
-    void log;
+    log;
     this.events.push('attach');
   }
   detach(): void {

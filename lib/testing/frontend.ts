@@ -89,7 +89,8 @@ export class TestFrontend {
   private channel: Connection | undefined;
   private waiters: Waiter[] = [];
   private configWaiters: Array<() => void> = [];
-  private readonly options: Required<Omit<FrontendOptions, 'layout' | 'userBase' | 'ram'>> & Pick<FrontendOptions, 'userBase'> & { layout: 'q35' | 'flat' };
+  private readonly options: Required<Omit<FrontendOptions, 'layout' | 'userBase' | 'ram'>> &
+    Pick<FrontendOptions, 'userBase'> & { layout: 'q35' | 'flat' };
   private readonly ownsRam: boolean;
   private readonly errFds: number[] = [];
   private readonly setupCallFds: number[] = [];
@@ -104,7 +105,13 @@ export class TestFrontend {
       ...options,
     };
     this.ownsRam = options.ram === undefined;
-    this.ram = options.ram ?? new GuestRam({ sizeBytes: this.options.ramBytes, layout: this.options.layout, ...(options.userBase === undefined ? {} : { userBase: options.userBase }) });
+    this.ram =
+      options.ram ??
+      new GuestRam({
+        sizeBytes: this.options.ramBytes,
+        layout: this.options.layout,
+        ...(options.userBase === undefined ? {} : { userBase: options.userBase }),
+      });
     let onClose: (e: Error | undefined) => void = () => {};
     this.closed = new Promise((resolve) => (onClose = resolve));
     this.conn = new Connection(
@@ -145,7 +152,8 @@ export class TestFrontend {
   private onReply(frame: Frame): void {
     for (const fd of frame.fds) closeQuietly(fd);
     const w = this.waiters.shift();
-    if (w === undefined) throw new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, `unsolicited reply ${frame.header.request}`);
+    if (w === undefined)
+      throw new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, `unsolicited reply ${frame.header.request}`);
     clearTimeout(w.timer);
     if (frame.header.flags !== VHOST_USER_REPLY_FLAGS) {
       w.reject(new Error(`reply flags 0x${frame.header.flags.toString(16)} instead of 0x5`));
@@ -163,14 +171,24 @@ export class TestFrontend {
    * Sends a request the way QEMU would: NEED_REPLY where QEMU sets it under REPLY_ACK. Resolves
    * with the reply frame when one is expected.
    */
-  async request(request: FrontendRequest, payload: Payload = { kind: 'none' }, fds: readonly number[] = []): Promise<Frame | undefined> {
+  async request(
+    request: FrontendRequest,
+    payload: Payload = { kind: 'none' },
+    fds: readonly number[] = [],
+  ): Promise<Frame | undefined> {
     const needAck = this.has(ProtocolFeature.REPLY_ACK) && QEMU_NEED_REPLY.has(request);
     const flags = VHOST_USER_VERSION | (needAck ? VHOST_USER_NEED_REPLY_MASK : 0);
     return this.send(request, flags, payload, fds, REPLYING.has(request) || needAck);
   }
 
   /** Sends with explicit flags; waits for a reply if `expectReply`. */
-  send(request: number, flags: number, payload: Payload, fds: readonly number[], expectReply: boolean): Promise<Frame | undefined> {
+  send(
+    request: number,
+    flags: number,
+    payload: Payload,
+    fds: readonly number[],
+    expectReply: boolean,
+  ): Promise<Frame | undefined> {
     this.sent.push(request);
     const p = expectReply
       ? new Promise<Frame>((resolve, reject) => {
@@ -186,7 +204,11 @@ export class TestFrontend {
   }
 
   /** Sends and checks a u64 reply (a GET_* answer or a REPLY_ACK ack of 0). */
-  async requestU64(request: FrontendRequest, payload: Payload = { kind: 'none' }, fds: readonly number[] = []): Promise<bigint | undefined> {
+  async requestU64(
+    request: FrontendRequest,
+    payload: Payload = { kind: 'none' },
+    fds: readonly number[] = [],
+  ): Promise<bigint | undefined> {
     const frame = await this.request(request, payload, fds);
     if (frame === undefined) return undefined;
     const value = decodeU64Reply('reply', frame.payload);
@@ -205,7 +227,8 @@ export class TestFrontend {
     }
     if (this.has(ProtocolFeature.MQ)) {
       const n = await this.requestU64(FrontendRequest.GET_QUEUE_NUM);
-      if (n !== BigInt(this.options.numQueues)) throw new Error(`back-end has ${n} queues, the device ${this.options.numQueues}`);
+      if (n !== BigInt(this.options.numQueues))
+        throw new Error(`back-end has ${n} queues, the device ${this.options.numQueues}`);
     }
     if (this.has(ProtocolFeature.CONFIGURE_MEM_SLOTS)) await this.requestU64(FrontendRequest.GET_MAX_MEM_SLOTS);
     if (this.has(ProtocolFeature.BACKEND_REQ)) {
@@ -284,16 +307,33 @@ export class TestFrontend {
     for (const q of queues) {
       let driver = this.drivers.get(q);
       if (driver === undefined) {
-        driver = new SplitRingDriver(this.ram, q, this.options.queueSize, (ackedFeatures & VIRTIO_RING_F_EVENT_IDX) !== 0n);
+        driver = new SplitRingDriver(
+          this.ram,
+          q,
+          this.options.queueSize,
+          (ackedFeatures & VIRTIO_RING_F_EVENT_IDX) !== 0n,
+        );
         this.drivers.set(q, driver);
       }
       await this.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: q, num: driver.size });
       await this.request(FrontendRequest.SET_VRING_BASE, { kind: 'vring-state', index: q, num: 0 });
       const a = driver.userAddrs;
-      await this.request(FrontendRequest.SET_VRING_ADDR, { kind: 'vring-addr', index: q, flags: 0, desc: a.desc, used: a.used, avail: a.avail, log: 0n });
-      await this.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: q, noFd: false }, [driver.kickFd]);
+      await this.request(FrontendRequest.SET_VRING_ADDR, {
+        kind: 'vring-addr',
+        index: q,
+        flags: 0,
+        desc: a.desc,
+        used: a.used,
+        avail: a.avail,
+        log: 0n,
+      });
+      await this.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: q, noFd: false }, [
+        driver.kickFd,
+      ]);
       driver.kick(); // QEMU 11.1 injects a kick right after SET_VRING_KICK
-      await this.requestU64(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: q, noFd: false }, [driver.callFd]);
+      await this.requestU64(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: q, noFd: false }, [
+        driver.callFd,
+      ]);
     }
     if (bit30 !== 0n) {
       for (let q = 0; q < this.options.numQueues; q++) {
@@ -303,7 +343,9 @@ export class TestFrontend {
     }
     for (const q of queues) {
       const driver = this.drivers.get(q)!;
-      await this.requestU64(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: q, noFd: false }, [driver.callFd]);
+      await this.requestU64(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: q, noFd: false }, [
+        driver.callFd,
+      ]);
     }
     return this.drivers;
   }
@@ -327,8 +369,15 @@ export class TestFrontend {
   }
 
   async getConfig(offset: number, size: number): Promise<Uint8Array> {
-    const frame = (await this.request(FrontendRequest.GET_CONFIG, { kind: 'config', offset, size, flags: 0, data: new Uint8Array(size) }))!;
-    if (frame.payload.length !== 12 + size) throw new Error(`GET_CONFIG reply of ${frame.payload.length} bytes, expected ${12 + size}`);
+    const frame = (await this.request(FrontendRequest.GET_CONFIG, {
+      kind: 'config',
+      offset,
+      size,
+      flags: 0,
+      data: new Uint8Array(size),
+    }))!;
+    if (frame.payload.length !== 12 + size)
+      throw new Error(`GET_CONFIG reply of ${frame.payload.length} bytes, expected ${12 + size}`);
     return frame.payload.slice(12);
   }
 

@@ -24,9 +24,14 @@ export function loadE2eEnv(cacheDir: string): E2eEnv | undefined {
   const vars: Record<string, string> = {};
   for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
     const m = /^([A-Z0-9_]+)=(.*)$/.exec(line.trim());
-    if (m !== null) vars[m[1]!] = m[2]!;
+    if (m !== null) vars[m[1]] = m[2]!;
   }
-  return { qemu: vars['E2E_QEMU'] ?? '', root: vars['E2E_CHROOT'] ?? '', kernel: vars['E2E_KERNEL'] ?? '', initrd: vars['E2E_INITRD'] ?? '' };
+  return {
+    qemu: vars['E2E_QEMU'] ?? '',
+    root: vars['E2E_CHROOT'] ?? '',
+    kernel: vars['E2E_KERNEL'] ?? '',
+    initrd: vars['E2E_INITRD'] ?? '',
+  };
 }
 
 export interface GuestOptions {
@@ -134,9 +139,9 @@ export class QemuGuest {
       this.waiters = [];
       for (const f of w) f();
     };
-    proc.stdout!.on('data', onData);
-    proc.stderr!.on('data', onData);
-    proc.stdin!.on('error', () => undefined);
+    proc.stdout.on('data', onData);
+    proc.stderr.on('data', onData);
+    proc.stdin.on('error', () => undefined);
     await this.waitLine((l) => l.startsWith('VBALLOON_GUEST_READY'), timeoutMs);
     await this.run('stty -echo 2>/dev/null; true');
   }
@@ -144,7 +149,13 @@ export class QemuGuest {
   /** Resolves with the first output line (from now or earlier) matching `pred`. */
   waitLine(pred: (line: string) => boolean, timeoutMs = 30_000, from = 0): Promise<string> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`guest output not seen in ${timeoutMs} ms; last lines:\n${this.output.slice(-15).join('\n')}`)), timeoutMs);
+      const timer = setTimeout(
+        () =>
+          reject(
+            new Error(`guest output not seen in ${timeoutMs} ms; last lines:\n${this.output.slice(-15).join('\n')}`),
+          ),
+        timeoutMs,
+      );
       const check = (): void => {
         const hit = this.output.slice(from).find(pred);
         if (hit !== undefined) {
@@ -181,7 +192,7 @@ export class QemuGuest {
     const out: Record<string, number> = {};
     for (const l of r.lines) {
       const m = /^(\w+):\s+(\d+)\s*kB/.exec(l);
-      if (m !== null) out[m[1]!] = Number(m[2]) * 1024;
+      if (m !== null) out[m[1]] = Number(m[2]) * 1024;
     }
     return out;
   }

@@ -32,10 +32,10 @@ export function parseTrace(text: string): TraceEntry[] {
     if (request === undefined) throw new Error(`unknown request in trace: ${m[1]}`);
     entries.push({
       request,
-      name: m[1]!,
+      name: m[1],
       flags: Number(m[2]),
       size: Number(m[3]),
-      fdCount: m[4]!.trim() === '' ? 0 : m[4]!.split(',').length,
+      fdCount: m[4].trim() === '' ? 0 : m[4].split(',').length,
       detail: m[5] ?? '',
     });
   }
@@ -67,14 +67,18 @@ function pair(detail: string): { index: number; num: number } {
 function hexField(detail: string, key: string): bigint {
   const m = new RegExp(`${key}=(0x[0-9a-f]+)`).exec(detail);
   if (m === null) throw new Error(`no ${key}= in "${detail}"`);
-  return BigInt(m[1]!);
+  return BigInt(m[1]);
 }
 
 /**
  * Replays `entries` through `fe` (connected, nothing sent yet). Throws on the first reply that
  * differs from what QEMU 11.1 requires; returns every checked reply.
  */
-export async function replayTrace(entries: readonly TraceEntry[], fe: TestFrontend, expect: ReplayExpectations): Promise<ReplyCheck[]> {
+export async function replayTrace(
+  entries: readonly TraceEntry[],
+  fe: TestFrontend,
+  expect: ReplayExpectations,
+): Promise<ReplyCheck[]> {
   const checks: ReplyCheck[] = [];
   const drivers = new Map<number, SplitRingDriver>();
   const owned: number[] = [];
@@ -125,7 +129,15 @@ export async function replayTrace(entries: readonly TraceEntry[], fe: TestFronte
         }
         case FrontendRequest.SET_VRING_ADDR: {
           const a = drivers.get(lastRing)!.userAddrs;
-          payload = { kind: 'vring-addr', index: lastRing, flags: 0, desc: a.desc, used: a.used, avail: a.avail, log: 0n };
+          payload = {
+            kind: 'vring-addr',
+            index: lastRing,
+            flags: 0,
+            desc: a.desc,
+            used: a.used,
+            avail: a.avail,
+            log: 0n,
+          };
           break;
         }
         case FrontendRequest.SET_VRING_KICK:
@@ -155,7 +167,15 @@ export async function replayTrace(entries: readonly TraceEntry[], fe: TestFronte
             userAddr: hexField(e.detail, 'uaddr'),
             mmapOffset: hexField(e.detail, 'off'),
           };
-          if (!fe.ram.regions.some((r) => r.guestPhysAddr === region.guestPhysAddr && r.sizeBytes === region.sizeBytes && r.userAddr === region.userAddr && r.mmapOffset === region.mmapOffset)) {
+          if (
+            !fe.ram.regions.some(
+              (r) =>
+                r.guestPhysAddr === region.guestPhysAddr &&
+                r.sizeBytes === region.sizeBytes &&
+                r.userAddr === region.userAddr &&
+                r.mmapOffset === region.mmapOffset,
+            )
+          ) {
             fail(e, 'the test front-end lays out guest RAM differently from the trace');
           }
           payload = { kind: 'mem-region', region };
@@ -191,7 +211,8 @@ export async function replayTrace(entries: readonly TraceEntry[], fe: TestFronte
         const num = v.getUint32(4, true);
         const driver = drivers.get(index);
         const expected = driver === undefined ? 0 : driver.availIdxPublished;
-        if (index !== pair(e.detail).index || num !== expected) fail(e, `reply (${index}, ${num}), expected (${pair(e.detail).index}, ${expected})`);
+        if (index !== pair(e.detail).index || num !== expected)
+          fail(e, `reply (${index}, ${num}), expected (${pair(e.detail).index}, ${expected})`);
         reply = `(${index}, ${num})`;
       } else {
         const value = decodeU64Reply(e.name, frame.payload);
@@ -212,7 +233,8 @@ export async function replayTrace(entries: readonly TraceEntry[], fe: TestFronte
               return undefined;
           }
         })();
-        if (want !== undefined && value !== want) fail(e, `reply 0x${value.toString(16)}, expected 0x${want.toString(16)}`);
+        if (want !== undefined && value !== want)
+          fail(e, `reply 0x${value.toString(16)}, expected 0x${want.toString(16)}`);
         reply = `0x${value.toString(16)}`;
       }
       checks.push({ name: e.name, reply });

@@ -33,7 +33,10 @@ export class BackendChannel {
             closeQuietly(extra);
           }
           if (frame.header.request !== BackendRequest.CONFIG_CHANGE_MSG || this.outstanding === 0) {
-            this.onError(ErrorCode.VHOST_BAD_MESSAGE, `unexpected reply ${frame.header.request} on the back-end channel`);
+            this.onError(
+              ErrorCode.VHOST_BAD_MESSAGE,
+              `unexpected reply ${frame.header.request} on the back-end channel`,
+            );
             this.log.warn('unexpected reply on the back-end channel', { request: frame.header.request });
             return;
           }

@@ -141,13 +141,22 @@ export function decodeHeader(bytes: Uint8Array, expectReply = false): Header {
   const flags = v.getUint32(4, true);
   const size = v.getUint32(8, true);
   if ((flags & VHOST_USER_VERSION_MASK) !== VHOST_USER_VERSION) {
-    fail(ErrorCode.VHOST_BAD_MESSAGE, `${requestName(request)}: version bits ${flags & VHOST_USER_VERSION_MASK}, expected 1`);
+    fail(
+      ErrorCode.VHOST_BAD_MESSAGE,
+      `${requestName(request)}: version bits ${flags & VHOST_USER_VERSION_MASK}, expected 1`,
+    );
   }
   if (((flags & VHOST_USER_REPLY_MASK) !== 0) !== expectReply) {
-    fail(ErrorCode.VHOST_BAD_MESSAGE, `${requestName(request)}: REPLY flag ${expectReply ? 'missing' : 'set on a request'}`);
+    fail(
+      ErrorCode.VHOST_BAD_MESSAGE,
+      `${requestName(request)}: REPLY flag ${expectReply ? 'missing' : 'set on a request'}`,
+    );
   }
   if (size > MAX_PAYLOAD_BYTES) {
-    fail(ErrorCode.VHOST_MESSAGE_TOO_LARGE, `${requestName(request)}: payload of ${size} bytes exceeds ${MAX_PAYLOAD_BYTES}`);
+    fail(
+      ErrorCode.VHOST_MESSAGE_TOO_LARGE,
+      `${requestName(request)}: payload of ${size} bytes exceeds ${MAX_PAYLOAD_BYTES}`,
+    );
   }
   return { request, flags, size };
 }
@@ -206,7 +215,11 @@ function decodePayload(name: string, layout: Layout, p: Uint8Array): Payload {
       if ((value & ~(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK)) !== 0n) {
         fail(ErrorCode.VHOST_BAD_MESSAGE, `${name}: reserved bits set in 0x${value.toString(16)}`);
       }
-      return { kind: 'vring-fd', index: Number(value & VHOST_USER_VRING_IDX_MASK), noFd: (value & VHOST_USER_VRING_NOFD_MASK) !== 0n };
+      return {
+        kind: 'vring-fd',
+        index: Number(value & VHOST_USER_VRING_IDX_MASK),
+        noFd: (value & VHOST_USER_VRING_NOFD_MASK) !== 0n,
+      };
     }
     case 'mem-table': {
       if (p.length < 8) fail(ErrorCode.VHOST_BAD_MESSAGE, `${name}: payload of ${p.length} bytes is shorter than 8`);
@@ -228,7 +241,8 @@ function decodePayload(name: string, layout: Layout, p: Uint8Array): Payload {
       const offset = v.getUint32(0, true);
       const size = v.getUint32(4, true);
       const flags = v.getUint32(8, true);
-      if (size > MAX_CONFIG_BYTES) fail(ErrorCode.VHOST_BAD_CONFIG, `${name}: config size ${size} exceeds ${MAX_CONFIG_BYTES}`);
+      if (size > MAX_CONFIG_BYTES)
+        fail(ErrorCode.VHOST_BAD_CONFIG, `${name}: config size ${size} exceeds ${MAX_CONFIG_BYTES}`);
       expectSize(name, p, 12 + size);
       return { kind: 'config', offset, size, flags, data: p.slice(12) };
     }
@@ -274,7 +288,7 @@ export function decodeRequest(header: Header, payload: Uint8Array, fds: readonly
     const expected = want.min === want.max ? `${want.min}` : `${want.min}..${want.max}`;
     fail(ErrorCode.VHOST_BAD_FDS, `${spec.name}: ${fds.length} descriptors, expected ${expected}`);
   }
-  return { request: header.request as FrontendRequest, flags: header.flags, payload: decoded, fds: [...fds] };
+  return { request: header.request, flags: header.flags, payload: decoded, fds: [...fds] };
 }
 
 function writeRegion(v: DataView, at: number, r: RegionPayload): void {

@@ -70,13 +70,20 @@ export class Connection {
       if (msg.data.length === 0) {
         for (const fd of msg.fds) closeQuietly(fd);
         const truncated = this.reader.midMessage;
-        this.close(truncated ? new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, 'stream ended in the middle of a message') : undefined);
+        this.close(
+          truncated
+            ? new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, 'stream ended in the middle of a message')
+            : undefined,
+        );
         return;
       }
       let frames: Frame[];
       try {
         if (msg.truncated) {
-          throw new FramingError(new VhostProtocolError(ErrorCode.VHOST_FDS_LOST, 'descriptors were truncated (MSG_CTRUNC)'), []);
+          throw new FramingError(
+            new VhostProtocolError(ErrorCode.VHOST_FDS_LOST, 'descriptors were truncated (MSG_CTRUNC)'),
+            [],
+          );
         }
         frames = this.reader.push(msg.data, msg.fds);
       } catch (err) {
@@ -89,7 +96,7 @@ export class Connection {
           for (const rest of frames.slice(f)) for (const fd of rest.fds) closeQuietly(fd);
           return;
         }
-        this.handler.onFrame(frames[f]!);
+        this.handler.onFrame(frames[f]);
       }
     }
   }
@@ -109,7 +116,7 @@ export class Connection {
   private flush(): void {
     // Bounded by the queue length; a full socket stops the loop.
     while (this.output.length > 0) {
-      const head = this.output[0]!;
+      const head = this.output[0];
       const n = native.sendmsg(this.fd, head.bytes, head.fds);
       if (n < 0) break;
       this.queuedBytes -= n;

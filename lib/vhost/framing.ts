@@ -51,14 +51,18 @@ export class MessageReader {
    *   the reader is then unusable.
    */
   push(data: Uint8Array, fds: readonly number[] = []): Frame[] {
-    if (this.broken) throw new FramingError(new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, 'stream already broken'), [...fds]);
+    if (this.broken)
+      throw new FramingError(new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, 'stream already broken'), [...fds]);
     const frames: Frame[] = [];
     // The last message whose header starts in this read: a completed frame, or 'current'.
     let startedHere: Frame | 'current' | undefined;
     let pos = 0;
     try {
       if (fds.length > MAX_FDS_PER_MESSAGE) {
-        throw new VhostProtocolError(ErrorCode.VHOST_BAD_FDS, `${fds.length} descriptors in one read exceed ${MAX_FDS_PER_MESSAGE}`);
+        throw new VhostProtocolError(
+          ErrorCode.VHOST_BAD_FDS,
+          `${fds.length} descriptors in one read exceed ${MAX_FDS_PER_MESSAGE}`,
+        );
       }
       // Each iteration consumes at least one byte, so this ends after data.length iterations.
       while (pos < data.length) {
@@ -92,7 +96,10 @@ export class MessageReader {
         // attaches them to the sendmsg holding a header's first byte: so they belong to the last
         // message that starts in this read.
         if (startedHere === undefined) {
-          throw new VhostProtocolError(ErrorCode.VHOST_FDS_LOST, `${fds.length} descriptors arrived in the middle of a message`);
+          throw new VhostProtocolError(
+            ErrorCode.VHOST_FDS_LOST,
+            `${fds.length} descriptors arrived in the middle of a message`,
+          );
         }
         if (startedHere === 'current') this.currentFds = [...fds];
         else startedHere.fds = [...fds];

@@ -58,7 +58,10 @@ export class VhostUserBackend {
   ) {
     const offered = options.protocolFeatures ?? SUPPORTED_PROTOCOL_FEATURES;
     if ((offered & ~SUPPORTED_PROTOCOL_FEATURES) !== 0n) {
-      throw new VballoonError(ErrorCode.VHOST_BAD_FEATURES, `protocol features 0x${offered.toString(16)} include unsupported ones`);
+      throw new VballoonError(
+        ErrorCode.VHOST_BAD_FEATURES,
+        `protocol features 0x${offered.toString(16)} include unsupported ones`,
+      );
     }
     this.protocolFeatures = offered;
   }
@@ -110,12 +113,15 @@ export class VhostUserBackend {
     try {
       if (fs.lstatSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
     } catch (err) {
-      if (!isSystemError(err, 'ENOENT')) throw new VballoonError(ErrorCode.SOCKET, `cannot use ${socketPath}: ${(err as Error).message}`);
+      if (!isSystemError(err, 'ENOENT'))
+        throw new VballoonError(ErrorCode.SOCKET, `cannot use ${socketPath}: ${(err as Error).message}`);
     }
     try {
       this.listenFd = native.listen(socketPath, 4);
     } catch (err) {
-      throw new VballoonError(ErrorCode.SOCKET, `cannot listen on ${socketPath}: ${(err as Error).message}`, { cause: err });
+      throw new VballoonError(ErrorCode.SOCKET, `cannot listen on ${socketPath}: ${(err as Error).message}`, {
+        cause: err,
+      });
     }
     this.socketPath = socketPath;
     this.listenWatch = native.pollStart(this.listenFd, POLL_READABLE, () => this.acceptPending());
@@ -160,7 +166,10 @@ export class VhostUserBackend {
           fd = native.connect(socketPath);
         } catch (err) {
           if (attempts >= maxAttempts) {
-            const error = new VballoonError(ErrorCode.SOCKET, `cannot connect to ${socketPath}: ${(err as Error).message}`);
+            const error = new VballoonError(
+              ErrorCode.SOCKET,
+              `cannot connect to ${socketPath}: ${(err as Error).message}`,
+            );
             if (!settled) {
               settled = true;
               reject(error);
@@ -168,7 +177,10 @@ export class VhostUserBackend {
             return;
           }
           if (attempts === 1 || attempts % 30 === 0) {
-            this.options.log.info('front-end not reachable yet, retrying', { socket: socketPath, error: (err as Error).message });
+            this.options.log.info('front-end not reachable yet, retrying', {
+              socket: socketPath,
+              error: (err as Error).message,
+            });
           }
           this.connectTimer = setTimeout(attempt, interval);
           return;

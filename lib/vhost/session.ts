@@ -9,7 +9,14 @@
  * here ever waits for the front-end (QEMU blocks on our replies and cannot serve the back-end
  * channel meanwhile).
  */
-import { ErrorCode, ErrorCodeValue, GuestMemoryError, VballoonError, VhostProtocolError, VirtqueueError } from '../errors';
+import {
+  ErrorCode,
+  ErrorCodeValue,
+  GuestMemoryError,
+  VballoonError,
+  VhostProtocolError,
+  VirtqueueError,
+} from '../errors';
 import { Logger } from '../log';
 import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
 import { checkDisjoint, GuestMemory, MemoryRegion, validateRegion, ValidRegion } from '../virtio/guest-memory';
@@ -159,7 +166,10 @@ export class Session implements DeviceHost {
       // assume it rather than leave QEMU waiting for REPLY_ACKs we would not send.
       if (msg.request !== FrontendRequest.GET_FEATURES && msg.request !== FrontendRequest.GET_PROTOCOL_FEATURES) {
         this.ackedProtocol = this.options.protocolFeatures;
-        this.log.warn('front-end resumed without negotiating (a QEMU reconnect): assuming the protocol features it negotiated before', { first: name });
+        this.log.warn(
+          'front-end resumed without negotiating (a QEMU reconnect): assuming the protocol features it negotiated before',
+          { first: name },
+        );
       }
     }
     this.options.events.onMessage(name);
@@ -185,7 +195,11 @@ export class Session implements DeviceHost {
       err instanceof VballoonError
         ? err
         : protocolError(ErrorCode.VHOST_BAD_MESSAGE, `${name}: ${err instanceof Error ? err.message : String(err)}`);
-    this.log.error('closing front-end connection: bad message', { request: name, code: error.code, error: error.message });
+    this.log.error('closing front-end connection: bad message', {
+      request: name,
+      code: error.code,
+      error: error.message,
+    });
     this.conn.close(error); // counted in onClosed, with framing errors
   }
 
@@ -197,7 +211,7 @@ export class Session implements DeviceHost {
 
   /** Takes the descriptor at `i` out of the message (so the error path does not close it). */
   private takeFd(msg: FrontendMessage, i = 0): number {
-    const fd = msg.fds[i]!;
+    const fd = msg.fds[i];
     msg.fds[i] = -1;
     return fd;
   }
@@ -205,13 +219,17 @@ export class Session implements DeviceHost {
   private ring(index: number, name: string): RingState {
     const ring = this.rings[index];
     if (ring === undefined) {
-      throw protocolError(ErrorCode.VHOST_BAD_VRING, `${name}: queue index ${index} out of range (${this.rings.length} queues)`);
+      throw protocolError(
+        ErrorCode.VHOST_BAD_VRING,
+        `${name}: queue index ${index} out of range (${this.rings.length} queues)`,
+      );
     }
     return ring;
   }
 
   private requireProtocol(f: ProtocolFeature, name: string): void {
-    if (!this.has(f)) throw protocolError(ErrorCode.VHOST_NOT_NEGOTIATED, `${name} needs protocol feature ${ProtocolFeature[f]}`);
+    if (!this.has(f))
+      throw protocolError(ErrorCode.VHOST_NOT_NEGOTIATED, `${name} needs protocol feature ${ProtocolFeature[f]}`);
   }
 
   private handle(msg: FrontendMessage): Payload | undefined {
@@ -233,7 +251,10 @@ export class Session implements DeviceHost {
       case FrontendRequest.SET_PROTOCOL_FEATURES: {
         const value = u64(p);
         if ((value & ~this.options.protocolFeatures) !== 0n) {
-          throw protocolError(ErrorCode.VHOST_BAD_FEATURES, `${name}: 0x${value.toString(16)} includes features not offered`);
+          throw protocolError(
+            ErrorCode.VHOST_BAD_FEATURES,
+            `${name}: 0x${value.toString(16)} includes features not offered`,
+          );
         }
         this.ackedProtocol = value; // REPLY_ACK applies from the next message on
         return undefined;
@@ -247,7 +268,9 @@ export class Session implements DeviceHost {
       case FrontendRequest.SET_BACKEND_REQ_FD:
         this.requireProtocol(ProtocolFeature.BACKEND_REQ, name);
         this.channel?.close();
-        this.channel = new BackendChannel(this.takeFd(msg), this.log, (code, detail) => this.options.events.onError(code, detail));
+        this.channel = new BackendChannel(this.takeFd(msg), this.log, (code, detail) =>
+          this.options.events.onError(code, detail),
+        );
         return undefined;
       case FrontendRequest.SET_MEM_TABLE:
         this.setMemTable(msg);
@@ -264,7 +287,12 @@ export class Session implements DeviceHost {
         const s = vringState(p);
         const ring = this.ring(s.index, name);
         if (ring.started) throw protocolError(ErrorCode.VHOST_BAD_VRING, `${name}: queue ${s.index} is started`);
-        if (s.num === 0 || s.num > VIRTQUEUE_MAX_SIZE || (s.num & (s.num - 1)) !== 0 || s.num > this.device.maxQueueSize) {
+        if (
+          s.num === 0 ||
+          s.num > VIRTQUEUE_MAX_SIZE ||
+          (s.num & (s.num - 1)) !== 0 ||
+          s.num > this.device.maxQueueSize
+        ) {
           throw protocolError(
             ErrorCode.VHOST_BAD_VRING,
             `${name}: queue ${s.index} size ${s.num} is not a power of two in 1..${Math.min(VIRTQUEUE_MAX_SIZE, this.device.maxQueueSize)}`,
@@ -277,7 +305,8 @@ export class Session implements DeviceHost {
         const s = vringState(p);
         const ring = this.ring(s.index, name);
         if (ring.started) throw protocolError(ErrorCode.VHOST_BAD_VRING, `${name}: queue ${s.index} is started`);
-        if (s.num > 0xffff) throw protocolError(ErrorCode.VHOST_BAD_VRING, `${name}: base ${s.num} has reserved bits set`);
+        if (s.num > 0xffff)
+          throw protocolError(ErrorCode.VHOST_BAD_VRING, `${name}: base ${s.num} has reserved bits set`);
         ring.base = s.num;
         return undefined;
       }
@@ -339,7 +368,8 @@ export class Session implements DeviceHost {
       case FrontendRequest.SET_STATUS: {
         this.requireProtocol(ProtocolFeature.STATUS, name);
         const value = u64(p);
-        if (value > 0xffn) throw protocolError(ErrorCode.VHOST_BAD_MESSAGE, `${name}: status 0x${value.toString(16)} > 0xff`);
+        if (value > 0xffn)
+          throw protocolError(ErrorCode.VHOST_BAD_MESSAGE, `${name}: status 0x${value.toString(16)} > 0xff`);
         this.status = Number(value);
         if (this.status === 0) this.device.reset();
         return undefined;
@@ -361,7 +391,10 @@ export class Session implements DeviceHost {
   private setFeatures(value: bigint): void {
     const offered = this.device.features() | VHOST_USER_F_PROTOCOL_FEATURES;
     if ((value & ~offered) !== 0n) {
-      throw protocolError(ErrorCode.VHOST_BAD_FEATURES, `SET_FEATURES: 0x${value.toString(16)} includes features not offered (0x${offered.toString(16)})`);
+      throw protocolError(
+        ErrorCode.VHOST_BAD_FEATURES,
+        `SET_FEATURES: 0x${value.toString(16)} includes features not offered (0x${offered.toString(16)})`,
+      );
     }
     this.ackedFeatures = value;
     this.featuresSet = true;
@@ -400,7 +433,7 @@ export class Session implements DeviceHost {
     const staged: MemoryRegion[] = [];
     try {
       descs.forEach((d, i) => checkDisjoint(descs.slice(0, i), d, MAX_MEM_TABLE_REGIONS));
-      descs.forEach((d, i) => staged.push(this.mapRegion(d, msg.fds[i]!)));
+      descs.forEach((d, i) => staged.push(this.mapRegion(d, msg.fds[i])));
     } catch (err) {
       // mapRegion took no ownership on failure; regions mapped so far own their fds.
       for (const r of staged) r.unmap();
@@ -408,7 +441,8 @@ export class Session implements DeviceHost {
       msg.fds.forEach((fd, i) => {
         if (mapped.has(fd)) msg.fds[i] = -1;
       });
-      if (err instanceof GuestMemoryError) throw protocolError(ErrorCode.VHOST_BAD_MEMORY, `SET_MEM_TABLE: ${err.message}`);
+      if (err instanceof GuestMemoryError)
+        throw protocolError(ErrorCode.VHOST_BAD_MEMORY, `SET_MEM_TABLE: ${err.message}`);
       throw err;
     }
     msg.fds.fill(-1);
@@ -427,7 +461,7 @@ export class Session implements DeviceHost {
     } catch (err) {
       throw protocolError(ErrorCode.VHOST_BAD_MEMORY, `ADD_MEM_REG: ${(err as Error).message}`);
     }
-    const region = this.mapRegion(desc, msg.fds[0]!);
+    const region = this.mapRegion(desc, msg.fds[0]);
     this.takeFd(msg);
     this.memory.add(region);
     for (const ring of this.rings) this.updateReady(ring);
@@ -438,7 +472,10 @@ export class Session implements DeviceHost {
     const desc = this.validRegion(msg.payload.region);
     const region = this.memory.remove(desc);
     if (region === undefined) {
-      throw protocolError(ErrorCode.VHOST_BAD_MEMORY, `REM_MEM_REG: no region at gpa 0x${desc.guestPhysAddr.toString(16)}`);
+      throw protocolError(
+        ErrorCode.VHOST_BAD_MEMORY,
+        `REM_MEM_REG: no region at gpa 0x${desc.guestPhysAddr.toString(16)}`,
+      );
     }
     // Rings are re-translated without the removed region; those inside it stay down until the
     // memory comes back.
@@ -454,7 +491,8 @@ export class Session implements DeviceHost {
   private setVringAddr(p: Payload): void {
     if (p.kind !== 'vring-addr') throw new Error('unreachable');
     const ring = this.ring(p.index, 'SET_VRING_ADDR');
-    if (p.flags & VHOST_VRING_F_LOG) throw protocolError(ErrorCode.VHOST_NOT_NEGOTIATED, 'SET_VRING_ADDR: used-ring logging is not supported');
+    if (p.flags & VHOST_VRING_F_LOG)
+      throw protocolError(ErrorCode.VHOST_NOT_NEGOTIATED, 'SET_VRING_ADDR: used-ring logging is not supported');
     const limit = BigInt(Number.MAX_SAFE_INTEGER);
     if (p.desc > limit || p.used > limit || p.avail > limit) {
       throw protocolError(ErrorCode.VHOST_BAD_VRING, `SET_VRING_ADDR: queue ${p.index} address beyond 2^53`);
@@ -499,13 +537,19 @@ export class Session implements DeviceHost {
     }
     ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE, (status) => {
       if (status < 0) {
-        this.failRing(ring, new VirtqueueError(ErrorCode.VHOST_BAD_VRING, `kick fd of queue ${ring.index} failed (status ${status})`));
+        this.failRing(
+          ring,
+          new VirtqueueError(ErrorCode.VHOST_BAD_VRING, `kick fd of queue ${ring.index} failed (status ${status})`),
+        );
         return;
       }
       try {
         native.eventfdRead(ring.kickFd, ring.kickMayBlock);
       } catch (err) {
-        this.failRing(ring, new VirtqueueError(ErrorCode.VHOST_BAD_VRING, `kick fd of queue ${ring.index}: ${(err as Error).message}`));
+        this.failRing(
+          ring,
+          new VirtqueueError(ErrorCode.VHOST_BAD_VRING, `kick fd of queue ${ring.index}: ${(err as Error).message}`),
+        );
         return;
       }
       this.onKick(ring);
@@ -534,7 +578,13 @@ export class Session implements DeviceHost {
       this.device.queueKicked(handle);
     } catch (err) {
       // A device must not throw on guest input; if it does, that ring is not trustworthy any more.
-      this.failRing(ring, new VirtqueueError(ErrorCode.VIRTQ_BROKEN_RING, `device failed on queue ${ring.index}: ${(err as Error).message}`));
+      this.failRing(
+        ring,
+        new VirtqueueError(
+          ErrorCode.VIRTQ_BROKEN_RING,
+          `device failed on queue ${ring.index}: ${(err as Error).message}`,
+        ),
+      );
     }
   }
 
@@ -547,7 +597,10 @@ export class Session implements DeviceHost {
     const used = this.memory.userToGuest(ring.addr.used, sizes.used);
     if (desc === undefined || avail === undefined || used === undefined) {
       if (strict) {
-        throw protocolError(ErrorCode.VHOST_BAD_VRING, `queue ${ring.index}: ring addresses are not inside front-end memory`);
+        throw protocolError(
+          ErrorCode.VHOST_BAD_VRING,
+          `queue ${ring.index}: ring addresses are not inside front-end memory`,
+        );
       }
       return;
     }
@@ -557,7 +610,10 @@ export class Session implements DeviceHost {
         this.memory,
         ring.num,
         { descGpa: desc, availGpa: avail, usedGpa: used },
-        { eventIdx: (features & VIRTIO_RING_F_EVENT_IDX) !== 0n, indirect: (features & VIRTIO_RING_F_INDIRECT_DESC) !== 0n },
+        {
+          eventIdx: (features & VIRTIO_RING_F_EVENT_IDX) !== 0n,
+          indirect: (features & VIRTIO_RING_F_INDIRECT_DESC) !== 0n,
+        },
         ring.base,
       );
     } catch (err) {
@@ -583,7 +639,13 @@ export class Session implements DeviceHost {
           try {
             native.eventfdWrite(ring.callFd, 1);
           } catch (err) {
-            this.failRing(ring, new VirtqueueError(ErrorCode.VHOST_BAD_VRING, `call fd of queue ${ring.index}: ${(err as Error).message}`));
+            this.failRing(
+              ring,
+              new VirtqueueError(
+                ErrorCode.VHOST_BAD_VRING,
+                `call fd of queue ${ring.index}: ${(err as Error).message}`,
+              ),
+            );
           }
         },
         fail: (error) => this.failRing(ring, error),
@@ -601,7 +663,11 @@ export class Session implements DeviceHost {
   private failRing(ring: RingState, error: VirtqueueError): void {
     if (ring.broken) return;
     this.options.events.onError(error.code, error.message);
-    this.log.error('queue stopped: guest ring is broken', { queue: ring.index, code: error.code, error: error.message });
+    this.log.error('queue stopped: guest ring is broken', {
+      queue: ring.index,
+      code: error.code,
+      error: error.message,
+    });
     ring.broken = true;
     if (ring.queue !== undefined) ring.base = ring.queue.lastAvailIdx;
     this.updateReady(ring);

@@ -92,7 +92,9 @@ export class MemoryRegion {
     // Touching a mapping beyond the end of its file raises SIGBUS: refuse such regions. (A
     // front-end could still shrink the file later; QEMU seals its memfds against that.)
     if (fileSize < desc.mmapOffset + desc.sizeBytes) {
-      throw new GuestMemoryError(`${where}: extends past the end of its file (${fileSize} bytes at offset 0x${desc.mmapOffset.toString(16)})`);
+      throw new GuestMemoryError(
+        `${where}: extends past the end of its file (${fileSize} bytes at offset 0x${desc.mmapOffset.toString(16)})`,
+      );
     }
     const windows: Window[] = [];
     try {
@@ -130,7 +132,7 @@ export class MemoryRegion {
   /** The longest piece starting at region offset `at`, up to `len`, inside one window. */
   piece(at: number, len: number): Uint8Array {
     const k = Math.floor(at / WINDOW_BYTES);
-    const w = this.windows[k]!;
+    const w = this.windows[k];
     const inWindow = at - k * WINDOW_BYTES;
     return new Uint8Array(w.buffer, w.base + inWindow, Math.min(len, w.length - inWindow));
   }
@@ -261,7 +263,7 @@ export class GuestMemory {
     let hi = this.regions.length - 1;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
-      const r = this.regions[mid]!;
+      const r = this.regions[mid];
       if (gpa < r.guestPhysAddr) hi = mid - 1;
       else if (gpa >= r.guestPhysAddr + r.sizeBytes) lo = mid + 1;
       else {

@@ -109,8 +109,10 @@ export class SplitQueue {
     if (!Number.isInteger(size) || size <= 0 || size > VIRTQUEUE_MAX_SIZE || (size & (size - 1)) !== 0) {
       throw badVring(`queue size ${size} is not a power of two in 1..${VIRTQUEUE_MAX_SIZE}`);
     }
-    if (addrs.descGpa % 16 !== 0) throw badVring(`descriptor table 0x${addrs.descGpa.toString(16)} is not 16-byte aligned`);
-    if (addrs.availGpa % 2 !== 0) throw badVring(`available ring 0x${addrs.availGpa.toString(16)} is not 2-byte aligned`);
+    if (addrs.descGpa % 16 !== 0)
+      throw badVring(`descriptor table 0x${addrs.descGpa.toString(16)} is not 16-byte aligned`);
+    if (addrs.availGpa % 2 !== 0)
+      throw badVring(`available ring 0x${addrs.availGpa.toString(16)} is not 2-byte aligned`);
     if (addrs.usedGpa % 4 !== 0) throw badVring(`used ring 0x${addrs.usedGpa.toString(16)} is not 4-byte aligned`);
     const sizes = ringSizes(size);
     const d = resolvePart(memory, 'descriptor', addrs.descGpa, sizes.desc);
@@ -172,14 +174,21 @@ export class SplitQueue {
     if (head >= this.size) {
       return {
         kind: 'broken',
-        error: new VirtqueueError(ErrorCode.VIRTQ_BROKEN_RING, `avail ring entry ${slot} holds head ${head} >= queue size ${this.size}`),
+        error: new VirtqueueError(
+          ErrorCode.VIRTQ_BROKEN_RING,
+          `avail ring entry ${slot} holds head ${head} >= queue size ${this.size}`,
+        ),
       };
     }
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
     const descriptors: Descriptor[] = [];
     const problem = this.walk(head, descriptors);
     if (problem !== undefined) {
-      return { kind: 'bad-chain', head, error: new VirtqueueError(ErrorCode.VIRTQ_BAD_CHAIN, `chain at head ${head}: ${problem}`) };
+      return {
+        kind: 'bad-chain',
+        head,
+        error: new VirtqueueError(ErrorCode.VIRTQ_BAD_CHAIN, `chain at head ${head}: ${problem}`),
+      };
     }
     return { kind: 'chain', head, descriptors };
   }
@@ -196,7 +205,10 @@ export class SplitQueue {
     let indirect = false;
     let seenWritable = false;
     for (;;) {
-      if (ttl === 0) return indirect ? 'indirect chain loops or is longer than its table' : `chain loops or is longer than the queue size ${this.size}`;
+      if (ttl === 0)
+        return indirect
+          ? 'indirect chain loops or is longer than its table'
+          : `chain loops or is longer than the queue size ${this.size}`;
       ttl--;
       const at = tableBase + DESCRIPTOR_BYTES * index;
       const lo = table.getUint32(at, true);
@@ -210,10 +222,12 @@ export class SplitQueue {
         if (indirect) return 'nested indirect descriptor';
         if (!this.options.indirect) return 'indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC';
         if (flags & VRING_DESC_F_NEXT) return 'indirect descriptor with NEXT set';
-        if (len === 0 || len % DESCRIPTOR_BYTES !== 0) return `indirect table length ${len} is not a non-zero multiple of 16`;
+        if (len === 0 || len % DESCRIPTOR_BYTES !== 0)
+          return `indirect table length ${len} is not a non-zero multiple of 16`;
         const entries = len / DESCRIPTOR_BYTES;
         if (entries > this.size) return `indirect table of ${entries} entries exceeds the queue size ${this.size}`;
-        if (!this.memory.checkRange(addr, len)) return `indirect table 0x${addr.toString(16)} (+${len}) is outside guest memory`;
+        if (!this.memory.checkRange(addr, len))
+          return `indirect table 0x${addr.toString(16)} (+${len}) is outside guest memory`;
         // Copy the table: it may span regions, and the guest cannot change it under us.
         const copy = this.memory.read(addr, len);
         table = new DataView(copy.buffer, copy.byteOffset, copy.byteLength);
@@ -271,7 +285,8 @@ export class SplitQueue {
 
   /** Asks the driver not to kick (advisory). */
   disableNotifications(): void {
-    if (!this.options.eventIdx) Atomics.store(this.usedFlags, 0, Atomics.load(this.usedFlags, 0) | VRING_USED_F_NO_NOTIFY);
+    if (!this.options.eventIdx)
+      Atomics.store(this.usedFlags, 0, Atomics.load(this.usedFlags, 0) | VRING_USED_F_NO_NOTIFY);
   }
 
   /**

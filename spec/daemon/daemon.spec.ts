@@ -14,7 +14,13 @@ import { spawnSync } from 'node:child_process';
 import { BIN, DaemonProcess } from './harness';
 
 const MiB = 1024 * 1024;
-const VM = (d: DaemonProcess, extra: Record<string, unknown> = {}) => ({ name: 'vm0', socket: d.vmSocket('vm0'), memory: '64M', statsInterval: '200ms', ...extra });
+const VM = (d: DaemonProcess, extra: Record<string, unknown> = {}) => ({
+  name: 'vm0',
+  socket: d.vmSocket('vm0'),
+  memory: '64M',
+  statsInterval: '200ms',
+  ...extra,
+});
 
 function request(socketPath: string, payload: string | Buffer): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -63,10 +69,34 @@ describe('daemon and CLI (real processes)', function () {
     expect(status.code).to.equal(0);
     const s = JSON.parse(status.stdout);
     expect(Object.keys(s)).to.deep.equal([
-      'vm', 'connected', 'mode', 'socket', 'guestRamBytes', 'targetBytes', 'actualBytes', 'guestSizeBytes', 'balloonedBytes',
-      'hostResidentBytes', 'reclaimedBytes', 'discardInhibited', 'negotiatedQueues', 'pressureMessages', 'policyCooldownSeconds', 'statsAgeSeconds', 'statsStale',
+      'vm',
+      'connected',
+      'mode',
+      'socket',
+      'guestRamBytes',
+      'targetBytes',
+      'actualBytes',
+      'guestSizeBytes',
+      'balloonedBytes',
+      'hostResidentBytes',
+      'reclaimedBytes',
+      'discardInhibited',
+      'negotiatedQueues',
+      'pressureMessages',
+      'policyCooldownSeconds',
+      'statsAgeSeconds',
+      'statsStale',
     ]);
-    expect(s).to.include({ vm: 'vm0', connected: true, mode: 'manual', targetBytes: 16 * MiB, actualBytes: 16 * MiB, balloonedBytes: 16 * MiB, guestRamBytes: 64 * MiB, guestSizeBytes: 48 * MiB });
+    expect(s).to.include({
+      vm: 'vm0',
+      connected: true,
+      mode: 'manual',
+      targetBytes: 16 * MiB,
+      actualBytes: 16 * MiB,
+      balloonedBytes: 16 * MiB,
+      guestRamBytes: 64 * MiB,
+      guestSizeBytes: 48 * MiB,
+    });
     expect(s.negotiatedQueues).to.deep.equal(['inflate', 'deflate', 'stats', 'reporting']);
     expect(d.cli(['status']).stdout).to.match(/vm0\s+connected\s+manual\s+64 MiB\s+16 MiB\s+16 MiB\s+48 MiB/);
 
@@ -78,7 +108,10 @@ describe('daemon and CLI (real processes)', function () {
 
     const watch = d.cli(['watch', 'vm0', '--count', '2', '--interval', '100ms', '--json']);
     expect(watch.code).to.equal(0);
-    const frames = watch.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    const frames = watch.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
     expect(frames).to.have.length(2);
     expect(frames[1].vms[0]).to.include({ vm: 'vm0', actualBytes: 16 * MiB });
     expect(d.cli(['watch', 'vm0', '--count', '1']).stdout).to.contain('vm0');
@@ -91,7 +124,9 @@ describe('daemon and CLI (real processes)', function () {
     const list = JSON.parse(d.cli(['list', '--json']).stdout);
     expect(list).to.deep.equal([{ vm: 'vm0', connected: true, mode: 'manual', socket: d.vmSocket('vm0') }]);
     const q = d.cli(['qemu-args', 'vm0']);
-    expect(q.stdout).to.contain('vhost-user-test-device-pci,chardev=vb-vm0,virtio-id=5,num_vqs=5,vq_size=128,config_size=8');
+    expect(q.stdout).to.contain(
+      'vhost-user-test-device-pci,chardev=vb-vm0,virtio-id=5,num_vqs=5,vq_size=128,config_size=8',
+    );
     expect(q.stdout).to.contain('memory-backend-memfd,id=mem-vm0,size=64M,share=on');
   });
 
@@ -111,7 +146,9 @@ describe('daemon and CLI (real processes)', function () {
       expect(r.stderr).to.match(c.text);
       expect(r.stderr.trim().split('\n')).to.have.length(1);
     }
-    const r = spawnSync(process.execPath, [BIN, '--control', path.join(d.dir, 'nothing.sock'), 'status'], { encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [BIN, '--control', path.join(d.dir, 'nothing.sock'), 'status'], {
+      encoding: 'utf8',
+    });
     const noDaemon = { code: r.status, stderr: r.stderr };
     expect(noDaemon.code).to.equal(3);
     expect(noDaemon.stderr).to.match(/not running/);
@@ -131,17 +168,27 @@ describe('daemon and CLI (real processes)', function () {
     const families = parsePrometheus(await metrics(d.metricsPort));
     const byName = new Map(families.map((f) => [f.name, f]));
     const doc = fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'docs', 'metrics.md'), 'utf8');
-    const documented = [...doc.matchAll(/^\| `(vballoon_[a-z_]+)` \| (gauge|counter|histogram) \|/gm)].map((m) => ({ name: m[1]!, type: m[2]! }));
+    const documented = [...doc.matchAll(/^\| `(vballoon_[a-z_]+)` \| (gauge|counter|histogram) \|/gm)].map((m) => ({
+      name: m[1],
+      type: m[2],
+    }));
     expect(documented.length).to.be.greaterThan(25);
     for (const m of documented) {
       const f = byName.get(m.name);
       expect(f, `${m.name} missing`).to.not.equal(undefined);
       expect(f!.type.toLowerCase(), m.name).to.equal(m.type);
     }
-    for (const f of families) if (f.name.startsWith('vballoon_')) expect(documented.map((m) => m.name), `${f.name} undocumented`).to.include(f.name);
+    for (const f of families)
+      if (f.name.startsWith('vballoon_'))
+        expect(
+          documented.map((m) => m.name),
+          `${f.name} undocumented`,
+        ).to.include(f.name);
     expect(byName.has('process_cpu_user_seconds_total')).to.equal(true);
     const value = (name: string, labels: Record<string, string> = { vm: 'vm0' }) =>
-      Number(byName.get(name)!.metrics.find((x) => Object.entries(labels).every(([k, v]) => x.labels?.[k] === v))?.value);
+      Number(
+        byName.get(name)!.metrics.find((x) => Object.entries(labels).every(([k, v]) => x.labels?.[k] === v))?.value,
+      );
     expect(value('vballoon_connected')).to.equal(1);
     expect(value('vballoon_guest_ram_bytes')).to.equal(64 * MiB);
     expect(value('vballoon_guest_stat_bytes', { vm: 'vm0', stat: 'total_memory' })).to.equal(64 * MiB);
@@ -159,12 +206,14 @@ describe('daemon and CLI (real processes)', function () {
       const unknown = JSON.parse(await request(d.control, '{"id":7,"method":"explode"}\n'));
       expect(unknown).to.deep.include({ id: 7, ok: false });
       expect(unknown.error.code).to.equal('EUNKNOWNMETHOD');
-      const params = JSON.parse(await request(d.control, '{"id":8,"method":"set-target","params":{"vm":"vm0","bytes":"lots"}}\n'));
+      const params = JSON.parse(
+        await request(d.control, '{"id":8,"method":"set-target","params":{"vm":"vm0","bytes":"lots"}}\n'),
+      );
       expect(params.error.code).to.equal('EBADPARAMS');
       const notObject = JSON.parse(await request(d.control, '[1,2]\n'));
       expect(notObject.error.code).to.equal('EBADREQUEST');
       const huge = await request(d.control, Buffer.alloc(200 * 1024, 'x'));
-      expect(JSON.parse(huge.split('\n')[0]!).error.code).to.equal('ETOOLARGE');
+      expect(JSON.parse(huge.split('\n')[0]).error.code).to.equal('ETOOLARGE');
       const proto = JSON.parse(await request(d.control, '{"id":9,"method":"__proto__"}\n'));
       expect(proto.error.code).to.equal('EUNKNOWNMETHOD');
       // Nothing changed, the daemon still answers.
@@ -230,12 +279,20 @@ describe('daemon and CLI (real processes)', function () {
     await d.start({ vms: [VM(d)] });
     fs.writeFileSync(
       path.join(d.dir, 'config.json'),
-      JSON.stringify({ control: { socket: d.control }, metrics: { host: '127.0.0.1', port: 0 }, log: { format: 'json' }, vms: [VM(d, { policy: 'auto' }), { name: 'vm1', socket: d.vmSocket('vm1') }] }),
+      JSON.stringify({
+        control: { socket: d.control },
+        metrics: { host: '127.0.0.1', port: 0 },
+        log: { format: 'json' },
+        vms: [VM(d, { policy: 'auto' }), { name: 'vm1', socket: d.vmSocket('vm1') }],
+      }),
     );
     d.signal('SIGHUP');
     await d.waitLog((l) => l.msg === 'configuration reloaded');
     const list = JSON.parse(d.cli(['list', '--json']).stdout);
-    expect(list.map((v: { vm: string; mode: string }) => `${v.vm}:${v.mode}`)).to.deep.equal(['vm0:auto', 'vm1:manual']);
+    expect(list.map((v: { vm: string; mode: string }) => `${v.vm}:${v.mode}`)).to.deep.equal([
+      'vm0:auto',
+      'vm1:manual',
+    ]);
     fs.writeFileSync(path.join(d.dir, 'config.json'), '{"vms": [{"name": 7}]}');
     d.signal('SIGHUP');
     await d.waitLog((l) => l.msg.startsWith('reload refused'));

@@ -24,7 +24,15 @@ export class DaemonProcess {
 
   configFile(config: Record<string, unknown>): string {
     const file = path.join(this.dir, 'config.json');
-    fs.writeFileSync(file, JSON.stringify({ control: { socket: this.control }, metrics: { host: '127.0.0.1', port: 0 }, log: { format: 'json', level: 'debug' }, ...config }));
+    fs.writeFileSync(
+      file,
+      JSON.stringify({
+        control: { socket: this.control },
+        metrics: { host: '127.0.0.1', port: 0 },
+        log: { format: 'json', level: 'debug' },
+        ...config,
+      }),
+    );
     return file;
   }
 
@@ -35,7 +43,9 @@ export class DaemonProcess {
   /** Starts the daemon and waits for its "started" line. */
   async start(config: Record<string, unknown>, extraArgs: string[] = []): Promise<void> {
     const file = this.configFile(config);
-    const proc = spawn(process.execPath, [BIN, 'serve', '--config', file, ...extraArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const proc = spawn(process.execPath, [BIN, 'serve', '--config', file, ...extraArgs], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.proc = proc;
     this.exitCode = undefined;
     // Only this process's exit counts (a previous daemon's late exit event must not).
@@ -46,8 +56,8 @@ export class DaemonProcess {
       }),
     );
     let buffered = '';
-    proc.stderr!.setEncoding('utf8');
-    proc.stderr!.on('data', (chunk: string) => {
+    proc.stderr.setEncoding('utf8');
+    proc.stderr.on('data', (chunk: string) => {
       buffered += chunk;
       for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
         const line = buffered.slice(0, nl);
@@ -70,22 +80,30 @@ export class DaemonProcess {
     for (;;) {
       const hit = this.logs.find(pred);
       if (hit !== undefined) return hit;
-      if (this.exitCode !== undefined) throw new Error(`daemon exited (${this.exitCode}); logs: ${this.logs.map((l) => l.msg).join(' | ')}`);
-      if (Date.now() - start > timeoutMs) throw new Error(`log line not seen; logs: ${this.logs.map((l) => l.msg).join(' | ')}`);
+      if (this.exitCode !== undefined)
+        throw new Error(`daemon exited (${this.exitCode}); logs: ${this.logs.map((l) => l.msg).join(' | ')}`);
+      if (Date.now() - start > timeoutMs)
+        throw new Error(`log line not seen; logs: ${this.logs.map((l) => l.msg).join(' | ')}`);
       await new Promise((r) => setTimeout(r, 20));
     }
   }
 
   /** Runs the CLI against this daemon. */
   cli(args: string[], options: SpawnSyncOptions = {}): { code: number | null; stdout: string; stderr: string } {
-    const r = spawnSync(process.execPath, [BIN, '--control', this.control, ...args], { encoding: 'utf8', timeout: 30_000, ...options });
+    const r = spawnSync(process.execPath, [BIN, '--control', this.control, ...args], {
+      encoding: 'utf8',
+      timeout: 30_000,
+      ...options,
+    });
     return { code: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
   }
 
   /** Runs the CLI asynchronously (for --wait while the test drives a guest). */
   cliAsync(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
     return new Promise((resolve) => {
-      const p = spawn(process.execPath, [BIN, '--control', this.control, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const p = spawn(process.execPath, [BIN, '--control', this.control, ...args], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
       let stdout = '';
       let stderr = '';
       p.stdout.on('data', (d) => (stdout += d));

@@ -25,7 +25,12 @@ interface Rig {
 async function rig(deviceOptions: BalloonOptions = {}, guestOptions: Partial<BalloonGuestOptions> = {}): Promise<Rig> {
   const device = new BalloonDevice(deviceOptions);
   const fx = startBackend(device);
-  const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB, ...guestOptions });
+  const guest = await BalloonGuest.boot(fx.socketPath, {
+    mode: 'stock',
+    numQueues: device.numQueues,
+    ramBytes: 64 * MiB,
+    ...guestOptions,
+  });
   return {
     device,
     fx,
@@ -139,7 +144,7 @@ describe('virtio-balloon device', () => {
       expect(events.length).to.be.greaterThan(0);
       expect(guest.targetsAfterPressure.length).to.be.greaterThan(0);
       for (const seen of guest.targetsAfterPressure) expect(seen.target).to.equal(seen.actual);
-      expect(guest.targetsAfterPressure[0]!.target).to.equal(events[0]!.actualPages);
+      expect(guest.targetsAfterPressure[0].target).to.equal(events[0].actualPages);
       expect(device.target).to.be.lessThan(56 * PAGES_PER_MIB);
       expect(eaten.pages).to.be.greaterThan(0);
       const snap = device.snapshot();
@@ -184,8 +189,22 @@ describe('virtio-balloon device', () => {
       await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
       const s = device.snapshot().stats;
       expect(Object.keys(s.values)).to.deep.equal([
-        'swap_in', 'swap_out', 'major_faults', 'minor_faults', 'free_memory', 'total_memory', 'available_memory', 'disk_caches',
-        'hugetlb_allocations', 'hugetlb_failures', 'oom_kills', 'alloc_stalls', 'async_scans', 'direct_scans', 'async_reclaims', 'direct_reclaims',
+        'swap_in',
+        'swap_out',
+        'major_faults',
+        'minor_faults',
+        'free_memory',
+        'total_memory',
+        'available_memory',
+        'disk_caches',
+        'hugetlb_allocations',
+        'hugetlb_failures',
+        'oom_kills',
+        'alloc_stalls',
+        'async_scans',
+        'direct_scans',
+        'async_reclaims',
+        'direct_reclaims',
       ]);
       expect(s.values['total_memory']).to.equal(64 * MiB);
       expect(s.values['free_memory']).to.equal(guest.freePages * 4096);
@@ -205,7 +224,13 @@ describe('virtio-balloon device', () => {
       const { device, guest } = r;
       await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
       const buf = guest.fe.ram.alloc(20);
-      guest.fe.ram.memory.write(buf, encodeStats([[4, 12345], [99, 7]]));
+      guest.fe.ram.memory.write(
+        buf,
+        encodeStats([
+          [4, 12345],
+          [99, 7],
+        ]),
+      );
       guest.driver('stats').addBuffer([{ addr: buf, len: 20 }]);
       guest.driver('stats').kick();
       await until(() => device.snapshot().statsQueue.updates === 2, 'second stats buffer');
@@ -331,8 +356,18 @@ describe('virtio-balloon device', () => {
       try {
         await guest.fe.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 4, num: 8 });
         const a = d.userAddrs;
-        await guest.fe.request(FrontendRequest.SET_VRING_ADDR, { kind: 'vring-addr', index: 4, flags: 0, desc: a.desc, used: a.used, avail: a.avail, log: 0n });
-        await guest.fe.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 4, noFd: false }, [d.kickFd]);
+        await guest.fe.request(FrontendRequest.SET_VRING_ADDR, {
+          kind: 'vring-addr',
+          index: 4,
+          flags: 0,
+          desc: a.desc,
+          used: a.used,
+          avail: a.avail,
+          log: 0n,
+        });
+        await guest.fe.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 4, noFd: false }, [
+          d.kickFd,
+        ]);
         d.addBuffer([{ addr: guest.fe.ram.alloc(8), len: 8 }]);
         d.kick();
         await until(() => (device.snapshot().invalid.kick_unused_queue ?? 0) > 0, 'unused-queue kick counted');
@@ -349,7 +384,13 @@ describe('virtio-balloon device', () => {
     const device = new BalloonDevice();
     const fx = startBackend(device);
     const ram = new GuestRam({ sizeBytes: 64 * MiB, layout: 'flat' });
-    const boot = (withRam?: GuestRam) => BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB, ...(withRam ? { ram: withRam } : {}) });
+    const boot = (withRam?: GuestRam) =>
+      BalloonGuest.boot(fx.socketPath, {
+        mode: 'stock',
+        numQueues: device.numQueues,
+        ramBytes: 64 * MiB,
+        ...(withRam ? { ram: withRam } : {}),
+      });
     let guest = await boot(ram);
     try {
       device.setTargetPages(4 * PAGES_PER_MIB);
@@ -401,23 +442,51 @@ describe('virtio-balloon device', () => {
 
 describe('balloon queue layouts (every combination of negotiated optional features)', () => {
   const optional = ['statsQueue', 'pageReporting', 'messageQueue'] as const;
-  const combos: Array<{ offer: Record<(typeof optional)[number], boolean>; refuse: number[]; messageBit: 'vballoon' | 'seed' }> = [];
+  const combos: Array<{
+    offer: Record<(typeof optional)[number], boolean>;
+    refuse: number[];
+    messageBit: 'vballoon' | 'seed';
+  }> = [];
   for (let mask = 0; mask < 8; mask++) {
     const offer = { statsQueue: (mask & 1) !== 0, pageReporting: (mask & 2) !== 0, messageQueue: (mask & 4) !== 0 };
     combos.push({ offer, refuse: [], messageBit: 'vballoon' });
     if (offer.messageQueue) combos.push({ offer, refuse: [], messageBit: 'seed' });
   }
   // Offered but refused by the driver: the layout follows what was negotiated.
-  combos.push({ offer: { statsQueue: true, pageReporting: true, messageQueue: true }, refuse: [1], messageBit: 'vballoon' });
-  combos.push({ offer: { statsQueue: true, pageReporting: true, messageQueue: true }, refuse: [5], messageBit: 'vballoon' });
-  combos.push({ offer: { statsQueue: true, pageReporting: true, messageQueue: true }, refuse: [1, 5], messageBit: 'seed' });
+  combos.push({
+    offer: { statsQueue: true, pageReporting: true, messageQueue: true },
+    refuse: [1],
+    messageBit: 'vballoon',
+  });
+  combos.push({
+    offer: { statsQueue: true, pageReporting: true, messageQueue: true },
+    refuse: [5],
+    messageBit: 'vballoon',
+  });
+  combos.push({
+    offer: { statsQueue: true, pageReporting: true, messageQueue: true },
+    refuse: [1, 5],
+    messageBit: 'seed',
+  });
 
   for (const c of combos) {
-    const name = `${Object.entries(c.offer).filter(([, v]) => v).map(([k]) => k).join('+') || 'none'} (${c.messageBit} bit${c.refuse.length ? `, driver refuses ${c.refuse.join(',')}` : ''})`;
+    const name = `${
+      Object.entries(c.offer)
+        .filter(([, v]) => v)
+        .map(([k]) => k)
+        .join('+') || 'none'
+    } (${c.messageBit} bit${c.refuse.length ? `, driver refuses ${c.refuse.join(',')}` : ''})`;
     it(name, async () => {
       const device = new BalloonDevice({ ...c.offer, messageBit: c.messageBit });
       const fx = startBackend(device);
-      const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'seed', messageBit: c.messageBit === 'seed' ? 2 : 20, numQueues: device.numQueues, ramBytes: 32 * MiB, refuse: c.refuse, pressureWaitMs: 100 });
+      const guest = await BalloonGuest.boot(fx.socketPath, {
+        mode: 'seed',
+        messageBit: c.messageBit === 'seed' ? 2 : 20,
+        numQueues: device.numQueues,
+        ramBytes: 32 * MiB,
+        refuse: c.refuse,
+        pressureWaitMs: 100,
+      });
       try {
         expect(device.numQueues).to.equal(2 + Object.values(c.offer).filter(Boolean).length);
         const guestLayout = [...guest.queues.entries()].sort((a, b) => a[1] - b[1]).map(([role]) => role);

@@ -23,8 +23,12 @@ const status = (d: DaemonProcess) => JSON.parse(d.cli(['status', 'vm0', '--json'
 
 async function boot(vm: Record<string, unknown>, policy: Record<string, unknown> = {}): Promise<Rig> {
   const d = new DaemonProcess();
-  await d.start({ policy, vms: [{ name: 'vm0', socket: d.vmSocket('vm0'), memory: '1G', statsInterval: '1s', ...vm }] });
-  const numVqs = 2 + (vm['stats'] === false ? 0 : 1) + (vm['reporting'] === false ? 0 : 1) + (vm['messageQueue'] === false ? 0 : 1);
+  await d.start({
+    policy,
+    vms: [{ name: 'vm0', socket: d.vmSocket('vm0'), memory: '1G', statsInterval: '1s', ...vm }],
+  });
+  const numVqs =
+    2 + (vm['stats'] === false ? 0 : 1) + (vm['reporting'] === false ? 0 : 1) + (vm['messageQueue'] === false ? 0 : 1);
   const g = new QemuGuest(env!, { socketPath: d.vmSocket('vm0'), memMiB: 1024, numVqs, configSize: 8 });
   await g.boot();
   await until(() => status(d).negotiatedQueues.length > 0, 'driver bound', 20_000);
@@ -47,7 +51,7 @@ async function metric(d: DaemonProcess, name: string, labels: Record<string, str
 /** Touches (and frees) as much guest memory as it can spare, so host memory is really used. */
 async function touchFreeMemory(g: QemuGuest): Promise<void> {
   const mem = await g.meminfo();
-  const mib = Math.floor((mem['MemAvailable']! - 48 * MiB) / MiB);
+  const mib = Math.floor((mem['MemAvailable'] - 48 * MiB) / MiB);
   const r = await g.run(`/bin/eater ${mib} 16 0 0`, 120_000);
   expect(r.lines.join('\n')).to.contain('EATER DONE');
 }
@@ -68,7 +72,7 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       const { g, d } = r!;
       const bound = await g.run('ls /sys/bus/virtio/drivers/virtio_balloon/');
       expect(bound.lines.join(' ')).to.match(/virtio\d/);
-      const features = (await g.run('cat /sys/bus/virtio/devices/virtio*/features')).lines[0]!;
+      const features = (await g.run('cat /sys/bus/virtio/devices/virtio*/features')).lines[0];
       // Guest view (bit 0 first): MUST_TELL_HOST, STATS_VQ acked; DEFLATE_ON_OOM, REPORTING not offered.
       expect(features[0]).to.equal('1');
       expect(features[1]).to.equal('1');
@@ -93,7 +97,7 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       const s = status(d);
       expect(s.actualBytes).to.equal(512 * MiB);
       expect(s.targetBytes).to.equal(512 * MiB);
-      const memTotal1 = (await g.meminfo())['MemTotal']!;
+      const memTotal1 = (await g.meminfo())['MemTotal'];
       expect(memTotal0 - memTotal1).to.equal(512 * MiB);
       const released = resident0 - s.hostResidentBytes;
       expect(released, `released ${released} of ${512 * MiB}`).to.be.at.least(0.95 * 512 * MiB);
@@ -102,12 +106,18 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
     it('8. metrics agree with what the guest reports', async () => {
       const { g, d } = r!;
       const mem = await g.meminfo();
-      expect(await metric(d, 'vballoon_actual_bytes')).to.equal(memTotal0 - mem['MemTotal']!);
+      expect(await metric(d, 'vballoon_actual_bytes')).to.equal(memTotal0 - mem['MemTotal']);
       expect(await metric(d, 'vballoon_target_bytes')).to.equal(512 * MiB);
       expect(await metric(d, 'vballoon_ballooned_bytes')).to.equal(512 * MiB);
       expect(await metric(d, 'vballoon_connected')).to.equal(1);
-      await until(() => JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).stats.total_memory === mem['MemTotal'], 'stats catch up', 10_000);
-      expect(await metric(d, 'vballoon_guest_stat_bytes', { vm: 'vm0', stat: 'total_memory' })).to.equal(mem['MemTotal']);
+      await until(
+        () => JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).stats.total_memory === mem['MemTotal'],
+        'stats catch up',
+        10_000,
+      );
+      expect(await metric(d, 'vballoon_guest_stat_bytes', { vm: 'vm0', stat: 'total_memory' })).to.equal(
+        mem['MemTotal'],
+      );
       expect(await metric(d, 'vballoon_host_resident_bytes')).to.equal(status(d).hostResidentBytes);
     });
 
@@ -131,16 +141,16 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
         await new Promise((res) => setTimeout(res, 200));
       }
       const sorted = [...stamps].sort((x, y) => x - y);
-      const gaps = sorted.slice(1).map((v, i) => v - sorted[i]!);
+      const gaps = sorted.slice(1).map((v, i) => v - sorted[i]);
       expect(gaps.length, `updates at ${sorted.join(', ')}`).to.be.at.least(3);
-      const median = [...gaps].sort((x, y) => x - y)[Math.floor(gaps.length / 2)]!;
+      const median = [...gaps].sort((x, y) => x - y)[Math.floor(gaps.length / 2)];
       expect(median).to.be.within(900, 1600);
       const b = JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout);
       expect(b.ageSeconds).to.be.below(2.5);
       const mem = await g.meminfo();
       expect(b.stats.total_memory).to.equal(mem['MemTotal']);
-      expect(Math.abs(b.stats.free_memory - mem['MemFree']!)).to.be.below(0.05 * mem['MemTotal']!);
-      expect(Math.abs(b.stats.available_memory - mem['MemAvailable']!)).to.be.below(0.05 * mem['MemTotal']!);
+      expect(Math.abs(b.stats.free_memory - mem['MemFree'])).to.be.below(0.05 * mem['MemTotal']);
+      expect(Math.abs(b.stats.available_memory - mem['MemAvailable'])).to.be.below(0.05 * mem['MemTotal']);
       expect(await metric(d, 'vballoon_guest_stats_age_seconds')).to.be.below(2.5);
     });
   });
@@ -173,7 +183,7 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       const set = await d.cliAsync(['set-target', 'vm0', '700M', '--wait', '--timeout', '90s']);
       expect(set.code, set.stderr).to.equal(0);
       expect(d.cli(['mode', 'vm0', 'auto']).code).to.equal(0);
-      const free = (await g.meminfo())['MemAvailable']!;
+      const free = (await g.meminfo())['MemAvailable'];
       // Eat well beyond what is free, a little at a time (2 MiB every 40 ms).
       const want = Math.round(free / MiB) + 250;
       const eat = await g.run(`/bin/eater ${want} 2 40 0; echo EXIT=$?`, 180_000);
@@ -181,7 +191,9 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       expect(out, out).to.contain(`EATER DONE ${want} MiB`);
       const oom = await g.run('dmesg | grep -c "Out of memory" || true');
       expect(oom.lines[0]).to.equal('0');
-      const inferred = d.logs.filter((l) => l.msg === 'policy sets balloon target' && String(l['reason']).startsWith('guest_'));
+      const inferred = d.logs.filter(
+        (l) => l.msg === 'policy sets balloon target' && String(l['reason']).startsWith('guest_'),
+      );
       expect(inferred.length, d.logs.map((l) => `${l.msg} ${l['reason'] ?? ''}`).join('\n')).to.be.greaterThan(0);
       expect(status(d).targetBytes).to.be.lessThan(700 * MiB);
     } finally {
@@ -216,9 +228,19 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
 
   it('7b. daemon restarted while QEMU runs: the daemon reconnects on its own; QEMU 11.1 does not survive it (docs/qemu.md)', async () => {
     const d = new DaemonProcess();
-    const cfg = { vms: [{ name: 'vm0', connect: true, socket: d.vmSocket('vm0'), memory: '1G', statsInterval: '1s', reporting: false }] };
+    const cfg = {
+      vms: [
+        { name: 'vm0', connect: true, socket: d.vmSocket('vm0'), memory: '1G', statsInterval: '1s', reporting: false },
+      ],
+    };
     // QEMU listens (server=on,wait=on) and the daemon connects, so that either side can come back.
-    const g = new QemuGuest(env!, { socketPath: d.vmSocket('vm0'), memMiB: 1024, numVqs: 4, configSize: 8, chardevExtra: 'server=on,wait=on' });
+    const g = new QemuGuest(env!, {
+      socketPath: d.vmSocket('vm0'),
+      memMiB: 1024,
+      numVqs: 4,
+      configSize: 8,
+      chardevExtra: 'server=on,wait=on',
+    });
     const booting = g.boot();
     try {
       await new Promise((res) => setTimeout(res, 300));
@@ -230,7 +252,9 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       await d.waitLog((l) => l.msg === 'connected to front-end', 20_000);
       const outcome = await Promise.race([
         g.exited.then(() => 'qemu-exited'),
-        d.waitLog((l) => String(l.msg).startsWith('front-end resumed without negotiating'), 20_000).then(() => 'resumed'),
+        d
+          .waitLog((l) => String(l.msg).startsWith('front-end resumed without negotiating'), 20_000)
+          .then(() => 'resumed'),
       ]);
       if (outcome === 'qemu-exited' || g.exitCode !== undefined) {
         // QEMU 11.1.3: vhost_dev_start asserts (hdev->vhost_ops) on the new connection.

@@ -38,8 +38,8 @@ describe('native addon', () => {
       expect(got.fds).to.have.length(12);
       expect(got.truncated).to.equal(false);
       // The received descriptor is the same eventfd.
-      native.eventfdWrite(efds[0]!, 5);
-      expect(native.eventfdRead(got.fds[0]!)).to.equal(5);
+      native.eventfdWrite(efds[0], 5);
+      expect(native.eventfdRead(got.fds[0])).to.equal(5);
       for (const fd of got.fds) native.close(fd);
       expect(native.recvmsg(b, 4096)).to.equal(null);
     } finally {

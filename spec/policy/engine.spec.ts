@@ -1,6 +1,15 @@
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { DEFAULT_POLICY, GuestSample, initialState, PolicyAction, PolicyEvent, PolicyState, SetTargetAction, step } from '../../lib/policy/engine';
+import {
+  DEFAULT_POLICY,
+  GuestSample,
+  initialState,
+  PolicyAction,
+  PolicyEvent,
+  PolicyState,
+  SetTargetAction,
+  step,
+} from '../../lib/policy/engine';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -22,9 +31,18 @@ class Sim {
     return r.actions;
   }
   vm(name = 'vm0') {
-    return this.state.vms[name]!;
+    return this.state.vms[name];
   }
-  add(name: string, opts: { ramBytes?: number; mode?: 'auto' | 'manual'; operatorBytes?: number; targetBytes?: number; actualBytes?: number } = {}): void {
+  add(
+    name: string,
+    opts: {
+      ramBytes?: number;
+      mode?: 'auto' | 'manual';
+      operatorBytes?: number;
+      targetBytes?: number;
+      actualBytes?: number;
+    } = {},
+  ): void {
     this.at(this.now, {
       kind: 'vm-added',
       vm: name,
@@ -40,7 +58,8 @@ class Sim {
   }
 }
 
-const targets = (actions: PolicyAction[]): SetTargetAction[] => actions.filter((a): a is SetTargetAction => a.kind === 'set-target');
+const targets = (actions: PolicyAction[]): SetTargetAction[] =>
+  actions.filter((a): a is SetTargetAction => a.kind === 'set-target');
 
 describe('policy engine: scenarios over simulated time', () => {
   it('manual mode obeys the operator exactly and only reports what auto mode would do', () => {
@@ -50,7 +69,7 @@ describe('policy engine: scenarios over simulated time', () => {
     sim.at(1000, { kind: 'operator-target', vm: 'vm0', pages: P(2 * GiB) });
     expect(sim.vm().targetPages).to.equal(P(2 * GiB));
     const r = sim.at(2000, { kind: 'pressure', vm: 'vm0' });
-    expect(r).to.deep.equal([{ kind: 'report', vm: 'vm0', reason: 'guest_pressure_message', inputs: r[0]!.inputs }]);
+    expect(r).to.deep.equal([{ kind: 'report', vm: 'vm0', reason: 'guest_pressure_message', inputs: r[0].inputs }]);
     expect(sim.vm().targetPages).to.equal(P(2 * GiB));
   });
 
@@ -65,8 +84,8 @@ describe('policy engine: scenarios over simulated time', () => {
     sim.stats(2500, 'vm0', { availableBytes: 2 * GiB, totalBytes: 4 * GiB });
     const r = sim.at(3000, { kind: 'tick' });
     expect(targets(r)).to.have.length(1);
-    expect(targets(r)[0]!.reason).to.equal('reinflate');
-    expect(targets(r)[0]!.pages - P(512 * MiB)).to.equal(P(DEFAULT_POLICY.reinflateStepBytes));
+    expect(targets(r)[0].reason).to.equal('reinflate');
+    expect(targets(r)[0].pages - P(512 * MiB)).to.equal(P(DEFAULT_POLICY.reinflateStepBytes));
   });
 
   it('re-inflation stops at the guest free floor and without fresh stats', () => {
@@ -93,14 +112,14 @@ describe('policy engine: scenarios over simulated time', () => {
     sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB, actualBytes: 1 * GiB });
     const [a] = targets(sim.at(1000, { kind: 'pressure', vm: 'vm0' }));
     // target := actual (1 GiB), minus max(64 MiB, 25% of 1 GiB) = 256 MiB.
-    expect(a!.pages).to.equal(P(1 * GiB) - P(256 * MiB));
-    expect(a!.reason).to.equal('guest_pressure_message');
-    expect(a!.inputs).to.include({ streak: 1, cooldownMs: DEFAULT_POLICY.cooldownBaseMs });
+    expect(a.pages).to.equal(P(1 * GiB) - P(256 * MiB));
+    expect(a.reason).to.equal('guest_pressure_message');
+    expect(a.inputs).to.include({ streak: 1, cooldownMs: DEFAULT_POLICY.cooldownBaseMs });
     // A small balloon deflates by the floor step, never below zero.
     const small = new Sim();
     small.add('vm0', { operatorBytes: 100 * MiB, targetBytes: 100 * MiB });
-    expect(targets(small.at(10, { kind: 'pressure', vm: 'vm0' }))[0]!.pages).to.equal(P(100 * MiB) - P(64 * MiB));
-    expect(targets(small.at(20, { kind: 'pressure', vm: 'vm0' }))[0]!.pages).to.equal(0);
+    expect(targets(small.at(10, { kind: 'pressure', vm: 'vm0' }))[0].pages).to.equal(P(100 * MiB) - P(64 * MiB));
+    expect(targets(small.at(20, { kind: 'pressure', vm: 'vm0' }))[0].pages).to.equal(0);
   });
 
   it('repeated pressure grows the step and the cooldown (bounded); calm time decays them', () => {
@@ -150,11 +169,38 @@ describe('policy engine: scenarios over simulated time', () => {
 
   describe('inferred pressure for guests without the message queue', () => {
     const cases: Array<{ name: string; reason: string; before: GuestSample; after: GuestSample; gapMs?: number }> = [
-      { name: 'an OOM kill', reason: 'guest_oom_kill', before: { oomKills: 0, availableBytes: 2 * GiB }, after: { oomKills: 1, availableBytes: 2 * GiB } },
-      { name: 'allocation stalls', reason: 'guest_alloc_stall', before: { allocStalls: 10, availableBytes: 2 * GiB }, after: { allocStalls: 11, availableBytes: 2 * GiB } },
-      { name: 'swap-in at 1 MiB/s or more', reason: 'guest_swap_in', before: { swapInBytes: 0, availableBytes: 2 * GiB }, after: { swapInBytes: 5 * MiB, availableBytes: 2 * GiB }, gapMs: 5000 },
-      { name: 'major faults with little available memory', reason: 'guest_major_faults', before: { majorFaults: 0, availableBytes: 500 * MiB }, after: { majorFaults: 2000, availableBytes: 500 * MiB }, gapMs: 5000 },
-      { name: 'available memory under the floor', reason: 'guest_low_available', before: { availableBytes: 2 * GiB }, after: { availableBytes: 100 * MiB } },
+      {
+        name: 'an OOM kill',
+        reason: 'guest_oom_kill',
+        before: { oomKills: 0, availableBytes: 2 * GiB },
+        after: { oomKills: 1, availableBytes: 2 * GiB },
+      },
+      {
+        name: 'allocation stalls',
+        reason: 'guest_alloc_stall',
+        before: { allocStalls: 10, availableBytes: 2 * GiB },
+        after: { allocStalls: 11, availableBytes: 2 * GiB },
+      },
+      {
+        name: 'swap-in at 1 MiB/s or more',
+        reason: 'guest_swap_in',
+        before: { swapInBytes: 0, availableBytes: 2 * GiB },
+        after: { swapInBytes: 5 * MiB, availableBytes: 2 * GiB },
+        gapMs: 5000,
+      },
+      {
+        name: 'major faults with little available memory',
+        reason: 'guest_major_faults',
+        before: { majorFaults: 0, availableBytes: 500 * MiB },
+        after: { majorFaults: 2000, availableBytes: 500 * MiB },
+        gapMs: 5000,
+      },
+      {
+        name: 'available memory under the floor',
+        reason: 'guest_low_available',
+        before: { availableBytes: 2 * GiB },
+        after: { availableBytes: 100 * MiB },
+      },
     ];
     for (const c of cases) {
       it(c.name, () => {
@@ -164,7 +210,7 @@ describe('policy engine: scenarios over simulated time', () => {
         expect(targets(sim.actions).filter((a) => a.reason !== 'operator')).to.have.length(0);
         const [a] = targets(sim.stats(1000 + (c.gapMs ?? 5000), 'vm0', c.after));
         expect(a?.reason).to.equal(c.reason);
-        expect(a!.pages).to.be.lessThan(P(2 * GiB));
+        expect(a.pages).to.be.lessThan(P(2 * GiB));
       });
     }
 
@@ -172,7 +218,9 @@ describe('policy engine: scenarios over simulated time', () => {
       const sim = new Sim();
       sim.add('vm0', { operatorBytes: 1 * GiB, targetBytes: 1 * GiB });
       sim.stats(0, 'vm0', { swapInBytes: 0, majorFaults: 0, availableBytes: 2 * GiB });
-      expect(targets(sim.stats(10_000, 'vm0', { swapInBytes: 1 * MiB, majorFaults: 50_000, availableBytes: 2 * GiB }))).to.have.length(0);
+      expect(
+        targets(sim.stats(10_000, 'vm0', { swapInBytes: 1 * MiB, majorFaults: 50_000, availableBytes: 2 * GiB })),
+      ).to.have.length(0);
     });
 
     it('a deflate the host did not ask for (DEFLATE_ON_OOM)', () => {
@@ -265,16 +313,44 @@ describe('policy engine: invariants (property tests)', () => {
       e: fc.oneof(
         fc.record({ kind: fc.constant('tick' as const) }),
         fc.record({ kind: fc.constant('pressure' as const), vm: fc.constantFrom(...vms) }),
-        fc.record({ kind: fc.constant('operator-target' as const), vm: fc.constantFrom(...vms), pages: fc.integer({ min: 0, max: P(4 * GiB) }) }),
-        fc.record({ kind: fc.constant('mode' as const), vm: fc.constantFrom(...vms), mode: fc.constantFrom('auto' as const, 'manual' as const) }),
+        fc.record({
+          kind: fc.constant('operator-target' as const),
+          vm: fc.constantFrom(...vms),
+          pages: fc.integer({ min: 0, max: P(4 * GiB) }),
+        }),
+        fc.record({
+          kind: fc.constant('mode' as const),
+          vm: fc.constantFrom(...vms),
+          mode: fc.constantFrom('auto' as const, 'manual' as const),
+        }),
         fc.record({
           kind: fc.constant('stats' as const),
           vm: fc.constantFrom(...vms),
-          sample: fc.record({ availableBytes: fc.integer({ min: 0, max: 4 * GiB }), oomKills: fc.nat({ max: 3 }), allocStalls: fc.nat({ max: 50 }), swapInBytes: fc.nat({ max: 100 * MiB }), majorFaults: fc.nat({ max: 10000 }) }),
+          sample: fc.record({
+            availableBytes: fc.integer({ min: 0, max: 4 * GiB }),
+            oomKills: fc.nat({ max: 3 }),
+            allocStalls: fc.nat({ max: 50 }),
+            swapInBytes: fc.nat({ max: 100 * MiB }),
+            majorFaults: fc.nat({ max: 10000 }),
+          }),
         }),
-        fc.record({ kind: fc.constant('progress' as const), vm: fc.constantFrom(...vms), actualPages: fc.integer({ min: 0, max: P(4 * GiB) }) }),
-        fc.record({ kind: fc.constant('deflate' as const), vm: fc.constantFrom(...vms), pages: fc.nat({ max: 256 }), unrequested: fc.boolean() }),
-        fc.record({ kind: fc.constant('host' as const), memTotalBytes: fc.constant(16 * GiB), memAvailableBytes: fc.integer({ min: 0, max: 16 * GiB }), psiSomeAvg10: fc.integer({ min: 0, max: 100 }) }),
+        fc.record({
+          kind: fc.constant('progress' as const),
+          vm: fc.constantFrom(...vms),
+          actualPages: fc.integer({ min: 0, max: P(4 * GiB) }),
+        }),
+        fc.record({
+          kind: fc.constant('deflate' as const),
+          vm: fc.constantFrom(...vms),
+          pages: fc.nat({ max: 256 }),
+          unrequested: fc.boolean(),
+        }),
+        fc.record({
+          kind: fc.constant('host' as const),
+          memTotalBytes: fc.constant(16 * GiB),
+          memAvailableBytes: fc.integer({ min: 0, max: 16 * GiB }),
+          psiSomeAvg10: fc.integer({ min: 0, max: 100 }),
+        }),
       ),
     });
 
@@ -291,8 +367,8 @@ describe('policy engine: invariants (property tests)', () => {
           const before = sim.state;
           const r = step(before, e, now);
           for (const a of targets(r.actions)) {
-            const vmBefore = before.vms[a.vm]!;
-            const vmAfter = r.state.vms[a.vm]!;
+            const vmBefore = before.vms[a.vm];
+            const vmAfter = r.state.vms[a.vm];
             expect(a.pages).to.be.at.least(0);
             expect(Number.isInteger(a.pages)).to.equal(true);
             expect(a.pages).to.be.at.most(vmAfter.operatorPages);
@@ -301,7 +377,10 @@ describe('policy engine: invariants (property tests)', () => {
               // The increase fits in what the guest had above its floor (fresh stats required).
               const s = vmBefore.sample!;
               expect(s, 'inflate without stats').to.not.equal(undefined);
-              const floor = Math.max(DEFAULT_POLICY.guestFloorBytes, DEFAULT_POLICY.guestFloorFraction * vmBefore.guestRamPages * 4096);
+              const floor = Math.max(
+                DEFAULT_POLICY.guestFloorBytes,
+                DEFAULT_POLICY.guestFloorFraction * vmBefore.guestRamPages * 4096,
+              );
               const room = s.availableBytes! - Math.max(0, a.previous - s.actualPages) * 4096 - floor;
               expect((a.pages - a.previous) * 4096, 'inflate below the floor').to.be.at.most(room + 4096);
             }
@@ -331,7 +410,14 @@ describe('policy engine: invariants (property tests)', () => {
             actual = sim.vm().targetPages;
             sim.at(t, { kind: 'progress', vm: 'vm0', actualPages: actual });
             const available = Math.max(0, ram - usedMiB * MiB - actual * 4096);
-            if (t % 5000 === 0) sim.stats(t, 'vm0', { availableBytes: available, oomKills: 0, allocStalls: 0, swapInBytes: 0, majorFaults: 0 });
+            if (t % 5000 === 0)
+              sim.stats(t, 'vm0', {
+                availableBytes: available,
+                oomKills: 0,
+                allocStalls: 0,
+                swapInBytes: 0,
+                majorFaults: 0,
+              });
             sim.at(t, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: hostGiB * GiB });
             for (const a of targets(sim.at(t + 1, { kind: 'tick' })).concat()) {
               const dir = Math.sign(a.pages - a.previous);
@@ -339,7 +425,7 @@ describe('policy engine: invariants (property tests)', () => {
               if (dir !== 0) lastDirection = dir;
             }
           }
-          for (const a of targets(sim.actions)) void a;
+          for (const a of targets(sim.actions)) a;
           expect(directionChanges).to.be.at.most(2);
         },
       ),

@@ -39,10 +39,22 @@ async function scenario(guestOptions: Partial<BalloonGuestOptions>) {
   const device = new BalloonDevice({ statsIntervalMs: 100, log });
   const fx = startBackend(device);
   const actions: PolicyAction[] = [];
-  const loop = new PolicyLoop({ tickMs: 50, config: SMALL_GUEST, host: hostUnderPressure, log, onAction: (a) => actions.push(a) });
+  const loop = new PolicyLoop({
+    tickMs: 50,
+    config: SMALL_GUEST,
+    host: hostUnderPressure,
+    log,
+    onAction: (a) => actions.push(a),
+  });
   loop.addVm('vm0', device, 'auto', 48 * PAGES_PER_MIB);
   loop.start();
-  const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'stock', numQueues: device.numQueues, ramBytes: 64 * MiB, pressureWaitMs: 3000, ...guestOptions });
+  const guest = await BalloonGuest.boot(fx.socketPath, {
+    mode: 'stock',
+    numQueues: device.numQueues,
+    ramBytes: 64 * MiB,
+    pressureWaitMs: 3000,
+    ...guestOptions,
+  });
   return {
     device,
     guest,
@@ -63,8 +75,16 @@ describe('policy with the guest driver model (real socket)', function () {
 
   const loads: Array<{ name: string; guest: Partial<BalloonGuestOptions>; rescuedBy: string[] }> = [
     { name: 'a guest with the message queue', guest: { mode: 'seed' }, rescuedBy: ['guest_pressure_message'] },
-    { name: 'a stock guest with DEFLATE_ON_OOM', guest: { mode: 'stock' }, rescuedBy: ['guest_deflate_on_oom', 'guest_alloc_stall', 'guest_low_available'] },
-    { name: 'a stock guest without DEFLATE_ON_OOM', guest: { mode: 'stock', refuse: [2] }, rescuedBy: ['guest_alloc_stall', 'guest_low_available'] },
+    {
+      name: 'a stock guest with DEFLATE_ON_OOM',
+      guest: { mode: 'stock' },
+      rescuedBy: ['guest_deflate_on_oom', 'guest_alloc_stall', 'guest_low_available'],
+    },
+    {
+      name: 'a stock guest without DEFLATE_ON_OOM',
+      guest: { mode: 'stock', refuse: [2] },
+      rescuedBy: ['guest_alloc_stall', 'guest_low_available'],
+    },
   ];
   for (const load of loads) {
     it(`${load.name} that keeps allocating while the host inflates is rescued`, async () => {
@@ -87,7 +107,7 @@ describe('policy with the guest driver model (real socket)', function () {
           expect(first.pages).to.be.lessThan(first.previous);
         }
         // The rescued guest is in its cooldown: the host, still short of memory, does not take it back.
-        const vmState = s.loop.engineState.vms['vm0']!;
+        const vmState = s.loop.engineState.vms['vm0'];
         expect(vmState.cooldownUntilMs).to.be.greaterThan(0);
         expect(vmState.streak).to.be.greaterThan(0);
         expect(s.log.find('policy sets balloon target').length).to.be.greaterThan(0);

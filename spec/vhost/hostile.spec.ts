@@ -14,16 +14,40 @@ import { fdCount, startBackend, until } from '../helpers';
 
 type Step = (fe: TestFrontend) => Promise<void> | void;
 
-const raw = (request: number, payload: Payload, fds: number[] = [], flags = 1): Step => (fe) => fe.sendRaw(encodeMessage(request, flags, payload), fds);
-const region = (gpa: bigint, size: bigint, uaddr: bigint, off = 0n) => ({ guestPhysAddr: gpa, sizeBytes: size, userAddr: uaddr, mmapOffset: off });
+const raw =
+  (request: number, payload: Payload, fds: number[] = [], flags = 1): Step =>
+  (fe) =>
+    fe.sendRaw(encodeMessage(request, flags, payload), fds);
+const region = (gpa: bigint, size: bigint, uaddr: bigint, off = 0n) => ({
+  guestPhysAddr: gpa,
+  sizeBytes: size,
+  userAddr: uaddr,
+  mmapOffset: off,
+});
 
 /** realize + memory, then `step`; the connection must close with `code`. */
 const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boolean; step: Step }> = [
-  { name: 'truncated header at end of stream', code: ErrorCode.VHOST_BAD_MESSAGE, step: (fe) => fe.sendRaw(new Uint8Array([1, 0, 0, 0, 1, 0, 0])) },
-  { name: 'wrong version bits', code: ErrorCode.VHOST_BAD_MESSAGE, step: raw(FrontendRequest.GET_FEATURES, { kind: 'none' }, [], 0x2) },
-  { name: 'size larger than the maximum', code: ErrorCode.VHOST_MESSAGE_TOO_LARGE, step: (fe) => fe.sendRaw(encodeHeader({ request: 5, flags: 1, size: MAX_PAYLOAD_BYTES + 1 })) },
+  {
+    name: 'truncated header at end of stream',
+    code: ErrorCode.VHOST_BAD_MESSAGE,
+    step: (fe) => fe.sendRaw(new Uint8Array([1, 0, 0, 0, 1, 0, 0])),
+  },
+  {
+    name: 'wrong version bits',
+    code: ErrorCode.VHOST_BAD_MESSAGE,
+    step: raw(FrontendRequest.GET_FEATURES, { kind: 'none' }, [], 0x2),
+  },
+  {
+    name: 'size larger than the maximum',
+    code: ErrorCode.VHOST_MESSAGE_TOO_LARGE,
+    step: (fe) => fe.sendRaw(encodeHeader({ request: 5, flags: 1, size: MAX_PAYLOAD_BYTES + 1 })),
+  },
   { name: 'unknown request', code: ErrorCode.VHOST_UNKNOWN_REQUEST, step: raw(77, { kind: 'none' }) },
-  { name: 'missing fd', code: ErrorCode.VHOST_BAD_FDS, step: raw(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: 0, noFd: false }) },
+  {
+    name: 'missing fd',
+    code: ErrorCode.VHOST_BAD_FDS,
+    step: raw(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: 0, noFd: false }),
+  },
   {
     name: 'extra fds',
     code: ErrorCode.VHOST_BAD_FDS,
@@ -45,17 +69,30 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
   {
     name: 'overlapping regions',
     code: ErrorCode.VHOST_BAD_MEMORY,
-    step: (fe) => raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x200000n, 0x10000000n), region(0x100000n, 0x200000n, 0x20000000n)] }, [fe.ram.fd, fe.ram.fd])(fe),
+    step: (fe) =>
+      raw(
+        FrontendRequest.SET_MEM_TABLE,
+        { kind: 'mem-table', regions: [region(0n, 0x200000n, 0x10000000n), region(0x100000n, 0x200000n, 0x20000000n)] },
+        [fe.ram.fd, fe.ram.fd],
+      )(fe),
   },
   {
     name: 'wrapping region',
     code: ErrorCode.VHOST_BAD_MEMORY,
-    step: (fe) => raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0xfffffffffff00000n, 0x200000n, 0x10000000n)] }, [fe.ram.fd])(fe),
+    step: (fe) =>
+      raw(
+        FrontendRequest.SET_MEM_TABLE,
+        { kind: 'mem-table', regions: [region(0xfffffffffff00000n, 0x200000n, 0x10000000n)] },
+        [fe.ram.fd],
+      )(fe),
   },
   {
     name: 'region past the end of its file',
     code: ErrorCode.VHOST_BAD_MEMORY,
-    step: (fe) => raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x10000000n, 0x10000000n)] }, [fe.ram.fd])(fe),
+    step: (fe) =>
+      raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x10000000n, 0x10000000n)] }, [
+        fe.ram.fd,
+      ])(fe),
   },
   {
     name: 'mmap of a region that fails (an eventfd as memory)',
@@ -72,17 +109,58 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     memory: true,
     step: async (fe) => {
       await fe.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 64 });
-      raw(FrontendRequest.SET_VRING_ADDR, { kind: 'vring-addr', index: 0, flags: 0, desc: 0x1000n, used: 0x2000n, avail: 0x3000n, log: 0n })(fe);
+      raw(FrontendRequest.SET_VRING_ADDR, {
+        kind: 'vring-addr',
+        index: 0,
+        flags: 0,
+        desc: 0x1000n,
+        used: 0x2000n,
+        avail: 0x3000n,
+        log: 0n,
+      })(fe);
     },
   },
-  { name: 'queue index out of range', code: ErrorCode.VHOST_BAD_VRING, step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 4, num: 64 }) },
-  { name: 'vring fd index out of range', code: ErrorCode.VHOST_BAD_VRING, step: raw(FrontendRequest.SET_VRING_ERR, { kind: 'vring-fd', index: 200, noFd: true }) },
-  { name: 'vring size not a power of two', code: ErrorCode.VHOST_BAD_VRING, step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 100 }) },
-  { name: 'vring size over 32768', code: ErrorCode.VHOST_BAD_VRING, step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 65536 }) },
-  { name: 'vring size 0', code: ErrorCode.VHOST_BAD_VRING, step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 0 }) },
-  { name: 'enable value other than 0/1', code: ErrorCode.VHOST_BAD_VRING, realize: true, step: raw(FrontendRequest.SET_VRING_ENABLE, { kind: 'vring-state', index: 0, num: 7 }) },
-  { name: 'protocol features not offered', code: ErrorCode.VHOST_BAD_FEATURES, step: raw(FrontendRequest.SET_PROTOCOL_FEATURES, { kind: 'u64', value: 1n << 14n }) },
-  { name: 'virtio features not offered', code: ErrorCode.VHOST_BAD_FEATURES, step: raw(FrontendRequest.SET_FEATURES, { kind: 'u64', value: 1n << 34n }) },
+  {
+    name: 'queue index out of range',
+    code: ErrorCode.VHOST_BAD_VRING,
+    step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 4, num: 64 }),
+  },
+  {
+    name: 'vring fd index out of range',
+    code: ErrorCode.VHOST_BAD_VRING,
+    step: raw(FrontendRequest.SET_VRING_ERR, { kind: 'vring-fd', index: 200, noFd: true }),
+  },
+  {
+    name: 'vring size not a power of two',
+    code: ErrorCode.VHOST_BAD_VRING,
+    step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 100 }),
+  },
+  {
+    name: 'vring size over 32768',
+    code: ErrorCode.VHOST_BAD_VRING,
+    step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 65536 }),
+  },
+  {
+    name: 'vring size 0',
+    code: ErrorCode.VHOST_BAD_VRING,
+    step: raw(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 0 }),
+  },
+  {
+    name: 'enable value other than 0/1',
+    code: ErrorCode.VHOST_BAD_VRING,
+    realize: true,
+    step: raw(FrontendRequest.SET_VRING_ENABLE, { kind: 'vring-state', index: 0, num: 7 }),
+  },
+  {
+    name: 'protocol features not offered',
+    code: ErrorCode.VHOST_BAD_FEATURES,
+    step: raw(FrontendRequest.SET_PROTOCOL_FEATURES, { kind: 'u64', value: 1n << 14n }),
+  },
+  {
+    name: 'virtio features not offered',
+    code: ErrorCode.VHOST_BAD_FEATURES,
+    step: raw(FrontendRequest.SET_FEATURES, { kind: 'u64', value: 1n << 34n }),
+  },
   {
     name: 'a request that needs an unnegotiated feature',
     code: ErrorCode.VHOST_NOT_NEGOTIATED,
@@ -92,8 +170,18 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
       raw(FrontendRequest.GET_STATUS, { kind: 'none' })(fe);
     },
   },
-  { name: 'an unsupported request', code: ErrorCode.VHOST_NOT_NEGOTIATED, realize: true, step: raw(FrontendRequest.SEND_RARP, { kind: 'u64', value: 0n }) },
-  { name: 'config read outside the config space', code: ErrorCode.VHOST_BAD_CONFIG, realize: true, step: raw(FrontendRequest.GET_CONFIG, { kind: 'config', offset: 4, size: 8, flags: 0, data: new Uint8Array(8) }) },
+  {
+    name: 'an unsupported request',
+    code: ErrorCode.VHOST_NOT_NEGOTIATED,
+    realize: true,
+    step: raw(FrontendRequest.SEND_RARP, { kind: 'u64', value: 0n }),
+  },
+  {
+    name: 'config read outside the config space',
+    code: ErrorCode.VHOST_BAD_CONFIG,
+    realize: true,
+    step: raw(FrontendRequest.GET_CONFIG, { kind: 'config', offset: 4, size: 8, flags: 0, data: new Uint8Array(8) }),
+  },
   {
     name: 'removing a region that does not exist',
     code: ErrorCode.VHOST_BAD_MEMORY,
@@ -104,7 +192,10 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     name: 'adding a region that overlaps one in use',
     code: ErrorCode.VHOST_BAD_MEMORY,
     memory: true,
-    step: (fe) => raw(FrontendRequest.ADD_MEM_REG, { kind: 'mem-region', region: region(0x100000n, 0x1000n, 0x1000n) }, [fe.ram.fd])(fe),
+    step: (fe) =>
+      raw(FrontendRequest.ADD_MEM_REG, { kind: 'mem-region', region: region(0x100000n, 0x1000n, 0x1000n) }, [
+        fe.ram.fd,
+      ])(fe),
   },
 ];
 
@@ -128,7 +219,10 @@ describe('hostile front-end input (real socket)', () => {
         if (c.name.startsWith('truncated')) fe.close();
         await fe.closed; // the back-end hung up
         await until(() => !victim.backend.connected, 'back-end to drop the connection');
-        expect(victim.backend.counters.error(c.code), `error counted as ${c.code}: ${JSON.stringify([...victim.backend.counters.errors])}`).to.equal(1);
+        expect(
+          victim.backend.counters.error(c.code),
+          `error counted as ${c.code}: ${JSON.stringify([...victim.backend.counters.errors])}`,
+        ).to.equal(1);
         const logged = victim.log.records.filter((r) => r.level === 'error' || r.level === 'warn');
         expect(logged.length, 'logged').to.be.greaterThan(0);
         // The other back-end's front-end still works.

@@ -20,11 +20,14 @@ describe('vhost-user back-end lifecycle (real socket, memfd, eventfds)', () => {
       const buf = fe.ram.alloc(64);
       const out = fe.ram.alloc(64);
       fe.ram.memory.write(buf, new Uint8Array([1, 2, 3, 4]));
-      d0.addBuffer([{ addr: buf, len: 4 }, { addr: out, len: 64, writable: true }]);
+      d0.addBuffer([
+        { addr: buf, len: 4 },
+        { addr: out, len: 64, writable: true },
+      ]);
       d0.kick();
       const used = await d0.waitUsed(1);
       expect(used).to.have.length(1);
-      expect(used[0]!.len).to.equal(4);
+      expect(used[0].len).to.equal(4);
       expect([...fe.ram.memory.read(out, 4)]).to.deep.equal([1, 2, 3, 4]);
       const bases = await fe.stop();
       expect(bases.get(0)).to.equal(1);

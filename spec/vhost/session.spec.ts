@@ -7,7 +7,14 @@ import { ErrorCode } from '../../lib/errors';
 import { native, PollHandle, POLL_READABLE } from '../../lib/native';
 import { EchoDevice } from '../../lib/testing/echo-device';
 import { TestFrontend } from '../../lib/testing/frontend';
-import { FrontendRequest, protocolBit, ProtocolFeature, SUPPORTED_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from '../../lib/vhost/constants';
+import {
+  FrontendRequest,
+  protocolBit,
+  ProtocolFeature,
+  SUPPORTED_PROTOCOL_FEATURES,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+} from '../../lib/vhost/constants';
 import { fdCount, startBackend, tick, until, BackendFixture } from '../helpers';
 
 const FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
@@ -71,7 +78,11 @@ describe('vhost-user session state machine', () => {
   });
 
   it('replaces the memory table while running: rings re-translated, old mappings unmapped', async () => {
-    fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8, protocolMask: SUPPORTED_PROTOCOL_FEATURES & ~protocolBit(ProtocolFeature.CONFIGURE_MEM_SLOTS) });
+    fe = TestFrontend.connect(fx.socketPath, {
+      numQueues: 4,
+      configSize: 8,
+      protocolMask: SUPPORTED_PROTOCOL_FEATURES & ~protocolBit(ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    });
     await fe.realize();
     const drivers = await fe.start(FEATURES, [0]);
     const mapsRunning = native.mappingCount();
@@ -95,9 +106,9 @@ describe('vhost-user session state machine', () => {
     await fe.sendMemory();
     const session = fx.backend.current!;
     expect(session.memory.regionList).to.have.length(2);
-    await fe.requestU64(FrontendRequest.REM_MEM_REG, { kind: 'mem-region', region: fe.ram.regions[0]! });
+    await fe.requestU64(FrontendRequest.REM_MEM_REG, { kind: 'mem-region', region: fe.ram.regions[0] });
     expect(session.memory.regionList).to.have.length(1);
-    await fe.requestU64(FrontendRequest.ADD_MEM_REG, { kind: 'mem-region', region: fe.ram.regions[0]! }, [fe.ram.fd]);
+    await fe.requestU64(FrontendRequest.ADD_MEM_REG, { kind: 'mem-region', region: fe.ram.regions[0] }, [fe.ram.fd]);
     expect(session.memory.regionList).to.have.length(2);
   });
 
@@ -148,7 +159,7 @@ describe('vhost-user session state machine', () => {
     fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8 });
     await fe.realize();
     // Watch the err fd of queue 0 that realize() sent.
-    const errFd = (fe as unknown as { errFds: number[] }).errFds[0]!;
+    const errFd = (fe as unknown as { errFds: number[] }).errFds[0];
     let errSignals = 0;
     const watch: PollHandle = native.pollStart(errFd, POLL_READABLE, () => {
       if (native.eventfdRead(errFd) !== null) errSignals++;
@@ -183,7 +194,7 @@ describe('vhost-user session state machine', () => {
     const used = await d.waitUsed(2);
     expect(used[0]).to.deep.equal({ id: 63, len: 0 });
     expect(device.badChains).to.have.length(1);
-    expect(device.badChains[0]!.error.code).to.equal(ErrorCode.VIRTQ_BAD_CHAIN);
+    expect(device.badChains[0].error.code).to.equal(ErrorCode.VIRTQ_BAD_CHAIN);
   });
 
   it('supports "no fd" kick (polled) and call (no interrupt)', async () => {
@@ -191,7 +202,9 @@ describe('vhost-user session state machine', () => {
     await fe.realize();
     const d = (await fe.start(FEATURES, [0])).get(0)!;
     await fe.requestU64(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: 0, noFd: true });
-    await fe.requestU64(FrontendRequest.GET_VRING_BASE, { kind: 'vring-state', index: 0, num: 0 }).catch(() => undefined);
+    await fe
+      .requestU64(FrontendRequest.GET_VRING_BASE, { kind: 'vring-state', index: 0, num: 0 })
+      .catch(() => undefined);
     await fe.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 0, noFd: true });
     d.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]); // no kick at all
     await until(() => d.usedIdx === 1, 'polled ring served');
@@ -209,8 +222,12 @@ describe('vhost-user session state machine', () => {
     expect(device.resets).to.equal(1);
   });
 
-  it('without REPLY_ACK, answers QEMU\'s GET_FEATURES barriers and sends no acks', async () => {
-    fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8, protocolMask: protocolBit(ProtocolFeature.CONFIG) });
+  it("without REPLY_ACK, answers QEMU's GET_FEATURES barriers and sends no acks", async () => {
+    fe = TestFrontend.connect(fx.socketPath, {
+      numQueues: 4,
+      configSize: 8,
+      protocolMask: protocolBit(ProtocolFeature.CONFIG),
+    });
     await fe.realize();
     const d = (await fe.start(FEATURES, [0])).get(0)!;
     d.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]);

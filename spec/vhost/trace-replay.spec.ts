@@ -9,7 +9,14 @@ import { native } from '../../lib/native';
 import { EchoDevice } from '../../lib/testing/echo-device';
 import { TestFrontend } from '../../lib/testing/frontend';
 import { parseTrace, replayTrace } from '../../lib/testing/trace';
-import { MAX_MEM_SLOTS, protocolBit, ProtocolFeature, SUPPORTED_PROTOCOL_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1 } from '../../lib/vhost/constants';
+import {
+  MAX_MEM_SLOTS,
+  protocolBit,
+  ProtocolFeature,
+  SUPPORTED_PROTOCOL_FEATURES,
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  VIRTIO_F_VERSION_1,
+} from '../../lib/vhost/constants';
 import { fdCount, hangUp, startBackend } from '../helpers';
 
 const TRACES = path.resolve(__dirname, '..', '..', '..', '..', 'shared', 'reference', 'traces');
@@ -31,7 +38,12 @@ describe('QEMU 11.1 trace replay (real socket)', () => {
       device.config.set([0x00, 0x10, 0, 0, 0x00, 0x08, 0, 0]);
       const fx = startBackend(device, { protocolFeatures: t.protocol });
       // 1 GiB guest, laid out and addressed as in the trace.
-      const fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8, ramBytes: 1 << 30, userBase: 0x7f7eb7fff000 });
+      const fe = TestFrontend.connect(fx.socketPath, {
+        numQueues: 4,
+        configSize: 8,
+        ramBytes: 1 << 30,
+        userBase: 0x7f7eb7fff000,
+      });
       try {
         const checks = await replayTrace(entries, fe, {
           features: FEATURES | VHOST_USER_F_PROTOCOL_FEATURES,
@@ -46,9 +58,20 @@ describe('QEMU 11.1 trace replay (real socket)', () => {
         const replies = entries.filter((e) => e.name.startsWith('GET_') || (e.flags & 0x8) !== 0).length;
         expect(checks).to.have.length(replies);
         expect(checks.find((c) => c.name === 'GET_CONFIG')?.reply).to.equal('config 0010000000080000');
-        expect(checks.filter((c) => c.name === 'GET_VRING_BASE').map((c) => c.reply)).to.deep.equal(['(0, 0)', '(1, 0)', '(2, 1)']);
+        expect(checks.filter((c) => c.name === 'GET_VRING_BASE').map((c) => c.reply)).to.deep.equal([
+          '(0, 0)',
+          '(1, 0)',
+          '(2, 1)',
+        ]);
         // Queues 0-2 ran; queue 3 was enabled but never started, so the device never saw it.
-        expect(device.events).to.include.members(['ready 0', 'ready 1', 'ready 2', 'stopped 0', 'stopped 1', 'stopped 2']);
+        expect(device.events).to.include.members([
+          'ready 0',
+          'ready 1',
+          'ready 2',
+          'stopped 0',
+          'stopped 1',
+          'stopped 2',
+        ]);
         expect(device.events).to.not.include('ready 3');
         expect(device.acked).to.equal(0x100000003n);
         expect(device.chains.filter((c) => c.queue === 2)).to.have.length(1);

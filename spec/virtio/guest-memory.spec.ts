@@ -36,8 +36,23 @@ describe('guest memory', () => {
     const fd = native.memfdCreate('t');
     native.ftruncate(fd, 2 << 20);
     const m = new GuestMemory();
-    m.add(MemoryRegion.map(validateRegion({ guestPhysAddr: 0n, sizeBytes: 1n << 20n, userAddr: 0x10000000n, mmapOffset: 0n }), native.dup(fd)));
-    m.add(MemoryRegion.map(validateRegion({ guestPhysAddr: 1n << 20n, sizeBytes: 1n << 20n, userAddr: 0x20000000n, mmapOffset: 1n << 20n }), native.dup(fd)));
+    m.add(
+      MemoryRegion.map(
+        validateRegion({ guestPhysAddr: 0n, sizeBytes: 1n << 20n, userAddr: 0x10000000n, mmapOffset: 0n }),
+        native.dup(fd),
+      ),
+    );
+    m.add(
+      MemoryRegion.map(
+        validateRegion({
+          guestPhysAddr: 1n << 20n,
+          sizeBytes: 1n << 20n,
+          userAddr: 0x20000000n,
+          mmapOffset: 1n << 20n,
+        }),
+        native.dup(fd),
+      ),
+    );
     const data = Uint8Array.from({ length: 64 }, (_, i) => i);
     m.write((1 << 20) - 32, data);
     expect([...m.read((1 << 20) - 32, 64)]).to.deep.equal([...data]);
@@ -79,10 +94,19 @@ describe('guest memory', () => {
       { guestPhysAddr: 0n, sizeBytes: 4096n, userAddr: 0n, mmapOffset: 2n ** 63n },
       { guestPhysAddr: 1n, sizeBytes: 4096n, userAddr: 0n, mmapOffset: 0n },
     ];
-    for (const r of bad) expect(() => validateRegion(r), JSON.stringify(r, (_, v) => (typeof v === 'bigint' ? `${v}` : v))).to.throw(GuestMemoryError);
+    for (const r of bad)
+      expect(
+        () => validateRegion(r),
+        JSON.stringify(r, (_, v) => (typeof v === 'bigint' ? `${v}` : v)),
+      ).to.throw(GuestMemoryError);
     const a = validateRegion({ guestPhysAddr: 0n, sizeBytes: 8192n, userAddr: 0x1000000n, mmapOffset: 0n });
     const overlapGpa = validateRegion({ guestPhysAddr: 4096n, sizeBytes: 8192n, userAddr: 0x2000000n, mmapOffset: 0n });
-    const overlapUser = validateRegion({ guestPhysAddr: 0x100000n, sizeBytes: 8192n, userAddr: 0x1001000n, mmapOffset: 0n });
+    const overlapUser = validateRegion({
+      guestPhysAddr: 0x100000n,
+      sizeBytes: 8192n,
+      userAddr: 0x1001000n,
+      mmapOffset: 0n,
+    });
     expect(() => checkDisjoint([a], overlapGpa, 8)).to.throw(/overlaps/);
     expect(() => checkDisjoint([a], overlapUser, 8)).to.throw(/overlaps/);
     expect(() => checkDisjoint([a], a, 1)).to.throw(/too many/);

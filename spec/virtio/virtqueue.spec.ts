@@ -40,11 +40,21 @@ describe('split virtqueue', () => {
     const { driver, queue, ram } = env;
     const a = ram.alloc(100);
     const b = ram.alloc(200);
-    const h1 = driver.addBuffer([{ addr: a, len: 100 }, { addr: b, len: 200, writable: true }]);
+    const h1 = driver.addBuffer([
+      { addr: a, len: 100 },
+      { addr: b, len: 200, writable: true },
+    ]);
     const h2 = driver.addBuffer([{ addr: b, len: 8 }]);
     expect(queue.pending()).to.equal(2);
     const c1 = queue.pop();
-    expect(c1).to.deep.equal({ kind: 'chain', head: h1, descriptors: [{ addr: a, len: 100, writable: false }, { addr: b, len: 200, writable: true }] });
+    expect(c1).to.deep.equal({
+      kind: 'chain',
+      head: h1,
+      descriptors: [
+        { addr: a, len: 100, writable: false },
+        { addr: b, len: 200, writable: true },
+      ],
+    });
     const c2 = queue.pop();
     expect(c2?.kind === 'chain' && c2.head).to.equal(h2);
     expect(queue.pop()).to.equal(null);
@@ -52,7 +62,10 @@ describe('split virtqueue', () => {
     queue.pushUsed(h2, 0);
     expect(driver.usedIdx).to.equal(0); // not yet published
     expect(queue.flush()).to.equal(true);
-    expect(driver.takeUsed()).to.deep.equal([{ id: h1, len: 17 }, { id: h2, len: 0 }]);
+    expect(driver.takeUsed()).to.deep.equal([
+      { id: h1, len: 17 },
+      { id: h2, len: 0 },
+    ]);
     expect(queue.flush()).to.equal(false); // nothing new
   });
 
@@ -61,9 +74,22 @@ describe('split virtqueue', () => {
     const { driver, queue, ram } = env;
     const table = ram.alloc(64, 16);
     const x = ram.alloc(32);
-    const head = driver.addIndirect([{ addr: x, len: 32 }, { addr: x, len: 16, writable: true }], table);
+    const head = driver.addIndirect(
+      [
+        { addr: x, len: 32 },
+        { addr: x, len: 16, writable: true },
+      ],
+      table,
+    );
     const c = queue.pop();
-    expect(c).to.deep.equal({ kind: 'chain', head, descriptors: [{ addr: x, len: 32, writable: false }, { addr: x, len: 16, writable: true }] });
+    expect(c).to.deep.equal({
+      kind: 'chain',
+      head,
+      descriptors: [
+        { addr: x, len: 32, writable: false },
+        { addr: x, len: 16, writable: true },
+      ],
+    });
   });
 
   it('resumes from a base index and takes the used index from the ring', () => {
@@ -72,7 +98,13 @@ describe('split virtqueue', () => {
     driver.addBuffer([{ addr: ram.alloc(8), len: 8 }]);
     driver.addBuffer([{ addr: ram.alloc(8), len: 8 }]);
     ram.memory.writeU16(driver.usedGpa + 2, 1);
-    const q = new SplitQueue(ram.memory, 8, { descGpa: driver.descGpa, availGpa: driver.availGpa, usedGpa: driver.usedGpa }, { eventIdx: false, indirect: false }, 1);
+    const q = new SplitQueue(
+      ram.memory,
+      8,
+      { descGpa: driver.descGpa, availGpa: driver.availGpa, usedGpa: driver.usedGpa },
+      { eventIdx: false, indirect: false },
+      1,
+    );
     expect(q.lastAvailIdx).to.equal(1);
     expect(q.usedIdx).to.equal(1);
     expect(q.pending()).to.equal(1);
@@ -100,13 +132,13 @@ describe('split virtqueue', () => {
     const heads = [0, 1, 2].map(() => driver.addBuffer([{ addr: ram.alloc(8), len: 8 }]));
     for (let i = 0; i < 3; i++) queue.pop();
     driver.setUsedEvent(0);
-    queue.pushUsed(heads[0]!, 0);
+    queue.pushUsed(heads[0], 0);
     expect(queue.flush()).to.equal(true); // first signal is always sent
     driver.setUsedEvent(5); // interrupt me only after used idx passes 5
-    queue.pushUsed(heads[1]!, 0);
+    queue.pushUsed(heads[1], 0);
     expect(queue.flush()).to.equal(false);
     driver.setUsedEvent(2); // interrupt me once the entry at used index 2 is written
-    queue.pushUsed(heads[2]!, 0);
+    queue.pushUsed(heads[2], 0);
     expect(queue.flush()).to.equal(true);
     expect(queue.enableNotifications()).to.equal(false);
     expect(driver.availEvent).to.equal(3);
@@ -129,7 +161,13 @@ describe('split virtqueue', () => {
   });
 
   describe('hostile rings (each reported, never thrown)', () => {
-    const cases: Array<{ name: string; code: string; kind: 'bad-chain' | 'broken'; build(d: SplitRingDriver, ram: GuestRam): void; indirect?: boolean }> = [
+    const cases: Array<{
+      name: string;
+      code: string;
+      kind: 'bad-chain' | 'broken';
+      build(d: SplitRingDriver, ram: GuestRam): void;
+      indirect?: boolean;
+    }> = [
       {
         name: 'descriptor loop',
         code: ErrorCode.VIRTQ_BAD_CHAIN,
@@ -264,7 +302,10 @@ describe('split virtqueue', () => {
 
   it('property: pop() on random descriptor tables never throws and always terminates', () => {
     const descriptor = fc.record({
-      addr: fc.oneof(fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }), fc.integer({ min: 0, max: RAM + 4096 }).map(BigInt)),
+      addr: fc.oneof(
+        fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }),
+        fc.integer({ min: 0, max: RAM + 4096 }).map(BigInt),
+      ),
       len: fc.oneof(fc.nat({ max: 70000 }), fc.constant(0xffffffff), fc.constantFrom(16, 32, 48, 24)),
       flags: fc.nat({ max: 7 }),
       next: fc.nat({ max: 20 }),
@@ -280,9 +321,15 @@ describe('split virtqueue', () => {
         fc.nat({ max: 0xffff }),
         (table, indirect, heads, availJump) => {
           // Indirect descriptors in the main table point at a second random table half the time.
-          table.forEach((d, i) => driver.writeDescriptor(i, (d.flags & 4) && i % 2 === 0 ? { ...d, addr: table2 } : d));
+          table.forEach((d, i) => driver.writeDescriptor(i, d.flags & 4 && i % 2 === 0 ? { ...d, addr: table2 } : d));
           indirect.forEach((d, i) => driver.writeDescriptor(i, d, table2));
-          const q = new SplitQueue(ram.memory, 16, { descGpa: driver.descGpa, availGpa: driver.availGpa, usedGpa: driver.usedGpa }, { eventIdx: true, indirect: true }, queue.lastAvailIdx);
+          const q = new SplitQueue(
+            ram.memory,
+            16,
+            { descGpa: driver.descGpa, availGpa: driver.availGpa, usedGpa: driver.usedGpa },
+            { eventIdx: true, indirect: true },
+            queue.lastAvailIdx,
+          );
           for (const h of heads) driver.publish(h);
           if (availJump % 7 === 0) driver.setAvailIdx(availJump);
           for (let i = 0; i < 40; i++) {
@@ -306,26 +353,35 @@ describe('split virtqueue', () => {
     env = setup(32);
     const { driver, queue, ram } = env;
     const pool = ram.alloc(1 << 20);
-    const segment = fc.record({ off: fc.nat({ max: (1 << 20) - 4096 }), len: fc.integer({ min: 1, max: 4096 }), writable: fc.boolean() });
+    const segment = fc.record({
+      off: fc.nat({ max: (1 << 20) - 4096 }),
+      len: fc.integer({ min: 1, max: 4096 }),
+      writable: fc.boolean(),
+    });
     fc.assert(
-      fc.property(fc.array(fc.array(segment, { minLength: 1, maxLength: 4 }), { minLength: 1, maxLength: 8 }), (chains) => {
-        const expected = new Map<number, Array<{ addr: number; len: number; writable: boolean }>>();
-        for (const segs of chains) {
-          // Readable segments first, as the spec requires.
-          const ordered = [...segs].sort((a, b) => Number(a.writable) - Number(b.writable)).map((s) => ({ addr: pool + s.off, len: s.len, writable: s.writable }));
-          expected.set(driver.addBuffer(ordered), ordered);
-        }
-        for (let i = 0; i < chains.length; i++) {
-          const r = queue.pop();
-          expect(r?.kind).to.equal('chain');
-          if (r?.kind !== 'chain') return;
-          expect(r.descriptors).to.deep.equal(expected.get(r.head));
-          queue.pushUsed(r.head, 0);
-        }
-        expect(queue.pop()).to.equal(null);
-        queue.flush();
-        driver.takeUsed();
-      }),
+      fc.property(
+        fc.array(fc.array(segment, { minLength: 1, maxLength: 4 }), { minLength: 1, maxLength: 8 }),
+        (chains) => {
+          const expected = new Map<number, Array<{ addr: number; len: number; writable: boolean }>>();
+          for (const segs of chains) {
+            // Readable segments first, as the spec requires.
+            const ordered = [...segs]
+              .sort((a, b) => Number(a.writable) - Number(b.writable))
+              .map((s) => ({ addr: pool + s.off, len: s.len, writable: s.writable }));
+            expected.set(driver.addBuffer(ordered), ordered);
+          }
+          for (let i = 0; i < chains.length; i++) {
+            const r = queue.pop();
+            expect(r?.kind).to.equal('chain');
+            if (r?.kind !== 'chain') return;
+            expect(r.descriptors).to.deep.equal(expected.get(r.head));
+            queue.pushUsed(r.head, 0);
+          }
+          expect(queue.pop()).to.equal(null);
+          queue.flush();
+          driver.takeUsed();
+        },
+      ),
       { numRuns: 200 },
     );
   });
