@@ -7,7 +7,8 @@
 import yargs, { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { callDaemon, ClientError } from '../lib/daemon/client';
-import { ConfigError, defaultControlSocket, loadConfigFile, parseVmFlag, readConfig } from '../lib/daemon/config';
+import { ConfigError } from '../lib/errors';
+import { defaultControlSocket, loadConfigFile, parseVmFlag, readConfig } from '../lib/daemon/config';
 import { Daemon, VmStats, VmStatus } from '../lib/daemon/daemon';
 import { StreamLogger } from '../lib/log';
 import { formatBytes, parseDuration, parseSize } from '../lib/units';
@@ -32,7 +33,7 @@ function die(code: number, message: string): never {
 
 function exitCodeFor(err: unknown): number {
   if (err instanceof ClientError) {
-    switch (err.code) {
+    switch (err.wireCode) {
       case 'ENODAEMON':
         return EXIT.NO_DAEMON;
       case 'ENOVM':

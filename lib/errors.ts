@@ -38,6 +38,26 @@ export const ErrorCode = {
   BALLOON_CONFIG: 'ERR_BALLOON_CONFIG',
   /** A socket could not be listened on or connected to. */
   SOCKET: 'ERR_SOCKET',
+  /** An invalid daemon configuration (file, flag or reload); the message names the field. */
+  CONFIG: 'ERR_CONFIG',
+  /** A control request that is not JSON. */
+  CONTROL_BAD_JSON: 'ERR_CONTROL_BAD_JSON',
+  /** A control request over the size limit. */
+  CONTROL_TOO_LARGE: 'ERR_CONTROL_TOO_LARGE',
+  /** A control request that is JSON but not a request (no method, not an object, too deep). */
+  CONTROL_BAD_REQUEST: 'ERR_CONTROL_BAD_REQUEST',
+  /** A control method that does not exist. */
+  CONTROL_UNKNOWN_METHOD: 'ERR_CONTROL_UNKNOWN_METHOD',
+  /** Control parameters of the wrong type or out of range. */
+  CONTROL_BAD_PARAMS: 'ERR_CONTROL_BAD_PARAMS',
+  /** A control request names a VM the daemon does not serve. */
+  CONTROL_NO_VM: 'ERR_CONTROL_NO_VM',
+  /** A control client whose uid may not use the control socket. */
+  CONTROL_UNAUTHORIZED: 'ERR_CONTROL_UNAUTHORIZED',
+  /** The CLI cannot reach the daemon, or the daemon did not answer (timeout, closed, not JSON). */
+  DAEMON_UNREACHABLE: 'ERR_DAEMON_UNREACHABLE',
+  /** A failure that is a bug or an unexpected system error, not bad input. */
+  INTERNAL: 'ERR_INTERNAL',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -49,6 +69,23 @@ export class VballoonError extends Error {
     super(message, options);
     this.code = code;
     this.name = new.target.name;
+  }
+}
+
+/** The stable code of any thrown value: its own for a VballoonError, else `ERR_INTERNAL`. */
+export function errorCodeOf(err: unknown): ErrorCodeValue {
+  return err instanceof VballoonError ? err.code : ErrorCode.INTERNAL;
+}
+
+/** The message of any thrown value, for logs and replies. */
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** An invalid daemon configuration (file, flags or reload). */
+export class ConfigError extends VballoonError {
+  constructor(message: string) {
+    super(ErrorCode.CONFIG, message);
   }
 }
 

@@ -2,13 +2,20 @@
  * A control API client (what the CLI uses): one request, one response, over the unix socket.
  */
 import * as net from 'node:net';
+import { ErrorCode, VballoonError } from '../errors';
+import { errorCodeForWire } from './control';
 
-export class ClientError extends Error {
+/**
+ * A failed call: `code` is the daemon's stable code (ERR_DAEMON_UNREACHABLE when there was no
+ * answer), `wireCode` what the control API or the socket said (ETARGET, ENOVM, ENODAEMON, EACCES...).
+ */
+export class ClientError extends VballoonError {
   constructor(
-    readonly code: string,
+    readonly wireCode: string,
     message: string,
+    answered: boolean,
   ) {
-    super(message);
+    super(answered ? errorCodeForWire(wireCode) : ErrorCode.DAEMON_UNREACHABLE, message);
   }
 }
 
@@ -24,7 +31,7 @@ export function callDaemon(
     let buffered = '';
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(new ClientError('ETIMEDOUT', `the daemon did not answer within ${timeoutMs} ms`));
+      reject(new ClientError('ETIMEDOUT', `the daemon did not answer within ${timeoutMs} ms`, false));
     }, timeoutMs);
     const done = (fn: () => void): void => {
       clearTimeout(timer);
@@ -41,12 +48,14 @@ export function callDaemon(
       try {
         response = JSON.parse(buffered.slice(0, nl));
       } catch {
-        return done(() => reject(new ClientError('EBADJSON', 'the daemon sent something that is not JSON')));
+        return done(() => reject(new ClientError('EBADJSON', 'the daemon sent something that is not JSON', false)));
       }
       if (response.ok === true) done(() => resolve(response.result));
       else
         done(() =>
-          reject(new ClientError(response.error?.code ?? 'EINTERNAL', response.error?.message ?? 'unknown error')),
+          reject(
+            new ClientError(response.error?.code ?? 'EINTERNAL', response.error?.message ?? 'unknown error', true),
+          ),
         );
     });
     socket.on('error', (err: NodeJS.ErrnoException) => {
@@ -57,10 +66,12 @@ export function callDaemon(
           : code === 'EACCES'
             ? `permission denied on ${socketPath} (run as root or as the daemon's user)`
             : `cannot reach the daemon at ${socketPath}: ${err.message}`;
-      done(() => reject(new ClientError(code === 'ENOENT' || code === 'ECONNREFUSED' ? 'ENODAEMON' : code, message)));
+      done(() =>
+        reject(new ClientError(code === 'ENOENT' || code === 'ECONNREFUSED' ? 'ENODAEMON' : code, message, false)),
+      );
     });
     socket.on('end', () =>
-      done(() => reject(new ClientError('ECLOSED', 'the daemon closed the connection without answering'))),
+      done(() => reject(new ClientError('ECLOSED', 'the daemon closed the connection without answering', false))),
     );
   });
 }

@@ -8,12 +8,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import YAML from 'yaml';
 import { BalloonDevice, BalloonOptions } from '../device/balloon';
+import { ConfigError } from '../errors';
 import { DEFAULT_POLICY, Mode, PolicyConfig } from '../policy/engine';
 import { parseDuration, parseSize } from '../units';
-
-export class ConfigError extends Error {
-  readonly code = 'ERR_CONFIG';
-}
 
 export interface VmConfig {
   name: string;

@@ -7,8 +7,13 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { ErrorCode, errorCodeOf, ErrorCodeValue, errorMessage, VballoonError } from '../errors';
 import { Logger } from '../log';
 import { isSystemError, native } from '../native';
+
+function tooLarge(): VballoonError {
+  return new VballoonError(ErrorCode.CONTROL_TOO_LARGE, `request larger than ${MAX_REQUEST_BYTES} bytes`);
+}
 
 /** Largest request line; a longer one is refused and the connection closed. */
 export const MAX_REQUEST_BYTES = 64 * 1024;
@@ -29,13 +34,31 @@ export type ControlErrorCode =
   | 'EUNAUTHORIZED'
   | 'EINTERNAL';
 
-export class ControlError extends Error {
-  constructor(
-    readonly code: ControlErrorCode,
-    message: string,
-  ) {
-    super(message);
-  }
+/**
+ * The one place where the daemon's error codes become the control API's wire codes. Handlers throw
+ * VballoonErrors; anything else (or a code not listed) is a bug and answers EINTERNAL.
+ */
+const WIRE_CODES: Partial<Record<ErrorCodeValue, ControlErrorCode>> = {
+  [ErrorCode.CONTROL_BAD_JSON]: 'EBADJSON',
+  [ErrorCode.CONTROL_TOO_LARGE]: 'ETOOLARGE',
+  [ErrorCode.CONTROL_BAD_REQUEST]: 'EBADREQUEST',
+  [ErrorCode.CONTROL_UNKNOWN_METHOD]: 'EUNKNOWNMETHOD',
+  [ErrorCode.CONTROL_BAD_PARAMS]: 'EBADPARAMS',
+  [ErrorCode.CONTROL_NO_VM]: 'ENOVM',
+  [ErrorCode.CONTROL_UNAUTHORIZED]: 'EUNAUTHORIZED',
+  [ErrorCode.BALLOON_TARGET]: 'ETARGET',
+  [ErrorCode.CONFIG]: 'EBADPARAMS',
+};
+
+/** The control API code for a thrown value. */
+export function wireCodeOf(err: unknown): ControlErrorCode {
+  return WIRE_CODES[errorCodeOf(err)] ?? 'EINTERNAL';
+}
+
+/** The daemon code behind a control API code (for the client side). */
+export function errorCodeForWire(wire: string): ErrorCodeValue {
+  for (const [code, w] of Object.entries(WIRE_CODES)) if (w === wire) return code as ErrorCodeValue;
+  return ErrorCode.INTERNAL;
 }
 
 export type Handler = (params: Record<string, unknown>) => unknown | Promise<unknown>;
@@ -105,7 +128,9 @@ export class ControlServer {
     socket.on('close', () => this.sockets.delete(socket));
     socket.on('error', () => socket.destroy());
     socket.setTimeout(IDLE_TIMEOUT_MS, () => socket.destroy());
-    const fail = (id: unknown, code: ControlErrorCode, message: string): void => {
+    const fail = (id: unknown, err: VballoonError): void => {
+      const code = wireCodeOf(err);
+      const message = err.message;
       this.options.onError?.(code);
       this.options.log.warn('control request refused', { code, error: message });
       respond(socket, { id: id ?? null, ok: false, error: { code, message } });
@@ -119,11 +144,13 @@ export class ControlServer {
         if (!allowed)
           fail(
             null,
-            'EUNAUTHORIZED',
-            `uid ${cred?.uid ?? '?'} may not use this control socket (only root and uid ${process.geteuid?.()})`,
+            new VballoonError(
+              ErrorCode.CONTROL_UNAUTHORIZED,
+              `uid ${cred?.uid ?? '?'} may not use this control socket (only root and uid ${process.geteuid?.()})`,
+            ),
           );
       } catch (err) {
-        fail(null, 'EINTERNAL', `cannot read peer credentials: ${(err as Error).message}`);
+        fail(null, new VballoonError(ErrorCode.INTERNAL, `cannot read peer credentials: ${errorMessage(err)}`));
       }
       if (!allowed) {
         socket.end();
@@ -144,7 +171,7 @@ export class ControlServer {
       }
       if (Buffer.byteLength(buffered) > MAX_REQUEST_BYTES) {
         buffered = '';
-        fail(null, 'ETOOLARGE', `request larger than ${MAX_REQUEST_BYTES} bytes`);
+        fail(null, tooLarge());
         socket.end();
       }
     });
@@ -153,38 +180,40 @@ export class ControlServer {
   private async handleLine(
     socket: net.Socket,
     line: string,
-    fail: (id: unknown, code: ControlErrorCode, message: string) => void,
+    fail: (id: unknown, err: VballoonError) => void,
   ): Promise<void> {
-    if (Buffer.byteLength(line) > MAX_REQUEST_BYTES)
-      return fail(null, 'ETOOLARGE', `request larger than ${MAX_REQUEST_BYTES} bytes`);
+    if (Buffer.byteLength(line) > MAX_REQUEST_BYTES) return fail(null, tooLarge());
     let request: unknown;
     try {
       request = JSON.parse(line);
     } catch (err) {
-      return fail(null, 'EBADJSON', `not JSON: ${(err as Error).message}`);
+      return fail(null, new VballoonError(ErrorCode.CONTROL_BAD_JSON, `not JSON: ${errorMessage(err)}`));
     }
+    const bad = (id: unknown, message: string): void =>
+      fail(id, new VballoonError(ErrorCode.CONTROL_BAD_REQUEST, message));
     if (typeof request !== 'object' || request === null || Array.isArray(request))
-      return fail(null, 'EBADREQUEST', 'a request is a JSON object');
+      return bad(null, 'a request is a JSON object');
     const { id, method, params } = request as { id?: unknown; method?: unknown; params?: unknown };
-    if (typeof method !== 'string') return fail(id, 'EBADREQUEST', '"method" must be a string');
+    if (typeof method !== 'string') return bad(id, '"method" must be a string');
     if (params !== undefined && (typeof params !== 'object' || params === null || Array.isArray(params)))
-      return fail(id, 'EBADPARAMS', '"params" must be an object');
+      return fail(id, new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"params" must be an object'));
     const handler = Object.prototype.hasOwnProperty.call(this.options.handlers, method)
       ? this.options.handlers[method]
       : undefined;
-    if (handler === undefined)
+    if (handler === undefined) {
+      const known = Object.keys(this.options.handlers).join(', ');
       return fail(
         id,
-        'EUNKNOWNMETHOD',
-        `unknown method "${method}" (known: ${Object.keys(this.options.handlers).join(', ')})`,
+        new VballoonError(ErrorCode.CONTROL_UNKNOWN_METHOD, `unknown method "${method}" (known: ${known})`),
       );
+    }
     try {
       const result = await handler((params ?? {}) as Record<string, unknown>);
       respond(socket, { id: id ?? null, ok: true, result });
     } catch (err) {
-      if (err instanceof ControlError) return fail(id, err.code, err.message);
-      this.options.log.error('control request failed', { method, error: (err as Error).message });
-      return fail(id, 'EINTERNAL', (err as Error).message);
+      if (!(err instanceof VballoonError) || wireCodeOf(err) === 'EINTERNAL')
+        this.options.log.error('control request failed', { method, code: errorCodeOf(err), error: errorMessage(err) });
+      return fail(id, err instanceof VballoonError ? err : new VballoonError(ErrorCode.INTERNAL, errorMessage(err)));
     }
   }
 
@@ -214,11 +243,11 @@ export function prepareSocketPath(socketPath: string): void {
     throw err;
   }
   if (!st.isSocket())
-    throw new ControlError('EINTERNAL', `${socketPath} exists and is not a socket; refusing to replace it`);
+    throw new VballoonError(ErrorCode.SOCKET, `${socketPath} exists and is not a socket; refusing to replace it`);
   const me = process.geteuid?.() ?? 0;
   if (st.uid !== me)
-    throw new ControlError(
-      'EUNAUTHORIZED',
+    throw new VballoonError(
+      ErrorCode.SOCKET,
       `${socketPath} is owned by uid ${st.uid}, not by us (uid ${me}); refusing to replace it`,
     );
   let fd = -1;
@@ -229,5 +258,8 @@ export function prepareSocketPath(socketPath: string): void {
     return;
   }
   native.close(fd);
-  throw new ControlError('EINTERNAL', `${socketPath} is in use by another process (is a daemon already running?)`);
+  throw new VballoonError(
+    ErrorCode.SOCKET,
+    `${socketPath} is in use by another process (is a daemon already running?)`,
+  );
 }

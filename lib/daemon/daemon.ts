@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import { Clock, systemClock } from '../clock';
 import { BalloonDevice, BalloonSnapshot, GuestStatsSnapshot } from '../device/balloon';
 import { BALLOON_PAGE_BYTES } from '../device/constants';
-import { VballoonError } from '../errors';
+import { ErrorCode, VballoonError } from '../errors';
 import { Logger } from '../log';
 import { native } from '../native';
 import { Mode, PolicyAction } from '../policy/engine';
@@ -15,7 +15,7 @@ import { HostMemoryReaders } from '../policy/host';
 import { PolicyLoop } from '../policy/loop';
 import { VhostUserBackend } from '../vhost/server';
 import { DaemonConfig, deviceOptions, qemuArgs, VmConfig } from './config';
-import { ControlError, ControlServer } from './control';
+import { ControlServer } from './control';
 import { DaemonMetrics } from './metrics';
 
 export interface DaemonOptions {
@@ -227,10 +227,13 @@ export class Daemon {
   // ---- operations (control API) ----------------------------------------------------------------
 
   private vm(name: unknown): VmRuntime {
-    if (typeof name !== 'string') throw new ControlError('EBADPARAMS', '"vm" must be a string');
+    if (typeof name !== 'string') throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"vm" must be a string');
     const vm = this.vms.get(name);
     if (vm === undefined)
-      throw new ControlError('ENOVM', `no VM named "${name}" (known: ${[...this.vms.keys()].join(', ') || 'none'})`);
+      throw new VballoonError(
+        ErrorCode.CONTROL_NO_VM,
+        `no VM named "${name}" (known: ${[...this.vms.keys()].join(', ') || 'none'})`,
+      );
     return vm;
   }
 
@@ -282,34 +285,39 @@ export class Daemon {
     const vm = this.vm(name);
     const ram = this.guestRamBytes(vm);
     let bytes: number;
+    if (p.guestBytes !== undefined && p.bytes !== undefined)
+      throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, 'give "bytes" or "guestBytes", not both');
     if (p.guestBytes !== undefined) {
       if (typeof p.guestBytes !== 'number' || !Number.isSafeInteger(p.guestBytes) || p.guestBytes < 0)
-        throw new ControlError('EBADPARAMS', '"guestBytes" must be a non-negative integer');
+        throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"guestBytes" must be a non-negative integer');
       if (ram === undefined)
-        throw new ControlError('ETARGET', `guest RAM of ${name} is unknown (not connected and no "memory" configured)`);
-      if (p.guestBytes > ram) throw new ControlError('ETARGET', `guest size ${p.guestBytes} exceeds guest RAM ${ram}`);
+        throw new VballoonError(
+          ErrorCode.BALLOON_TARGET,
+          `guest RAM of ${name} is unknown (not connected and no "memory" configured)`,
+        );
+      if (p.guestBytes > ram)
+        throw new VballoonError(ErrorCode.BALLOON_TARGET, `guest size ${p.guestBytes} exceeds guest RAM ${ram}`);
       bytes = ram - p.guestBytes;
     } else {
       if (typeof p.bytes !== 'number' || !Number.isSafeInteger(p.bytes) || p.bytes < 0)
-        throw new ControlError('EBADPARAMS', '"bytes" (or "guestBytes") must be a non-negative integer');
+        throw new VballoonError(
+          ErrorCode.CONTROL_BAD_PARAMS,
+          '"bytes" (or "guestBytes") must be a non-negative integer',
+        );
       bytes = p.bytes;
     }
     if (ram !== undefined && bytes > ram)
-      throw new ControlError('ETARGET', `balloon of ${bytes} bytes exceeds guest RAM of ${ram} bytes`);
+      throw new VballoonError(ErrorCode.BALLOON_TARGET, `balloon of ${bytes} bytes exceeds guest RAM of ${ram} bytes`);
     const pages = Math.floor(bytes / BALLOON_PAGE_BYTES);
-    try {
-      this.policy.setOperatorTarget(name, pages);
-    } catch (err) {
-      if (err instanceof VballoonError) throw new ControlError('ETARGET', err.message);
-      throw err;
-    }
+    this.policy.setOperatorTarget(name, pages);
     this.log.info('operator set the balloon', { vm: name, bytes, mode: vm.mode });
     return this.status(name);
   }
 
   setMode(name: string, mode: unknown): VmStatus {
     const vm = this.vm(name);
-    if (mode !== 'auto' && mode !== 'manual') throw new ControlError('EBADPARAMS', '"mode" must be "auto" or "manual"');
+    if (mode !== 'auto' && mode !== 'manual')
+      throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"mode" must be "auto" or "manual"');
     vm.mode = mode;
     this.policy.setMode(name, mode);
     this.log.info('policy mode changed', { vm: name, mode });
@@ -318,7 +326,8 @@ export class Daemon {
 
   setDiscard(name: string, inhibit: unknown): VmStatus {
     const vm = this.vm(name);
-    if (typeof inhibit !== 'boolean') throw new ControlError('EBADPARAMS', '"inhibit" must be true or false');
+    if (typeof inhibit !== 'boolean')
+      throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"inhibit" must be true or false');
     vm.device.setDiscardInhibited(inhibit);
     return this.status(name);
   }

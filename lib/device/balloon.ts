@@ -279,7 +279,8 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
    * @throws VballoonError(ERR_BALLOON_TARGET) for a negative, fractional, >32-bit target or one
    *   larger than guest RAM.
    */
-  setTargetPages(pages: number, reason = 'operator'): void {
+  /** Throws ERR_BALLOON_TARGET unless `pages` is a target this device can take. */
+  checkTarget(pages: number): void {
     if (!Number.isInteger(pages) || pages < 0 || pages > 0xffffffff) {
       throw new VballoonError(ErrorCode.BALLOON_TARGET, `target ${pages} pages is not an integer in 0..2^32-1`);
     }
@@ -287,6 +288,10 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     if (ram !== undefined && pages > ram) {
       throw new VballoonError(ErrorCode.BALLOON_TARGET, `target ${pages} pages exceeds guest RAM (${ram} pages)`);
     }
+  }
+
+  setTargetPages(pages: number, reason = 'operator'): void {
+    this.checkTarget(pages);
     const previous = this.targetPages;
     if (pages === previous) return;
     this.targetPages = pages;

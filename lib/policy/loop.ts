@@ -16,6 +16,7 @@ import {
   VIRTIO_BALLOON_S_OOM_KILL,
   VIRTIO_BALLOON_S_SWAP_IN,
 } from '../device/constants';
+import { errorCodeOf, errorMessage } from '../errors';
 import { Logger, NullLogger } from '../log';
 import { GuestSample, initialState, Mode, PolicyAction, PolicyConfig, PolicyEvent, PolicyState, step } from './engine';
 import { HostMemoryReaders, procReaders, readHostSample } from './host';
@@ -62,6 +63,7 @@ export class PolicyLoop {
   private readonly host: HostMemoryReaders;
   private readonly attached = new Map<string, Attached>();
   private timer: TimerHandle | undefined;
+  private refused = 0;
   /** Actions applied, by reason. */
   readonly actionsByReason = new Map<string, number>();
 
@@ -78,12 +80,29 @@ export class PolicyLoop {
     return this.state;
   }
 
-  /** Feeds one event to the engine and applies its actions. */
+  /**
+   * Feeds one event to the engine and applies its actions. Every action is tried; if a device
+   * refuses one, the first refusal is thrown after the others were applied (the caller decides
+   * what a refusal means: the operator gets it as an error, a device event logs and counts it).
+   */
   feed(event: PolicyEvent): PolicyAction[] {
     const result = step(this.state, event, this.clock.now());
     this.state = result.state;
-    for (const action of result.actions) this.apply(action);
+    let failure: unknown;
+    for (const action of result.actions) {
+      try {
+        this.apply(action);
+      } catch (err) {
+        failure ??= err;
+      }
+    }
+    if (failure !== undefined) throw failure;
     return result.actions;
+  }
+
+  /** Number of engine actions a device refused (each also logged). */
+  get refusedActions(): number {
+    return this.refused;
   }
 
   private apply(action: PolicyAction): void {
@@ -94,37 +113,50 @@ export class PolicyLoop {
       const device = this.attached.get(action.vm)?.device;
       try {
         device?.setTargetPages(action.pages, action.reason);
-        this.log.info('policy sets balloon target', {
+      } catch (err) {
+        this.refused++;
+        this.log.error("a device refused the policy's target", {
           vm: action.vm,
           reason: action.reason,
           targetPages: action.pages,
-          previous: action.previous,
-          ...action.inputs,
+          code: errorCodeOf(err),
+          error: errorMessage(err),
         });
-      } catch (err) {
-        this.log.error('policy could not set the target', {
-          vm: action.vm,
-          reason: action.reason,
-          error: (err as Error).message,
-        });
+        throw err;
       }
+      this.log.info('policy sets balloon target', {
+        vm: action.vm,
+        reason: action.reason,
+        targetPages: action.pages,
+        previous: action.previous,
+        ...action.inputs,
+      });
     }
     this.options.onAction?.(action);
+  }
+
+  /** Feeds a device's event; a refusal was logged and counted in apply() and stays there. */
+  private feedFromDevice(event: PolicyEvent): void {
+    try {
+      this.feed(event);
+    } catch {
+      // Logged and counted by apply(); the device's event handler must not fail because of it.
+    }
   }
 
   /** Puts a device under the policy. */
   addVm(name: string, device: BalloonDevice, mode: Mode, operatorPages = device.target): void {
     if (this.attached.has(name)) throw new Error(`VM ${name} is already under the policy`);
-    const onPressure = (_e: PressureEvent): void => void this.feed({ kind: 'pressure', vm: name });
+    const onPressure = (_e: PressureEvent): void => this.feedFromDevice({ kind: 'pressure', vm: name });
     const onStats = (s: GuestStatsSnapshot): void =>
-      void this.feed({ kind: 'stats', vm: name, sample: sampleFromStats(s) });
+      this.feedFromDevice({ kind: 'stats', vm: name, sample: sampleFromStats(s) });
     const onActual = (e: { actualPages: number }): void =>
-      void this.feed({ kind: 'progress', vm: name, actualPages: e.actualPages });
+      this.feedFromDevice({ kind: 'progress', vm: name, actualPages: e.actualPages });
     const onDeflate = (e: { pages: number; unrequested: boolean }): void =>
-      void this.feed({ kind: 'deflate', vm: name, pages: e.pages, unrequested: e.unrequested });
+      this.feedFromDevice({ kind: 'deflate', vm: name, pages: e.pages, unrequested: e.unrequested });
     const onConnection = (): void => {
       const ram = device.guestRamPages;
-      if (ram !== undefined) this.feed({ kind: 'guest-ram', vm: name, pages: ram });
+      if (ram !== undefined) this.feedFromDevice({ kind: 'guest-ram', vm: name, pages: ram });
     };
     device.on('pressure', onPressure);
     device.on('stats', onStats);
@@ -158,8 +190,12 @@ export class PolicyLoop {
     this.feed({ kind: 'vm-removed', vm: name });
   }
 
-  /** The operator's value for a VM (exact in manual mode, a ceiling in auto mode). */
+  /**
+   * The operator's value for a VM (exact in manual mode, a ceiling in auto mode). A value the
+   * device cannot take is refused (ERR_BALLOON_TARGET) before the engine records it.
+   */
   setOperatorTarget(name: string, pages: number): void {
+    this.attached.get(name)?.device.checkTarget(pages);
     this.feed({ kind: 'operator-target', vm: name, pages });
   }
 

@@ -251,6 +251,23 @@ describe('daemon and CLI (real processes)', function () {
     });
   });
 
+  it('set-target reports a target the device refuses, and refuses bytes and guestBytes together', async () => {
+    // vm1 has no configured memory and no guest yet, so only the device can refuse 2^45 bytes
+    // (2^33 pages, past the 32-bit num_pages field). This used to answer ok.
+    await d.start({ vms: [VM(d), { name: 'vm1', socket: d.vmSocket('vm1') }] });
+    const huge = JSON.parse(
+      await request(d.control, `{"id":1,"method":"set-target","params":{"vm":"vm1","bytes":${2 ** 45}}}\n`),
+    );
+    expect(huge).to.deep.include({ id: 1, ok: false });
+    expect(huge.error.code).to.equal('ETARGET');
+    expect(huge.error.message).to.match(/not an integer in 0\.\.2\^32-1/);
+    const both = JSON.parse(
+      await request(d.control, '{"id":2,"method":"set-target","params":{"vm":"vm0","bytes":0,"guestBytes":0}}\n'),
+    );
+    expect(both.error.code).to.equal('EBADPARAMS');
+    expect(JSON.parse(d.cli(['status', 'vm1', '--json']).stdout).targetBytes).to.equal(0);
+  });
+
   it('validates the configuration file with clear errors', async () => {
     const cases: Array<{ config: unknown; text: RegExp }> = [
       { config: { vms: [{ name: 'vm0', memmory: '1G' }] }, text: /vms\[0\]\.memmory: unknown setting/ },
