@@ -88,12 +88,12 @@ export class PolicyLoop {
   feed(event: PolicyEvent): PolicyAction[] {
     const result = step(this.state, event, this.clock.now());
     this.state = result.state;
-    let failure: unknown;
+    let failure: Error | undefined;
     for (const action of result.actions) {
       try {
         this.apply(action);
       } catch (err) {
-        failure ??= err;
+        failure ??= err instanceof Error ? err : new Error(String(err));
       }
     }
     if (failure !== undefined) throw failure;
