@@ -93,6 +93,13 @@ export class TestFrontend {
     Pick<FrontendOptions, 'userBase'> & { layout: 'q35' | 'flat' };
   private readonly ownsRam: boolean;
   private readonly errFds: number[] = [];
+
+  /** The err eventfd realize() sent for queue `index` (tests watch it). */
+  errFdOf(index: number): number {
+    const fd = this.errFds[index];
+    if (fd === undefined) throw new Error(`no err fd for queue ${index}`);
+    return fd;
+  }
   private readonly setupCallFds: number[] = [];
 
   private constructor(fd: number, options: FrontendOptions) {
