@@ -30,7 +30,6 @@ import {
   CONFIG_ACTUAL,
   CONFIG_NUM_PAGES,
   CONFIG_SIZES,
-  MESSAGE_BYTES,
   VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
   VIRTIO_BALLOON_F_MESSAGE_VQ,
   VIRTIO_BALLOON_F_MESSAGE_VQ_SEED,
@@ -39,12 +38,11 @@ import {
   VIRTIO_BALLOON_F_STATS_VQ,
   VIRTIO_BALLOON_MSG_PRESSURE,
 } from './constants';
-import { DiscardScheduler } from './discard-scheduler';
-import { InvalidInputCounter, InvalidReason, readPfnBuffer } from './guest-input';
+import { BalloonPages } from './balloon-pages';
+import { InvalidInputCounter, InvalidReason } from './guest-input';
 import { numQueuesFor, QueueRole, queueLayout } from './layout';
-import { PageTracker } from './page-tracker';
-import { alignedFileRange, DiscardRange } from './reclaim';
-import { BalloonCounters, BalloonSnapshot, copyCounters, newBalloonCounters, residentBytes } from './snapshot';
+import { MessageQueue } from './message-queue';
+import { BalloonSnapshot, residentBytes } from './snapshot';
 import { GuestStatsSnapshot, StatsQueue } from './stats-queue';
 
 export type { BalloonSnapshot } from './snapshot';
@@ -122,11 +120,11 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
   private acked: bigint | undefined;
   private layout: QueueRole[] = [];
   private host: DeviceHost | undefined;
-  private readonly tracker = new PageTracker();
-  private readonly discards: DiscardScheduler;
+  private readonly pages: BalloonPages;
   private readonly statsQueue: StatsQueue;
   private readonly invalidInput = new InvalidInputCounter();
-  private readonly counters: BalloonCounters = newBalloonCounters();
+  private readonly messageQueue: MessageQueue;
+  private configChanges = 0;
   private targetPages = 0;
   /** The driver-written `actual` field, byte for byte (partial writes land here). */
   private actualBytes: Uint8Array = new Uint8Array(4);
@@ -173,12 +171,13 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
       },
       this.log,
     );
-    this.discards = new DiscardScheduler(
+    this.messageQueue = new MessageQueue(report, () => this.onPressure());
+    this.pages = new BalloonPages(
       {
         clock: this.clock,
-        findRegion: (gpa) => this.host?.memory.find(gpa),
-        isFull: (pfn, n) => this.tracker.isFull(pfn, n),
+        memory: () => this.host?.memory,
         inhibited: options.inhibitDiscard ?? false,
+        report,
       },
       this.log,
     );
@@ -239,7 +238,7 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
   private sendConfigChange(): void {
     if (this.host === undefined || !this.configChangePending) return;
     this.configChangePending = false;
-    this.counters.configChanges++;
+    this.configChanges++;
     this.host.notifyConfigChange();
   }
 
@@ -248,13 +247,13 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
    * everything ballooned meanwhile.
    */
   setDiscardInhibited(inhibited: boolean): void {
-    if (inhibited === this.discards.inhibited) return;
-    this.log.info(inhibited ? 'discard inhibited' : 'discard allowed', { balloonedPages: this.tracker.size });
-    this.discards.setInhibited(inhibited, () => [...this.tracker.runs()]);
+    if (inhibited === this.pages.discardInhibited) return;
+    this.log.info(inhibited ? 'discard inhibited' : 'discard allowed', { balloonedPages: this.pages.size });
+    this.pages.setDiscardInhibited(inhibited);
   }
 
   get discardInhibited(): boolean {
-    return this.discards.inhibited;
+    return this.pages.discardInhibited;
   }
 
   /** Changes how often the guest is asked for statistics. @throws ERR_BALLOON_CONFIG below 100 ms. */
@@ -273,7 +272,7 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
 
   /** Punches every pending hole now (tests and benchmarks that measure host memory use it). */
   flushDiscards(): void {
-    this.discards.flush();
+    this.pages.flush();
   }
 
   // ---- VhostUserDevice -------------------------------------------------------------------------
@@ -330,7 +329,7 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
   }
 
   detach(): void {
-    this.discards.flush();
+    this.pages.flush();
     this.statsQueue.stop();
     this.host = undefined;
     this.setLogger(this.baseLog);
@@ -339,7 +338,7 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
 
   private setLogger(log: Logger): void {
     this.log = log;
-    this.discards.setLogger(log);
+    this.pages.setLogger(log);
     this.statsQueue.setLogger(log);
   }
 
@@ -351,9 +350,9 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
       // Different files mean a new QEMU process, whose guest starts with an empty balloon.
       const identity = [...new Set(memory.regionList.map((r) => r.fileId))].sort().join(',');
       const changed = this.memoryIdentity !== undefined && this.memoryIdentity !== identity;
-      if (changed && (this.tracker.size > 0 || this.actualPages > 0)) {
+      if (changed && (this.pages.size > 0 || this.actualPages > 0)) {
         this.log.info('new guest memory: emptying the balloon state of the previous guest', {
-          balloonedPages: this.tracker.size,
+          balloonedPages: this.pages.size,
         });
         this.reset();
       }
@@ -367,13 +366,12 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
   queueStopped(index: number): void {
     // Before QEMU gets its GET_VRING_BASE reply (a stop, a reset, a reboot): nothing may remain
     // pending once the guest can run without the balloon.
-    this.discards.flush();
+    this.pages.flush();
     if (this.layout[index] === 'stats') this.statsQueue.stop();
   }
 
   reset(): void {
-    this.discards.flush();
-    this.tracker.clear();
+    this.pages.clear();
     this.actualBytes = new Uint8Array(4);
     this.statsQueue.clear();
     this.emit('reset');
@@ -393,19 +391,19 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
       onChain: (head, descriptors) => {
         switch (role) {
           case 'inflate':
-            this.handleInflate(descriptors);
+            this.pages.inflate(descriptors);
             return 0;
           case 'deflate':
-            this.handleDeflate(descriptors);
+            this.deflate(descriptors);
             return 0;
           case 'stats':
             return this.statsQueue.onChain(vring, head, descriptors);
           case 'reporting':
-            this.handleReport(descriptors);
+            this.pages.report(descriptors);
             return 0;
           case 'message':
             messages++;
-            this.handleMessage(vring, descriptors);
+            this.messageQueue.onChain(vring, descriptors);
             return 0;
         }
       },
@@ -414,7 +412,11 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
     };
     // At most one ring's worth of chains per pass; the back-end runs another pass for the rest.
     const result = processRing(vring, handler, vring.queue.size);
-    if (messages > 0) this.countAcks(messages, (this.clock.now() - started) / 1000);
+    if (messages > 0) {
+      const seconds = (this.clock.now() - started) / 1000;
+      this.messageQueue.countAcks(messages, seconds);
+      this.emit('ack', { seconds, messages });
+    }
     return result.more;
   }
 
@@ -425,98 +427,23 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
     this.emit('invalid', { reason, detail });
   }
 
-  private countAcks(messages: number, seconds: number): void {
-    const a = this.counters.ackLatency;
-    a.count += messages;
-    a.sumSeconds += seconds * messages;
-    a.lastSeconds = seconds;
-    a.maxSeconds = Math.max(a.maxSeconds, seconds);
-    this.emit('ack', { seconds, messages });
-  }
-
-  private readPfns(kind: 'inflate' | 'deflate', descriptors: readonly Descriptor[]): number[] | undefined {
-    const memory = this.host?.memory;
-    if (memory === undefined) return undefined;
-    return readPfnBuffer(kind, descriptors, memory, (reason, detail) => this.invalid(reason, detail));
-  }
-
-  private handleInflate(descriptors: readonly Descriptor[]): void {
-    this.counters.inflate.requests++;
-    const pfns = this.readPfns('inflate', descriptors);
-    if (pfns === undefined || pfns.length === 0) return;
-    const fresh = this.tracker.add(pfns);
-    const added = fresh.reduce((n, r) => n + r.count, 0);
-    this.counters.inflate.pages += added;
-    this.counters.inflate.alreadyBallooned += pfns.length - added;
-    this.discards.enqueue(fresh, added);
-  }
-
-  private handleDeflate(descriptors: readonly Descriptor[]): void {
-    // The guest touches deflated pages once this is acknowledged: finish their discards first.
-    this.discards.flush();
-    this.counters.deflate.requests++;
-    const pfns = this.readPfns('deflate', descriptors);
-    if (pfns === undefined || pfns.length === 0) return;
-    const removed = this.tracker.remove(pfns);
-    this.counters.deflate.pages += removed;
-    this.counters.deflate.notBallooned += pfns.length - removed;
+  private deflate(descriptors: readonly Descriptor[]): void {
     // The host did not ask for this deflate if the balloon was not above its target: a
     // DEFLATE_ON_OOM deflate, i.e. the guest ran out of memory.
-    const unrequested = this.actualPages <= this.targetPages && removed > 0;
-    if (unrequested) this.counters.deflate.unrequested += removed;
-    this.emit('deflate', { pages: removed, unrequested });
+    const requested = this.actualPages > this.targetPages;
+    const removed = this.pages.deflate(descriptors, requested);
+    if (removed !== undefined) this.emit('deflate', { pages: removed, unrequested: !requested && removed > 0 });
   }
 
-  private handleReport(descriptors: readonly Descriptor[]): void {
-    this.discards.flush();
-    this.counters.reporting.requests++;
-    const memory = this.host?.memory;
-    if (memory === undefined) return;
-    const ranges: DiscardRange[] = [];
-    for (const d of descriptors) {
-      if (!d.writable) {
-        this.invalid('readable_buffer', 'reported range is not device-writable');
-        continue;
-      }
-      this.counters.reporting.bytes += d.len;
-      // A range may cross regions; each region's part is discarded on its own file. The chain
-      // walker checked that the whole range is inside guest memory.
-      let at = d.addr;
-      const end = d.addr + d.len;
-      while (at < end) {
-        const r = memory.find(at)!;
-        const pieceEnd = Math.min(end, r.guestPhysAddr + r.sizeBytes);
-        const range = alignedFileRange(r, at, pieceEnd - at);
-        if (range !== undefined) ranges.push(range);
-        at = pieceEnd;
-      }
-    }
-    this.discards.punchNow(ranges);
-  }
-
-  private handleMessage(vring: Vring, descriptors: readonly Descriptor[]): void {
-    this.counters.messages.total++;
-    const bytes = vring.queue.readChain(descriptors, MESSAGE_BYTES + 1);
-    if (bytes.length !== MESSAGE_BYTES || descriptors.some((d) => d.writable)) {
-      this.invalid('message_size', `message of ${bytes.length} readable bytes (expected ${MESSAGE_BYTES})`);
-      return;
-    }
-    const type = new DataView(bytes.buffer).getUint32(0, true);
-    if (type !== VIRTIO_BALLOON_MSG_PRESSURE) {
-      this.counters.messages.unknown++;
-      this.invalid('message_unknown_type', `message type ${type}`);
-      return;
-    }
-    this.counters.messages.pressure++;
+  private onPressure(): void {
     const event: PressureEvent = {
-      type,
+      type: VIRTIO_BALLOON_MSG_PRESSURE,
       atMs: this.clock.now(),
       actualPages: this.actualPages,
       targetPages: this.targetPages,
     };
     this.log.info('guest reports memory pressure', { actualPages: event.actualPages, targetPages: event.targetPages });
-    // Listeners (the policy) run now: a target they set is in config space, and its
-    // CONFIG_CHANGE_MSG sent, before this buffer is returned to the guest.
+    // Listeners (the policy) run now, before the message's buffer is returned to the guest.
     this.emit('pressure', event);
   }
 
@@ -524,8 +451,9 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
 
   /** One typed view of everything observable (the daemon publishes it as metrics). A pure read. */
   snapshot(): BalloonSnapshot {
-    const d = this.discards.stats;
-    const c = copyCounters(this.counters);
+    const d = this.pages.discardStats;
+    const p = this.pages.stats;
+    const m = this.messageQueue.stats;
     return {
       connected: this.host !== undefined,
       offeredFeatures: this.offered,
@@ -535,25 +463,25 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
       configSize: this.configSize,
       targetPages: this.targetPages,
       actualPages: this.actualPages,
-      balloonedPages: this.tracker.size,
+      balloonedPages: this.pages.size,
       guestRamBytes: this.lastGuestRamBytes,
       hostResidentBytes: residentBytes(this.host?.memory),
-      pendingDiscardPages: this.discards.pendingPages,
+      pendingDiscardPages: this.pages.pendingDiscardPages,
       reclaimedBytes: d.reclaimedBytes,
       discardCalls: d.calls,
       discardErrors: d.errors,
-      discardInhibited: this.discards.inhibited,
-      inflate: c.inflate,
-      deflate: c.deflate,
-      reporting: c.reporting,
+      discardInhibited: this.pages.discardInhibited,
+      inflate: p.inflate,
+      deflate: p.deflate,
+      reporting: p.reporting,
       statsQueue: this.statsQueue.stats,
       statsIntervalMs: this.statsQueue.interval,
-      messages: c.messages,
+      messages: m.messages,
       invalid: this.invalidInput.snapshot(),
       stats: this.statsQueue.snapshot(),
-      ackLatency: c.ackLatency,
-      trackerBytes: this.tracker.memoryBytes,
-      configChanges: c.configChanges,
+      ackLatency: m.ackLatency,
+      trackerBytes: this.pages.trackerBytes,
+      configChanges: this.configChanges,
     };
   }
 }

@@ -5,24 +5,11 @@
  */
 import { native } from '../native';
 import { GuestMemory } from '../virtio/guest-memory';
+import { PageCounters } from './balloon-pages';
 import { InvalidReason } from './guest-input';
 import { QueueRole } from './layout';
+import { MessageCounters } from './message-queue';
 import { GuestStatsSnapshot, StatsQueueCounters } from './stats-queue';
-
-export interface QueueCounters {
-  requests: number;
-  pages: number;
-}
-
-/** Counters the device keeps (everything else in the snapshot is state). */
-export interface BalloonCounters {
-  inflate: QueueCounters & { alreadyBallooned: number };
-  deflate: QueueCounters & { notBallooned: number; unrequested: number };
-  reporting: { requests: number; bytes: number };
-  messages: { total: number; pressure: number; unknown: number };
-  ackLatency: { count: number; sumSeconds: number; lastSeconds: number | undefined; maxSeconds: number };
-  configChanges: number;
-}
 
 export interface BalloonSnapshot {
   connected: boolean;
@@ -44,41 +31,18 @@ export interface BalloonSnapshot {
   discardCalls: number;
   discardErrors: number;
   discardInhibited: boolean;
-  inflate: BalloonCounters['inflate'];
-  deflate: BalloonCounters['deflate'];
-  reporting: BalloonCounters['reporting'];
+  inflate: PageCounters['inflate'];
+  deflate: PageCounters['deflate'];
+  reporting: PageCounters['reporting'];
   statsQueue: StatsQueueCounters;
   /** The current stats request interval. */
   statsIntervalMs: number;
-  messages: BalloonCounters['messages'];
+  messages: MessageCounters['messages'];
   invalid: Partial<Record<InvalidReason, number>>;
   stats: GuestStatsSnapshot;
-  ackLatency: BalloonCounters['ackLatency'];
+  ackLatency: MessageCounters['ackLatency'];
   trackerBytes: number;
   configChanges: number;
-}
-
-export function newBalloonCounters(): BalloonCounters {
-  return {
-    inflate: { requests: 0, pages: 0, alreadyBallooned: 0 },
-    deflate: { requests: 0, pages: 0, notBallooned: 0, unrequested: 0 },
-    reporting: { requests: 0, bytes: 0 },
-    messages: { total: 0, pressure: 0, unknown: 0 },
-    ackLatency: { count: 0, sumSeconds: 0, lastSeconds: undefined, maxSeconds: 0 },
-    configChanges: 0,
-  };
-}
-
-/** A deep copy of the counters (a snapshot must not alias live state). */
-export function copyCounters(c: BalloonCounters): BalloonCounters {
-  return {
-    inflate: { ...c.inflate },
-    deflate: { ...c.deflate },
-    reporting: { ...c.reporting },
-    messages: { ...c.messages },
-    ackLatency: { ...c.ackLatency },
-    configChanges: c.configChanges,
-  };
 }
 
 /** Bytes of the files behind guest memory that the host holds: each distinct file counted once. */
