@@ -228,9 +228,9 @@ describe('vhost-user session state machine', () => {
     await fe.realize();
     const d = (await fe.start(FEATURES, [0])).get(0)!;
     await fe.requestU64(FrontendRequest.SET_VRING_CALL, { kind: 'vring-fd', index: 0, noFd: true });
-    await fe
-      .requestU64(FrontendRequest.GET_VRING_BASE, { kind: 'vring-state', index: 0, num: 0 })
-      .catch(() => undefined);
+    // GET_VRING_BASE answers a vring-state (not a u64): only wait for it.
+    const stopped = await fe.request(FrontendRequest.GET_VRING_BASE, { kind: 'vring-state', index: 0, num: 0 });
+    expect(stopped?.payload.length).to.equal(8);
     await fe.requestU64(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 0, noFd: true });
     d.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]); // no kick at all
     await until(() => d.usedIdx === 1, 'polled ring served');
