@@ -223,19 +223,27 @@ export class RingSet {
       ring.kickTimer.unref();
       return;
     }
-    ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE, (status) => {
-      if (status < 0) {
-        this.failRing(ring, `kick fd of queue ${ring.index} failed (status ${status})`, ErrorCode.VHOST_BAD_VRING);
-        return;
-      }
-      try {
-        native.eventfdRead(ring.kickFd, ring.kickMayBlock);
-      } catch (err) {
-        this.failRing(ring, `kick fd of queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VHOST_BAD_VRING);
-        return;
-      }
-      this.onKick(ring);
-    });
+    try {
+      ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE, (status) => this.onKickReadable(ring, status));
+    } catch (err) {
+      // A regular file, a directory, /dev/null...: a kick fd must be an eventfd. The ring keeps
+      // the fd (closed with the connection, which this error ends).
+      throw protocolError(`SET_VRING_KICK: queue ${ring.index}: the kick fd cannot be watched: ${errorMessage(err)}`);
+    }
+  }
+
+  private onKickReadable(ring: RingState, status: number): void {
+    if (status < 0) {
+      this.failRing(ring, `kick fd of queue ${ring.index} failed (status ${status})`, ErrorCode.VHOST_BAD_VRING);
+      return;
+    }
+    try {
+      native.eventfdRead(ring.kickFd, ring.kickMayBlock);
+    } catch (err) {
+      this.failRing(ring, `kick fd of queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VHOST_BAD_VRING);
+      return;
+    }
+    this.onKick(ring);
   }
 
   private unwatchKick(ring: RingState): void {

@@ -35,7 +35,7 @@ import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_VRING_F_LOG,
 } from './constants';
-import { Connection } from './connection';
+import { Connection, DEFAULT_FIRST_MESSAGE_TIMEOUT_MS, DEFAULT_STALLED_MESSAGE_TIMEOUT_MS } from './connection';
 import { DeviceHost, VhostUserDevice } from './device';
 import { Frame } from './framing';
 import { addMemRegion, MemoryChangeHooks, removeMemRegion, setMemTable } from './memory-table';
@@ -52,6 +52,10 @@ export interface SessionOptions {
   protocolFeatures: bigint;
   log: Logger;
   events: SessionEvents;
+  /** Drop a front-end stalled in the middle of a message after this long (default 10 s). */
+  stalledMessageTimeoutMs?: number;
+  /** Drop a front-end that sends nothing after connecting for this long (default 30 s). */
+  firstMessageTimeoutMs?: number;
 }
 
 /** A handler's answer: a reply payload, or undefined (an ack is sent if REPLY_ACK asks for one). */
@@ -102,7 +106,14 @@ export class Session implements DeviceHost {
       onStarted: () => this.flushConfigChange(),
     });
     this.memoryHooks = { beforeChange: () => this.rings.detachAll(), afterChange: () => this.rings.updateAll() };
-    this.conn = new Connection(fd, { onFrame: (f) => this.onFrame(f), onClose: (e) => this.onClosed(e) });
+    this.conn = new Connection(
+      fd,
+      { onFrame: (f) => this.onFrame(f), onClose: (e) => this.onClosed(e) },
+      {
+        stalledMessageTimeoutMs: options.stalledMessageTimeoutMs ?? DEFAULT_STALLED_MESSAGE_TIMEOUT_MS,
+        firstMessageTimeoutMs: options.firstMessageTimeoutMs ?? DEFAULT_FIRST_MESSAGE_TIMEOUT_MS,
+      },
+    );
     this.device.attach(this, this.log);
   }
 
@@ -262,7 +273,16 @@ export class Session implements DeviceHost {
   /** @internal SET_BACKEND_REQ_FD */
   setBackendChannel(fd: number): void {
     this.channel?.close();
-    this.channel = new BackendChannel(fd, this.log, (code, detail) => this.options.events.onError(code, detail));
+    this.channel = undefined;
+    try {
+      this.channel = new BackendChannel(fd, this.log, (code, detail) => this.options.events.onError(code, detail));
+    } catch (err) {
+      // The channel's connection closed the descriptor (a regular file, a directory, /dev/null).
+      throw protocolError(
+        ErrorCode.VHOST_BAD_FDS,
+        `SET_BACKEND_REQ_FD: the descriptor cannot be watched as a socket: ${errorMessage(err)}`,
+      );
+    }
   }
 
   /** @internal */
@@ -342,7 +362,11 @@ export class Session implements DeviceHost {
     if (error !== undefined) {
       const code = Session.closeCode(error);
       this.options.events.onError(code, error.message);
-      this.log.warn('front-end connection closed on error', { code, error: error.message });
+      // A broken message is the front-end's fault (error, as docs/errors.md says); a socket
+      // failure is usually a QEMU that went away (warn).
+      const fields = { code, error: error.message };
+      if (code === ErrorCode.SOCKET) this.log.warn('front-end connection closed on error', fields);
+      else this.log.error('front-end connection closed on error', fields);
     } else this.log.info('front-end disconnected');
     for (const listener of this.closeListeners) listener(error);
   }
