@@ -168,6 +168,9 @@ export function validateRegion(r: RegionDescription): ValidRegion {
   if (r.guestPhysAddr % 4096n !== 0n || r.mmapOffset % 4096n !== 0n || r.userAddr % 4096n !== 0n) {
     throw new GuestMemoryError(`${where}: addresses and mmap offset must be 4 KiB aligned`);
   }
+  // Memory is shared in whole pages: a partial last page would be mapped (and readable) past
+  // the region's end, and no front-end describes one.
+  if (r.sizeBytes % 4096n !== 0n) throw new GuestMemoryError(`${where}: size must be a multiple of 4 KiB`);
   const limit = BigInt(MAX_ADDRESS);
   if (r.guestPhysAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: guest range wraps or exceeds 2^53`);
   if (r.userAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: user range wraps or exceeds 2^53`);

@@ -93,6 +93,8 @@ describe('guest memory', () => {
       { guestPhysAddr: 0n, sizeBytes: 4096n, userAddr: 2n ** 64n - 4096n, mmapOffset: 0n },
       { guestPhysAddr: 0n, sizeBytes: 4096n, userAddr: 0n, mmapOffset: 2n ** 63n },
       { guestPhysAddr: 1n, sizeBytes: 4096n, userAddr: 0n, mmapOffset: 0n },
+      { guestPhysAddr: 0n, sizeBytes: 4097n, userAddr: 0n, mmapOffset: 0n }, // not whole pages
+      { guestPhysAddr: 0n, sizeBytes: 0x1ffn, userAddr: 0n, mmapOffset: 0n },
     ];
     for (const r of bad)
       expect(
