@@ -45,28 +45,58 @@ export const MAX_MAPPING_BYTES = 2 ** 32;
 
 export const POLL_READABLE = 1;
 export const POLL_WRITABLE = 2;
+/**
+ * pollStart flag: the fd is an eventfd (a kick). The watcher reads the counter itself before
+ * each callback (passed as `count`), so a level-triggered watch can never spin; any error,
+ * hangup or failing read stops the watch and is reported once as status < 0.
+ */
+export const POLL_EVENTFD = 0x100;
+/** libuv's UV_EOF: the status of an eventfd watch whose fd hung up (a pipe, a closed socket). */
+export const POLL_STATUS_HANGUP = -4095;
+
+/** What a descriptor is (fdKind); vhost-user wants an eventfd for kick, call and err. */
+export type FdKind = 'eventfd' | 'pipe' | 'socket' | 'file' | 'directory' | 'char' | 'block' | 'anon' | 'other';
 
 export interface NativeAddon {
   listen(path: string, backlog: number): number;
   /** -1 when no connection is pending. */
   accept(fd: number): number;
+  /** A connected non-blocking socket, or -1 when the listener's backlog is full (retry later).
+   * Never blocks (a blocking unix connect sleeps until the listener accepts). */
   connect(path: string): number;
   socketpair(): [number, number];
+  /** A blocking pipe [readFd, writeFd] (tests use it as a hostile front-end's descriptor). */
+  pipe(): [number, number];
+  /** Sets or clears O_NONBLOCK on the open file description (shared with every holder). */
+  setNonBlocking(fd: number, on: boolean): void;
   /** null when nothing can be read now. */
   recvmsg(fd: number, maxBytes: number): ReceivedMessage | null;
   /** Bytes sent, or -1 when the socket buffer is full. */
   sendmsg(fd: number, data: Uint8Array, fds?: readonly number[]): number;
-  /** Watches `fd`; `callback(status, events)` runs on the event loop; status < 0 is a libuv error. */
-  pollStart(fd: number, events: number, callback: (status: number, events: number) => void): PollHandle;
+  /**
+   * Watches `fd`; `callback(status, events)` runs on the event loop; status < 0 is a libuv error.
+   * With POLL_EVENTFD, `count` is the counter the watcher read; status < 0 (POLL_STATUS_HANGUP for
+   * end of file, else -errno) means the watch has stopped for good: stop using the fd.
+   */
+  pollStart(fd: number, events: number, callback: (status: number, events: number, count?: number) => void): PollHandle;
   pollUpdate(handle: PollHandle, events: number): void;
   /** Idempotent. Always stop watching before closing the fd. */
   pollStop(handle: PollHandle): void;
   eventfd(initial: number, nonBlocking: boolean): number;
-  /** The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode;
-   * pass mayBlock=false for a descriptor known to be non-blocking to save a poll() call. */
+  /**
+   * The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode now
+   * or later (the front-end shares it and may flip O_NONBLOCK): RWF_NOWAIT. Throws EPIPE at end
+   * of file and EINVAL on a short read (not an eventfd). `mayBlock` is accepted and ignored.
+   */
   eventfdRead(fd: number, mayBlock?: boolean): number | null;
-  /** false when the counter is full. */
+  /**
+   * false when it would block (the counter is full, or a pipe in its place is full). Never
+   * blocks: poll first, then the write under a 1 ms signal guard (the kernel has no per-call
+   * non-blocking write for eventfds), so a front-end racing us costs at most 1 ms.
+   */
   eventfdWrite(fd: number, value?: number): boolean;
+  /** What the descriptor is, to refuse anything but an eventfd where vhost-user wants one. */
+  fdKind(fd: number): FdKind;
   /** A MAP_SHARED mapping as an ArrayBuffer; offset must be page-aligned, length <= 4 GiB
    * (MAX_MAPPING_BYTES: Node-API external buffers cannot be larger). */
   mmap(fd: number, length: number, offset: number, writable?: boolean): ArrayBuffer;
