@@ -40,6 +40,12 @@ export interface FileStatus {
 /** Opaque handle of an fd watcher. */
 export type PollHandle = { readonly __pollHandle: unique symbol };
 
+/** memfd seals (fcntl F_ADD_SEALS / F_GET_SEALS). */
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+export const F_SEAL_WRITE = 0x8;
+
 /** Largest single mmap() (Node's Buffer limit); bigger regions are mapped as windows. */
 export const MAX_MAPPING_BYTES = 2 ** 32;
 
@@ -82,6 +88,8 @@ export interface NativeAddon {
   pollUpdate(handle: PollHandle, events: number): void;
   /** Idempotent. Always stop watching before closing the fd. */
   pollStop(handle: PollHandle): void;
+  /** Watches libuv is actively polling (stopped and failed ones are not), for tests. */
+  pollCount(): number;
   eventfd(initial: number, nonBlocking: boolean): number;
   /**
    * The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode now
@@ -104,6 +112,17 @@ export interface NativeAddon {
   munmap(buffer: ArrayBuffer): void;
   /** Mappings made by mmap() and not yet unmapped (for leak checks). */
   mappingCount(): number;
+  /**
+   * True if the file behind the mapping shrank under it: the SIGBUS that touching it raised was
+   * survived by replacing the rest of the mapping with private zero pages. The front-end did it.
+   */
+  mappingFaulted(buffer: ArrayBuffer): boolean;
+  /** SIGBUS faults in mappings survived since the process started. */
+  mappingFaults(): number;
+  /** A memfd's F_SEAL_* bits, or null for a file without seals (not a memfd). */
+  fileSeals(fd: number): number | null;
+  /** F_ADD_SEALS, as QEMU seals its guest memfds. */
+  addSeals(fd: number, seals: number): void;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE). */
   punchHole(fd: number, offset: number, length: number): void;
   memfdCreate(name: string, hugetlb?: boolean): number;

@@ -16,7 +16,6 @@
 #include <node_api.h>
 #include <poll.h>
 #include <pthread.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -409,7 +408,7 @@ static napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
 
 static int vb_eventfd_take(int fd, uint64_t *value);
 
-typedef struct {
+typedef struct vb_watch {
   uv_poll_t poll;
   napi_env env;
   napi_ref callback;
@@ -420,7 +419,10 @@ typedef struct {
   bool stopped;     /* pollStop called: no more callbacks */
   bool closed;      /* uv_close finished */
   bool finalized;   /* the JS handle was collected */
+  struct vb_watch *prev, *next; /* every watch not yet closed, for pollCount() */
 } vb_watch;
+
+static vb_watch *vb_watches = NULL;
 
 static void vb_watch_maybe_free(vb_watch *w) {
   if (w->closed && w->finalized) free(w);
@@ -428,6 +430,10 @@ static void vb_watch_maybe_free(vb_watch *w) {
 
 static void vb_watch_closed(uv_handle_t *h) {
   vb_watch *w = (vb_watch *)h->data;
+  if (w->prev) w->prev->next = w->next;
+  else if (vb_watches == w) vb_watches = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->prev = w->next = NULL;
   w->closed = true;
   vb_watch_maybe_free(w);
 }
@@ -519,6 +525,9 @@ static napi_value vb_poll_start(napi_env env, napi_callback_info info) {
     return vb_throw_errno(env, -rc, "uv_poll_init");
   }
   w->poll.data = w;
+  w->next = vb_watches;
+  if (vb_watches) vb_watches->prev = w;
+  vb_watches = w;
   napi_value handle, name;
   if (napi_create_reference(env, argv[2], 1, &w->callback) != napi_ok ||
       napi_create_string_utf8(env, "vballoon:fdwatch", NAPI_AUTO_LENGTH, &name) != napi_ok ||
@@ -700,6 +709,16 @@ static ssize_t vb_nowait_io(int fd, void *buf, size_t len, bool write_it) {
   return n;
 }
 
+/* pollCount() -> watches libuv is actively polling (a failed or stopped one is not): a busy
+ * loop on a dead descriptor is impossible when its watch is not among them. */
+static napi_value vb_poll_count(napi_env env, napi_callback_info info) {
+  (void)info;
+  int64_t n = 0;
+  for (vb_watch *w = vb_watches; w != NULL; w = w->next)
+    if (!w->stopped && uv_is_active((uv_handle_t *)&w->poll)) n++;
+  return vb_int(env, n);
+}
+
 /* ---- eventfd ------------------------------------------------------------------------------ */
 
 /* eventfd(initial, nonBlocking) -> fd */
@@ -802,16 +821,74 @@ static napi_value vb_fd_kind(napi_env env, napi_callback_info info) {
 
 /* ---- shared memory -------------------------------------------------------------------------- */
 
+/*
+ * Guest memory is a file the front-end shares with us, and the front-end can shrink that file
+ * at any time; touching a page past the new end raises SIGBUS, which would end the process for
+ * every VM. Two defences (docs/vhost-user.md, "What a front-end can do to the daemon"):
+ * - The caller refuses memfds not sealed against shrinking (fileSeals): QEMU seals by default.
+ * - For files that cannot be sealed (hugetlbfs or tmpfs files of memory-backend-file), the
+ *   SIGBUS handler below: a fault inside one of our mappings replaces the rest of that mapping
+ *   with private zero pages (MAP_FIXED anonymous) and returns, so the faulting access -- from C
+ *   or from JIT-compiled JavaScript through a DataView -- is retried and reads zeros. The
+ *   mapping is marked faulted (mappingFaulted) so the session can drop that front-end.
+ * Faults outside our mappings, and machine-check errors, go to the previous handler (or the
+ * default action: the process dies as it would have).
+ */
 typedef struct vb_mapping {
   void *addr;
   size_t length;
+  int prot;
   bool unmapped;
+  atomic_bool faulted;
   struct vb_mapping *prev, *next;
 } vb_mapping;
 
-/* Live mappings, so that munmap(buffer) can find the mapping behind an ArrayBuffer. */
+/* Live mappings, so that munmap(buffer) and the SIGBUS handler can find them. */
 static vb_mapping *vb_mappings = NULL;
 static size_t vb_mapping_count = 0;
+static atomic_uint_fast64_t vb_mapping_faults = 0;
+static struct sigaction vb_sigbus_previous;
+static bool vb_sigbus_installed = false;
+
+static void vb_sigbus_handler(int sig, siginfo_t *si, void *uctx) {
+  if (si->si_code == BUS_ADRERR) {
+    uintptr_t at = (uintptr_t)si->si_addr;
+    for (vb_mapping *m = vb_mappings; m != NULL; m = m->next) {
+      uintptr_t start = (uintptr_t)m->addr;
+      if (m->unmapped || at < start || at >= start + m->length) continue;
+      uintptr_t page = at & ~(uintptr_t)4095;
+      /* mmap is a plain system call (not on the async-signal-safe list, but it takes no user
+       * space lock); the rest of the mapping lies past the file's new end as well. */
+      void *r = mmap((void *)page, start + m->length - page, m->prot,
+                     MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (r == MAP_FAILED) break;
+      atomic_store(&m->faulted, true);
+      atomic_fetch_add(&vb_mapping_faults, 1);
+      return;
+    }
+  }
+  /* Not ours: hand over as if we had never been installed. */
+  if (vb_sigbus_previous.sa_flags & SA_SIGINFO) {
+    vb_sigbus_previous.sa_sigaction(sig, si, uctx);
+    return;
+  }
+  if (vb_sigbus_previous.sa_handler != SIG_DFL && vb_sigbus_previous.sa_handler != SIG_IGN) {
+    vb_sigbus_previous.sa_handler(sig);
+    return;
+  }
+  /* Default action: restore it and return, so the faulting access faults again and kills. */
+  sigaction(SIGBUS, &vb_sigbus_previous, NULL);
+}
+
+static void vb_sigbus_install(void) {
+  if (vb_sigbus_installed) return;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = vb_sigbus_handler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  if (sigaction(SIGBUS, &sa, &vb_sigbus_previous) == 0) vb_sigbus_installed = true;
+}
 
 static void vb_mapping_unlink(vb_mapping *m) {
   if (m->prev) m->prev->next = m->next;
@@ -823,14 +900,24 @@ static void vb_mapping_unlink(vb_mapping *m) {
 /* Runs on the JS thread when the ArrayBuffer is collected (never during detach). */
 static void vb_mapping_finalize(napi_env env, void *data, void *hint) {
   (void)env;
-  (void)data;
-  vb_mapping *m = (vb_mapping *)hint;
+  (void)hint;
+  vb_mapping *m = (vb_mapping *)data;
   if (!m->unmapped) munmap(m->addr, m->length);
   vb_mapping_unlink(m);
   free(m);
 }
 
-/* mmap(fd, length, offset, writable = true) -> ArrayBuffer over a MAP_SHARED mapping. */
+/* unaccounted.cc: an ArrayBuffer over `data` that V8 does not count as external memory. */
+napi_status vb_create_unaccounted_arraybuffer(napi_env env, void *data, size_t length,
+                                              napi_value *result);
+
+/*
+ * mmap(fd, length, offset, writable = true) -> ArrayBuffer over a MAP_SHARED mapping.
+ *
+ * The buffer is not counted as V8 external memory (see unaccounted.cc: counting it started a
+ * garbage collection per 1 GiB window). Its mapping is ours: munmap() detaches and unmaps it;
+ * a buffer collected without munmap() is unmapped by the finalizer added here.
+ */
 static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   napi_value argv[4];
   int32_t fd;
@@ -843,8 +930,9 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   napi_typeof(env, argv[3], &t);
   if (t == napi_boolean) napi_get_value_bool(env, argv[3], &writable);
   if (length == 0 || length > VB_MAX_MAPPING) return vb_throw_errno(env, EINVAL, "mmap");
-  void *addr = mmap(NULL, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0),
-                    MAP_SHARED | MAP_NORESERVE, fd, (off_t)offset);
+  vb_sigbus_install();
+  int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+  void *addr = mmap(NULL, (size_t)length, prot, MAP_SHARED | MAP_NORESERVE, fd, (off_t)offset);
   if (addr == MAP_FAILED) return vb_throw_errno(env, errno, "mmap");
   vb_mapping *m = calloc(1, sizeof *m);
   if (m == NULL) {
@@ -853,18 +941,26 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   }
   m->addr = addr;
   m->length = (size_t)length;
+  m->prot = prot;
+  atomic_init(&m->faulted, false);
+  napi_value buffer;
+  if (vb_create_unaccounted_arraybuffer(env, addr, (size_t)length, &buffer) != napi_ok) {
+    munmap(addr, (size_t)length);
+    free(m);
+    return vb_throw_errno(env, ENOMEM, "mmap");
+  }
+  if (napi_add_finalizer(env, buffer, m, vb_mapping_finalize, NULL, NULL) != napi_ok) {
+    /* Detach so that nothing can reach the memory, then release it. */
+    napi_detach_arraybuffer(env, buffer);
+    munmap(addr, (size_t)length);
+    free(m);
+    vb_throw_napi(env, "napi_add_finalizer");
+    return NULL;
+  }
   m->next = vb_mappings;
   if (vb_mappings) vb_mappings->prev = m;
   vb_mappings = m;
   vb_mapping_count++;
-  napi_value buffer;
-  if (napi_create_external_arraybuffer(env, addr, (size_t)length, vb_mapping_finalize, m,
-                                       &buffer) != napi_ok) {
-    /* Node may already have run (or scheduled) the finalizer, which unmaps and frees `m`:
-     * touching it here could free it twice. Within VB_MAX_MAPPING this path is not taken. */
-    vb_throw_napi(env, "napi_create_external_arraybuffer");
-    return NULL;
-  }
   return buffer;
 }
 
@@ -873,13 +969,14 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
 static napi_value vb_munmap(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (!vb_get_args(env, info, 1, argv)) return NULL;
+  vb_mapping *m = NULL;
   bool is_ab = false;
   napi_is_arraybuffer(env, argv[0], &is_ab);
   if (!is_ab) return vb_throw_type(env, "buffer must be an ArrayBuffer from mmap()");
   void *data = NULL;
   size_t len = 0;
   NAPI_CALL(env, napi_get_arraybuffer_info(env, argv[0], &data, &len));
-  vb_mapping *m = vb_mappings;
+  m = vb_mappings;
   while (m != NULL && !(m->addr == data && !m->unmapped)) m = m->next;
   if (m == NULL) return vb_throw_errno(env, EINVAL, "munmap");
   /* Detach first: if detaching failed after the unmap, views over the buffer would still point
@@ -890,6 +987,43 @@ static napi_value vb_munmap(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static vb_mapping *vb_find_mapping(napi_env env, napi_value v) {
+  bool is_ab = false;
+  napi_is_arraybuffer(env, v, &is_ab);
+  if (!is_ab) {
+    vb_throw_type(env, "buffer must be an ArrayBuffer from mmap()");
+    return NULL;
+  }
+  void *data = NULL;
+  size_t len = 0;
+  if (napi_get_arraybuffer_info(env, v, &data, &len) != napi_ok) {
+    vb_throw_napi(env, "napi_get_arraybuffer_info");
+    return NULL;
+  }
+  vb_mapping *m = vb_mappings;
+  while (m != NULL && !(m->addr == data && !m->unmapped)) m = m->next;
+  if (m == NULL) vb_throw_errno(env, EINVAL, "mappingFaulted");
+  return m;
+}
+
+/* mappingFaulted(buffer) -> true if the file behind the mapping shrank under it (SIGBUS) and
+ * part of it now reads as zeros (see vb_sigbus_handler). */
+static napi_value vb_mapping_faulted(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!vb_get_args(env, info, 1, argv)) return NULL;
+  vb_mapping *m = vb_find_mapping(env, argv[0]);
+  if (m == NULL) return NULL;
+  napi_value out;
+  napi_get_boolean(env, atomic_load(&m->faulted), &out);
+  return out;
+}
+
+/* mappingFaults() -> SIGBUS faults survived since the process started. */
+static napi_value vb_mapping_faults_fn(napi_env env, napi_callback_info info) {
+  (void)info;
+  return vb_int(env, (int64_t)atomic_load(&vb_mapping_faults));
+}
+
 /* mappingCount() -> live (not yet unmapped) mappings, for leak checks in tests. */
 static napi_value vb_mapping_count_fn(napi_env env, napi_callback_info info) {
   (void)info;
@@ -897,6 +1031,31 @@ static napi_value vb_mapping_count_fn(napi_env env, napi_callback_info info) {
   for (vb_mapping *m = vb_mappings; m != NULL; m = m->next)
     if (!m->unmapped) live++;
   return vb_int(env, (int64_t)live);
+}
+
+/* fileSeals(fd) -> the memfd's seals (F_SEAL_* bits), or null for a file that has no seals
+ * (not a memfd: F_GET_SEALS fails with EINVAL). */
+static napi_value vb_file_seals(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    if (errno == EINVAL) return vb_null(env);
+    return vb_throw_errno(env, errno, "fcntl");
+  }
+  return vb_int(env, seals);
+}
+
+/* addSeals(fd, seals): F_ADD_SEALS (what QEMU does to its guest memfds). */
+static napi_value vb_add_seals(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd, seals;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd") ||
+      !vb_int32(env, argv[1], &seals, "seals"))
+    return NULL;
+  if (fcntl(fd, F_ADD_SEALS, seals) < 0) return vb_throw_errno(env, errno, "fcntl");
+  return NULL;
 }
 
 /* punchHole(fd, offset, length): give the pages back to the host, keep the file size. */
@@ -1024,6 +1183,7 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"pollStart", NULL, vb_poll_start, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pollUpdate", NULL, vb_poll_update, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pollStop", NULL, vb_poll_stop, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pollCount", NULL, vb_poll_count, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfd", NULL, vb_eventfd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfdRead", NULL, vb_eventfd_read, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfdWrite", NULL, vb_eventfd_write, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -1031,6 +1191,10 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"mmap", NULL, vb_mmap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"munmap", NULL, vb_munmap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"mappingCount", NULL, vb_mapping_count_fn, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"mappingFaulted", NULL, vb_mapping_faulted, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"mappingFaults", NULL, vb_mapping_faults_fn, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fileSeals", NULL, vb_file_seals, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"addSeals", NULL, vb_add_seals, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, vb_punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"memfdCreate", NULL, vb_memfd_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ftruncate", NULL, vb_ftruncate, NULL, NULL, NULL, napi_enumerable, NULL},
