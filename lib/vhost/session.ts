@@ -18,7 +18,7 @@ import {
   VirtqueueError,
 } from '../errors';
 import { Logger } from '../log';
-import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
+import { closeQuietly, isSystemError, native, PollHandle, POLL_EVENTFD, POLL_READABLE } from '../native';
 import { checkDisjoint, GuestMemory, MemoryRegion, validateRegion, ValidRegion } from '../virtio/guest-memory';
 import { ringSizes, SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
 import { BackendChannel } from './backend-channel';
@@ -535,7 +535,7 @@ export class Session implements DeviceHost {
       ring.kickTimer.unref();
       return;
     }
-    ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE, (status) => {
+    ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE | POLL_EVENTFD, (status) => {
       if (status < 0) {
         this.failRing(
           ring,
