@@ -794,26 +794,36 @@ static napi_value vb_eventfd_write(napi_env env, napi_callback_info info) {
 
 /* fdKind(fd) -> "eventfd" | "pipe" | "socket" | "file" | "directory" | "char" | "block" |
  * "anon" (another anonymous inode: epoll, timerfd, ...) | "other". For checking what a
- * front-end hands over (vhost-user wants eventfds for kick, call and err). */
+ * front-end hands over (vhost-user wants eventfds for kick, call and err). The /proc link is
+ * read first: it names anonymous inodes, pipes and sockets without asking their file system
+ * (an fstat on a file of a FUSE mount the front-end serves could wait forever). */
 static napi_value vb_fd_kind(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
   if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
-  struct stat st;
-  if (fstat(fd, &st) < 0) return vb_throw_errno(env, errno, "fstat");
-  const char *kind = "other";
+  if (fcntl(fd, F_GETFD) < 0) return vb_throw_errno(env, errno, "fcntl");
+  const char *kind = NULL;
   char link[64], target[64];
   snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
   ssize_t n = readlink(link, target, sizeof target - 1);
-  if (n > 0) target[n] = 0;
-  if (n > 0 && strncmp(target, "anon_inode:", 11) == 0) {
-    kind = strcmp(target + 11, "[eventfd]") == 0 ? "eventfd" : "anon";
-  } else if (S_ISFIFO(st.st_mode)) kind = "pipe";
-  else if (S_ISSOCK(st.st_mode)) kind = "socket";
-  else if (S_ISREG(st.st_mode)) kind = "file";
-  else if (S_ISDIR(st.st_mode)) kind = "directory";
-  else if (S_ISCHR(st.st_mode)) kind = "char";
-  else if (S_ISBLK(st.st_mode)) kind = "block";
+  if (n > 0) {
+    target[n] = 0;
+    if (strcmp(target, "anon_inode:[eventfd]") == 0) kind = "eventfd";
+    else if (strncmp(target, "anon_inode:", 11) == 0) kind = "anon";
+    else if (strncmp(target, "pipe:[", 6) == 0) kind = "pipe";
+    else if (strncmp(target, "socket:[", 8) == 0) kind = "socket";
+  }
+  if (kind == NULL) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return vb_throw_errno(env, errno, "fstat");
+    kind = S_ISFIFO(st.st_mode)  ? "pipe"
+           : S_ISSOCK(st.st_mode) ? "socket"
+           : S_ISREG(st.st_mode)  ? "file"
+           : S_ISDIR(st.st_mode)  ? "directory"
+           : S_ISCHR(st.st_mode)  ? "char"
+           : S_ISBLK(st.st_mode)  ? "block"
+                                  : "other";
+  }
   napi_value out;
   NAPI_CALL(env, napi_create_string_utf8(env, kind, NAPI_AUTO_LENGTH, &out));
   return out;

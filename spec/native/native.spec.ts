@@ -263,7 +263,7 @@ describe('native addon', () => {
       } finally {
         for (const fd of [efd, r, w, a, b, mfd, dir, dev]) native.close(fd);
       }
-      expectSystemError(() => native.fdKind(efd), 'EBADF', 'fstat');
+      expectSystemError(() => native.fdKind(efd), 'EBADF', 'fcntl');
     });
   });
 
