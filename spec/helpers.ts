@@ -37,9 +37,13 @@ export interface BackendFixture {
   close(): void;
 }
 
-export function startBackend(device: VhostUserDevice, options: Partial<BackendOptions> = {}): BackendFixture {
+export function startBackend(
+  device: VhostUserDevice,
+  options: Partial<BackendOptions> = {},
+  at?: string,
+): BackendFixture {
   const dir = tmpDir();
-  const socketPath = path.join(dir, 'vhost.sock');
+  const socketPath = at ?? path.join(dir, 'vhost.sock');
   const log = new MemoryLogger();
   const backend = new VhostUserBackend(device, { log, ...options });
   backend.listen(socketPath);

@@ -5,7 +5,8 @@
  * dropped, device state is kept, and the next connection is served.
  */
 import * as fs from 'node:fs';
-import { ErrorCode, ErrorCodeValue, VballoonError } from '../errors';
+import * as path from 'node:path';
+import { ErrorCode, ErrorCodeValue, errorMessage, VballoonError } from '../errors';
 import { Logger } from '../log';
 import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
 import { SUPPORTED_PROTOCOL_FEATURES } from './constants';
@@ -24,6 +25,81 @@ export interface BackendOptions {
   firstMessageTimeoutMs?: number;
 }
 
+/** After accept(2) fails, the listener is not watched for this long (no spin, no log flood). */
+const ACCEPT_BACKOFF_MS = 1000;
+/** Repeated warnings of one kind (refused front-ends, accept failures): one line per minute. */
+const LOG_EVERY_MS = 60_000;
+
+/** Lets the first event through, then one per `everyMs`. */
+class LogLimiter {
+  private last = -Infinity;
+  constructor(private readonly everyMs: number) {}
+  due(count: number): boolean {
+    const now = Date.now();
+    if (count > 1 && now - this.last < this.everyMs) return false;
+    this.last = now;
+    return true;
+  }
+}
+
+/**
+ * Whether a process listens on the unix socket at `socketPath`, from /proc/net/unix (flag
+ * __SO_ACCEPTCON): no connection is made, so a live daemon's VM slot is never touched. Undefined
+ * when /proc/net/unix cannot be read.
+ */
+function listenedOn(socketPath: string): boolean | undefined {
+  let table: string;
+  try {
+    table = fs.readFileSync('/proc/net/unix', 'utf8');
+  } catch {
+    return undefined;
+  }
+  const wanted = path.resolve(socketPath);
+  // Bounded by the number of unix sockets on the host; each line is one socket.
+  for (const line of table.split('\n')) {
+    const cols = line.trim().split(/\s+/);
+    // Num RefCount Protocol Flags Type St Inode Path
+    if (cols.length < 8 || cols[7] !== wanted) continue;
+    if ((parseInt(cols[3]!, 16) & SO_ACCEPTCON) !== 0) return true;
+  }
+  return false;
+}
+/** The "listening" flag of /proc/net/unix. */
+const SO_ACCEPTCON = 0x10000;
+
+/**
+ * Removes a socket file nobody listens on. A live one belongs to another process: ERR_SOCKET, and
+ * the file stays (a second daemon must not take a running daemon's VMs away).
+ */
+function removeStaleSocket(socketPath: string): void {
+  let isSocket: boolean;
+  try {
+    isSocket = fs.lstatSync(socketPath).isSocket();
+  } catch (err) {
+    if (isSystemError(err, 'ENOENT')) return;
+    throw new VballoonError(ErrorCode.SOCKET, `cannot use ${socketPath}: ${errorMessage(err)}`);
+  }
+  if (!isSocket) return; // listen() fails with EADDRINUSE and says so
+  let live = listenedOn(socketPath);
+  if (live === undefined) {
+    // No /proc: probe with a connection (the other daemon sees a front-end come and go).
+    try {
+      const fd = native.connect(socketPath);
+      if (fd >= 0) native.close(fd);
+      live = true;
+    } catch {
+      live = false; // ECONNREFUSED: stale
+    }
+  }
+  if (live) {
+    throw new VballoonError(
+      ErrorCode.SOCKET,
+      `${socketPath} is in use by another process (another vballoon daemon serving this VM?); leaving it alone`,
+    );
+  }
+  fs.unlinkSync(socketPath);
+}
+
 export interface ConnectOptions {
   /** Delay between attempts. */
   retryIntervalMs?: number;
@@ -39,6 +115,8 @@ export class BackendCounters {
   readonly errors = new Map<string, number>();
   connections = 0;
   rejectedConnections = 0;
+  /** accept(2) failures (descriptor exhaustion and the like). */
+  acceptFailures = 0;
 
   error(code: string): number {
     return this.errors.get(code) ?? 0;
@@ -53,6 +131,9 @@ export class VhostUserBackend {
   private socketPath: string | undefined;
   private connectTimer: NodeJS.Timeout | undefined;
   private stopped = false;
+  private acceptTimer: NodeJS.Timeout | undefined;
+  private readonly refusedLog = new LogLimiter(LOG_EVERY_MS);
+  private readonly acceptLog = new LogLimiter(LOG_EVERY_MS);
   private readonly protocolFeatures: bigint;
   private readonly sessionListeners: Array<(session: Session) => void> = [];
 
@@ -118,15 +199,14 @@ export class VhostUserBackend {
     return session;
   }
 
-  /** Listens on `socketPath` (a stale socket file there is replaced; any other file is an error). */
+  /**
+   * Listens on `socketPath`. A stale socket file there (nobody listening) is replaced; a socket
+   * another process listens on is left alone and refused (a second daemon must not take a running
+   * daemon's VMs away); any other file is an error.
+   */
   listen(socketPath: string): void {
     if (this.listenFd >= 0) throw new VballoonError(ErrorCode.SOCKET, 'already listening');
-    try {
-      if (fs.lstatSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
-    } catch (err) {
-      if (!isSystemError(err, 'ENOENT'))
-        throw new VballoonError(ErrorCode.SOCKET, `cannot use ${socketPath}: ${(err as Error).message}`);
-    }
+    removeStaleSocket(socketPath);
     try {
       this.listenFd = native.listen(socketPath, 4);
     } catch (err) {
@@ -146,19 +226,45 @@ export class VhostUserBackend {
       try {
         fd = native.accept(this.listenFd);
       } catch (err) {
-        this.options.log.error('accept failed', { error: (err as Error).message });
+        this.acceptFailed(err);
         return;
       }
       if (fd < 0) return;
       if (this.connected) {
         this.counters.rejectedConnections++;
-        this.options.log.warn('refusing a second front-end: one is already connected');
+        if (this.refusedLog.due(this.counters.rejectedConnections))
+          this.options.log.warn('refusing a second front-end: one is already connected', {
+            refused: this.counters.rejectedConnections,
+          });
         closeQuietly(fd);
         continue;
       }
       this.options.log.info('front-end connected', { socket: this.socketPath });
       this.serveFd(fd);
     }
+  }
+
+  /**
+   * accept(2) failed (EMFILE, ENFILE, ENOMEM...): the pending connection stays, so the listener
+   * would wake again at once and spin. Stop watching it for ACCEPT_BACKOFF_MS, then try again.
+   */
+  private acceptFailed(err: unknown): void {
+    this.counters.acceptFailures++;
+    if (this.acceptLog.due(this.counters.acceptFailures))
+      this.options.log.error('accept failed; pausing this socket', {
+        socket: this.socketPath,
+        error: errorMessage(err),
+        failures: this.counters.acceptFailures,
+        pauseMs: ACCEPT_BACKOFF_MS,
+      });
+    if (this.listenWatch !== undefined) native.pollStop(this.listenWatch);
+    this.listenWatch = undefined;
+    this.acceptTimer ??= setTimeout(() => {
+      this.acceptTimer = undefined;
+      if (this.stopped || this.listenFd < 0) return;
+      this.listenWatch = native.pollStart(this.listenFd, POLL_READABLE, () => this.acceptPending());
+    }, ACCEPT_BACKOFF_MS);
+    this.acceptTimer.unref();
   }
 
   /**
@@ -221,6 +327,8 @@ export class VhostUserBackend {
     this.stopped = true;
     if (this.connectTimer !== undefined) clearTimeout(this.connectTimer);
     this.connectTimer = undefined;
+    if (this.acceptTimer !== undefined) clearTimeout(this.acceptTimer);
+    this.acceptTimer = undefined;
     if (this.listenWatch !== undefined) native.pollStop(this.listenWatch);
     this.listenWatch = undefined;
     closeQuietly(this.listenFd);

@@ -3,7 +3,11 @@ import { native } from '../../lib/native';
 import { EchoDevice } from '../../lib/testing/echo-device';
 import { TestFrontend } from '../../lib/testing/frontend';
 import { FrontendRequest, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from '../../lib/vhost/constants';
-import { fdCount, hangUp, startBackend, until } from '../helpers';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { MemoryLogger } from '../../lib/log';
+import { VhostUserBackend } from '../../lib/vhost/server';
+import { fdCount, hangUp, startBackend, tmpDir, until } from '../helpers';
 
 describe('vhost-user back-end lifecycle (real socket, memfd, eventfds)', () => {
   it('negotiates, starts rings, completes chains and stops like QEMU', async () => {
@@ -76,5 +80,49 @@ describe('vhost-user back-end lifecycle (real socket, memfd, eventfds)', () => {
       fe.close();
       fx.close();
     }
+  });
+
+  it('refused front-ends are all counted but logged once a minute, not once each', async () => {
+    const fdsBefore = fdCount();
+    const fx = startBackend(new EchoDevice({ numQueues: 1 }));
+    const fe = TestFrontend.connect(fx.socketPath, { numQueues: 1, configSize: 8 });
+    try {
+      await fe.realize();
+      for (let i = 0; i < 50; i++) {
+        const fd = native.connect(fx.socketPath);
+        await until(() => fx.backend.counters.rejectedConnections === i + 1, `refusal ${i + 1}`);
+        native.close(fd);
+      }
+      expect(fx.log.find('refusing a second front-end', 'warn')).to.have.length(1);
+      expect(await fe.requestU64(FrontendRequest.GET_FEATURES)).to.be.a('bigint');
+    } finally {
+      await hangUp(fe, fx);
+    }
+    expect(fdCount()).to.equal(fdsBefore);
+  });
+
+  it("a second back-end on a live socket path is refused and leaves the first one's socket serving", async () => {
+    const fx = startBackend(new EchoDevice({ numQueues: 1 }));
+    const second = new VhostUserBackend(new EchoDevice({ numQueues: 1 }), { log: new MemoryLogger() });
+    // This used to unlink the live socket (new front-ends then got ENOENT) and take its place.
+    expect(() => second.listen(fx.socketPath))
+      .to.throw(/in use by another process/)
+      .with.property('code', 'ERR_SOCKET');
+    second.close();
+    const fe = TestFrontend.connect(fx.socketPath, { numQueues: 1, configSize: 8 });
+    await fe.realize();
+    expect(fx.backend.connected).to.equal(true);
+    await hangUp(fe, fx);
+  });
+
+  it('a stale socket file (nobody listening) is replaced', async () => {
+    const dir = tmpDir();
+    const socketPath = path.join(dir, 'stale.sock');
+    native.close(native.listen(socketPath, 1)); // the file stays, nobody listens
+    const fx = startBackend(new EchoDevice({ numQueues: 1 }), {}, socketPath);
+    const fe = TestFrontend.connect(socketPath, { numQueues: 1, configSize: 8 });
+    await fe.realize();
+    await hangUp(fe, fx);
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 });
