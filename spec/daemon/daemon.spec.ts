@@ -86,6 +86,8 @@ describe('daemon and CLI (real processes)', function () {
       'policyCooldownSeconds',
       'statsAgeSeconds',
       'statsStale',
+      'floorBytes',
+      'shares',
     ]);
     expect(s).to.include({
       vm: 'vm0',
@@ -220,8 +222,18 @@ describe('daemon and CLI (real processes)', function () {
       const s = JSON.parse(d.cli(['status', 'vm0', '--json']).stdout);
       expect(s.targetBytes).to.equal(0);
       expect(fs.statSync(d.control).mode & 0o777).to.equal(0o600);
-      const m = parsePrometheus(await metrics(d.metricsPort)).find((f) => f.name === 'vballoon_errors_total')!;
-      expect(m.metrics.filter((x) => x.labels?.vm === 'control').length).to.be.greaterThan(3);
+      const families = parsePrometheus(await metrics(d.metricsPort));
+      const m = families.find((f) => f.name === 'vballoon_control_errors_total')!;
+      expect(m.metrics.map((x) => x.labels?.code).sort()).to.include.members([
+        'EBADJSON',
+        'EBADPARAMS',
+        'EBADREQUEST',
+        'ETOOLARGE',
+        'EUNKNOWNMETHOD',
+      ]);
+      // Control errors are not a VM's: the vm label holds VM names only.
+      const errors = families.find((f) => f.name === 'vballoon_errors_total');
+      expect((errors?.metrics ?? []).filter((x) => x.labels?.vm === 'control')).to.deep.equal([]);
     });
 
     it('refuses callers of another user', async () => {
@@ -314,6 +326,63 @@ describe('daemon and CLI (real processes)', function () {
     d.signal('SIGHUP');
     await d.waitLog((l) => l.msg.startsWith('reload refused'));
     expect(JSON.parse(d.cli(['list', '--json']).stdout)).to.have.length(2);
+  });
+
+  it('SIGHUP applies or refuses every changed setting, one log line each; nothing is ignored', async () => {
+    await d.start({ vms: [VM(d)] });
+    guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB });
+    await until(() => JSON.parse(d.cli(['status', 'vm0', '--json']).stdout).connected === true, 'connected');
+    fs.writeFileSync(
+      path.join(d.dir, 'config.json'),
+      JSON.stringify({
+        control: { socket: path.join(d.dir, 'other.sock') },
+        metrics: { host: '127.0.0.1', port: 0 },
+        log: { format: 'json', level: 'info' },
+        state: { file: d.stateFile },
+        policy: { tick: '2s', guestFloor: '128M' },
+        vms: [VM(d, { messageQueue: false, floor: '8M', socketMode: '0660', target: '4M' })],
+      }),
+    );
+    d.signal('SIGHUP');
+    const done = await d.waitLog((l) => l.msg === 'configuration reloaded');
+    const applied = d.logs.filter((l) => l.msg === 'reload: applied').map((l) => String(l['setting']));
+    const refused = d.logs.filter((l) => l.msg === 'reload: refused').map((l) => String(l['setting']));
+    expect(applied).to.have.members([
+      'log',
+      'policy',
+      'vms[vm0].floor',
+      'vms[vm0].socketOwner/socketGroup/socketMode',
+      'vms[vm0].target',
+    ]);
+    expect(refused).to.have.members(['control.socket', 'vms[vm0].messageQueue']);
+    expect(done).to.include({ applied: 5, refused: 2 });
+    const policy = d.logs.find((l) => l.msg === 'reload: applied' && l['setting'] === 'policy')!;
+    expect(String(policy['changed']).split(',')).to.have.members(['tickMs', 'guestFloorBytes']);
+    expect(fs.statSync(d.vmSocket('vm0')).mode & 0o777).to.equal(0o660);
+    const s = JSON.parse(d.cli(['status', 'vm0', '--json']).stdout);
+    expect(s).to.include({ connected: true, floorBytes: 8 * MiB, targetBytes: 4 * MiB });
+    // The refused feature change did not drop QEMU; the control socket did not move.
+    expect(s.negotiatedQueues).to.deep.equal(['inflate', 'deflate', 'stats', 'reporting']);
+    expect(fs.existsSync(path.join(d.dir, 'other.sock'))).to.equal(false);
+    // A floor is a floor for the operator too, in human units.
+    const low = d.cli(['set-target', 'vm0', '60M']);
+    expect(low.code).to.equal(5);
+    expect(low.stderr).to.match(/would leave vm0 4 MiB, below its floor of 8 MiB/);
+  });
+
+  it('the runtime target and mode survive a restart, until the file changes them', async () => {
+    await d.start({ vms: [VM(d)] });
+    expect(d.cli(['set-target', 'vm0', '16M']).code).to.equal(0);
+    expect(d.cli(['mode', 'vm0', 'auto']).code).to.equal(0);
+    await d.restart({ vms: [VM(d)] });
+    expect(d.logs.some((l) => l.msg === 'restored the runtime target and mode')).to.equal(true);
+    expect(JSON.parse(d.cli(['status', 'vm0', '--json']).stdout)).to.include({ targetBytes: 16 * MiB, mode: 'auto' });
+    // The operator edited the file's target: the file wins over the remembered value.
+    await d.restart({ vms: [VM(d, { target: '4M' })] });
+    expect(JSON.parse(d.cli(['status', 'vm0', '--json']).stdout)).to.include({
+      targetBytes: 4 * MiB,
+      mode: 'manual',
+    });
   });
 
   it('SIGTERM during an inflate leaves no fd, mapping or socket file behind, and exits 0', async () => {

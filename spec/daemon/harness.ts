@@ -16,6 +16,7 @@ export interface LogLine {
 export class DaemonProcess {
   readonly dir = tmpDir();
   readonly control = path.join(this.dir, 'control.sock');
+  readonly stateFile = path.join(this.dir, 'state.json');
   readonly logs: LogLine[] = [];
   proc: ChildProcess | undefined;
   metricsPort = 0;
@@ -30,6 +31,7 @@ export class DaemonProcess {
         control: { socket: this.control },
         metrics: { host: '127.0.0.1', port: 0 },
         log: { format: 'json', level: 'debug' },
+        state: { file: this.stateFile },
         ...config,
       }),
     );
