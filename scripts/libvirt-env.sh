@@ -32,6 +32,9 @@ if ! chroot "$TRIXIE" getent passwd libvirt-qemu >/dev/null; then
   chroot "$TRIXIE" groupadd --system libvirt-qemu 2>/dev/null || true
   chroot "$TRIXIE" useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 fi
+# libvirt looks the host name up on every define and start; a root without /etc/hosts waits for a
+# DNS timeout each time. scripts/libvirt-sandbox.sh mounts a filled-in copy over this file.
+[ -e "$TRIXIE/etc/hosts" ] || printf '127.0.0.1 localhost\n' > "$TRIXIE/etc/hosts"
 for tool in libvirtd virtlogd virsh virt-xml-validate; do
   [ -x "$TRIXIE/usr/sbin/$tool" ] || [ -x "$TRIXIE/usr/bin/$tool" ] || fail "$tool missing in $TRIXIE"
 done

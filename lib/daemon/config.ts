@@ -728,7 +728,9 @@ export function libvirtXml(vm: VmConfig, device: BalloonDevice = new BalloonDevi
     arg('-chardev'),
     arg(chardevOption(vm)),
     arg('-device'),
-    arg(deviceOption(vm, device.numQueues)),
+    // A fixed PCI slot on q35's root bus: libvirt numbers its own devices from slot 1 and does not
+    // know this one (on an i440fx machine write bus=pci.0).
+    arg(`${deviceOption(vm, device.numQueues)},bus=pcie.0,addr=0x10`),
     '</qemu:commandline>',
   ].join('\n');
 }

@@ -268,6 +268,10 @@ export class ControlServer {
     }
     socket.setTimeout(0);
     respond(socket, { id: id ?? null, ok: true, result: { subscribed: true } });
+    this.options.log.debug('event subscription started', {
+      vm: filter.vm ?? '*',
+      events: filter.events?.join(',') ?? '*',
+    });
     const unsubscribe = this.options.subscribe!((e) => {
       if (filter.vm !== undefined && e.vm !== filter.vm) return;
       if (filter.events !== undefined && !filter.events.includes(e.event)) return;

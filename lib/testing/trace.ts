@@ -1,5 +1,5 @@
 /**
- * Replays a message trace recorded from a real QEMU 11.1 (../shared/reference/traces/) through
+ * Replays a message trace recorded from a real QEMU 11.1 (spec/fixtures/qemu-traces/) through
  * the test front-end: the same requests, flags, payload sizes and descriptor counts, in the same
  * order, with payloads rebuilt from what the trace recorded (feature values, vring states,
  * memory regions) and from the front-end's own rings. Every reply is checked.

@@ -199,6 +199,32 @@ describe('daemon and CLI (real processes)', function () {
     expect(res.status).to.equal(404);
   });
 
+  const promtool = [
+    process.env['PROMTOOL'],
+    path.resolve(__dirname, '..', '..', '..', '.cache', 'promtool', 'root', 'usr', 'bin', 'promtool'),
+    '/usr/bin/promtool',
+  ].find((p) => p !== undefined && p !== '' && fs.existsSync(p));
+  (promtool === undefined ? it.skip : it)(
+    'promtool check metrics passes on /metrics (Prometheus naming rules)',
+    async () => {
+      await d.start({
+        vms: [VM(d, { policy: 'auto', target: '8M' }), VM(d, { name: 'vm1', socket: d.vmSocket('vm1') })],
+      });
+      guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'seed', numQueues: 5, ramBytes: 64 * MiB });
+      await until(() => JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).updatedAt !== null, 'stats');
+      await guest.eat(1 * MiB);
+      d.cli(['set-target', 'nope', '1M']); // a control error, so that counter has a sample
+      const text = await metrics(d.metricsPort);
+      for (const name of ['vballoon_build_info', 'vballoon_guest_stat_events', 'vballoon_control_errors_total'])
+        expect(text).to.contain(`# TYPE ${name} `);
+      expect(text).to.match(/^vballoon_guest_stats_last_update_timestamp_seconds\{vm="vm0"\} \d+(\.\d+)?$/m);
+      expect(text).to.not.match(/_total\{[^}]*\} .*\n# TYPE \S+ gauge/);
+      const r = spawnSync(promtool!, ['check', 'metrics'], { input: text, encoding: 'utf8' });
+      expect(`${r.stdout}${r.stderr}`.trim()).to.equal('');
+      expect(r.status).to.equal(0);
+    },
+  );
+
   describe('control socket', () => {
     it('refuses malformed JSON, oversized requests and unknown commands, and changes nothing', async () => {
       await d.start({ vms: [VM(d)] });
@@ -383,6 +409,29 @@ describe('daemon and CLI (real processes)', function () {
       targetBytes: 4 * MiB,
       mode: 'manual',
     });
+  });
+
+  it('watch --events streams target, target-reached, connect and disconnect as JSON lines', async () => {
+    await d.start({ vms: [VM(d)] });
+    const watching = d.cliAsync(['watch', 'vm0', '--events', '--count', '4']);
+    await d.waitLog((l) => l.msg === 'event subscription started');
+    guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB });
+    expect(d.cli(['set-target', 'vm0', '8M']).code).to.equal(0);
+    await guest.reach(8 * 256);
+    await guest.close();
+    guest = undefined;
+    const out = await watching;
+    expect(out.code, out.stderr).to.equal(0);
+    const events = out.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(events.map((e) => e['event'])).to.deep.equal(['connect', 'target', 'target-reached', 'disconnect']);
+    expect(events[1]).to.include({ vm: 'vm0', targetBytes: 8 * MiB, previousBytes: 0, reason: 'operator' });
+    expect(events[2]).to.include({ vm: 'vm0', actualBytes: 8 * MiB });
+    for (const e of events) expect(Object.keys(e).slice(0, 3)).to.deep.equal(['event', 'time', 'vm']);
+    const bad = d.cli(['watch', '--events', 'nope']);
+    expect(bad.code).to.equal(4);
   });
 
   it('SIGTERM during an inflate leaves no fd, mapping or socket file behind, and exits 0', async () => {

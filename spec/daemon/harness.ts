@@ -43,10 +43,15 @@ export class DaemonProcess {
   }
 
   /** Starts the daemon and waits for its "started" line. */
-  async start(config: Record<string, unknown>, extraArgs: string[] = []): Promise<void> {
+  async start(
+    config: Record<string, unknown>,
+    extraArgs: string[] = [],
+    env: NodeJS.ProcessEnv = process.env,
+  ): Promise<void> {
     const file = this.configFile(config);
     const proc = spawn(process.execPath, [BIN, 'serve', '--config', file, ...extraArgs], {
       stdio: ['ignore', 'pipe', 'pipe'],
+      env,
     });
     this.proc = proc;
     this.exitCode = undefined;
@@ -108,8 +113,8 @@ export class DaemonProcess {
       });
       let stdout = '';
       let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
+      p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
       p.on('exit', (code) => resolve({ code, stdout, stderr }));
     });
   }
