@@ -36,6 +36,8 @@ export const ErrorCode = {
   BALLOON_TARGET: 'ERR_BALLOON_TARGET',
   /** An invalid balloon device configuration. */
   BALLOON_CONFIG: 'ERR_BALLOON_CONFIG',
+  /** Fresh guest statistics were asked for, but the stats queue is not running or the guest did not answer. */
+  BALLOON_STATS: 'ERR_BALLOON_STATS',
   /** A socket could not be listened on or connected to. */
   SOCKET: 'ERR_SOCKET',
   /** An invalid daemon configuration (file, flag or reload); the message names the field. */

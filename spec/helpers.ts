@@ -61,3 +61,13 @@ export async function hangUp(fe: { close(): void }, fx: BackendFixture): Promise
   await until(() => !fx.backend.connected, 'disconnect');
   fx.close();
 }
+
+/** The error `promise` rejects with; fails the test if it resolves. */
+export async function rejectionOf(promise: Promise<unknown>): Promise<Error & { code?: string }> {
+  try {
+    await promise;
+  } catch (err) {
+    return err as Error & { code?: string };
+  }
+  throw new Error('expected a rejection, but the promise resolved');
+}

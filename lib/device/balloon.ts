@@ -1,24 +1,25 @@
 /**
  * The virtio-balloon device (VIRTIO 1.2 section 5.5, plus the 2014 RFC's message queue) as a
- * vhost-user device: inflate with real host reclaim (hole punching in the guest memory file),
- * deflate, the stats queue, the pressure message queue, and free page reporting.
+ * vhost-user device. This file is the device itself: the features it offers, its config space
+ * (`num_pages`, the driver-written `actual`), the operator's target, the queue roles of the
+ * negotiated layout, and what each queue's buffers mean:
+ *   inflate   pages leave the guest: tracked, acknowledged, given back to the host in batches
+ *   deflate   pages return to the guest (pending discards are finished first)
+ *   stats     the held stats buffer (stats-queue.ts)
+ *   reporting free page reports: given back at once, then acknowledged
+ *   message   the guest's pressure messages: listeners (the policy) run before the ack
+ *
+ * Where to look for the rest: discard-scheduler.ts (batching and the reclaim ordering rule),
+ * stats-queue.ts, guest-input.ts (invalid input and PFN buffers), snapshot.ts (what is observable),
+ * layout.ts (queue indices), lib/vhost/process.ts (the pass over a ring).
  *
  * Guest input never throws out of here: bad buffers are acknowledged, counted by reason and
  * logged; only an impossible ring state stops a queue (lib/vhost).
- *
- * Ordering of reclaim: an inflate is acknowledged at once and its pages are discarded in batches
- * (a few milliseconds later, or when 4 MiB are pending). A ballooned page may be touched by the
- * guest again only after a deflate of it was acknowledged, after a free page report was
- * acknowledged, or after a device reset; every pending discard is carried out synchronously
- * before any of those (the deflate and reporting handlers, queueStopped, which runs inside
- * GET_VRING_BASE before QEMU gets its reply, reset and detach). So no discard can ever hit a page
- * the guest uses again.
  */
 import { EventEmitter } from 'node:events';
-import { Clock, systemClock, TimerHandle } from '../clock';
+import { Clock, systemClock } from '../clock';
 import { ErrorCode, VballoonError, VirtqueueError } from '../errors';
 import { Logger, NullLogger } from '../log';
-import { native } from '../native';
 import { VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from '../vhost/constants';
 import { DeviceHost, VhostUserDevice, Vring } from '../vhost/device';
 import { ChainHandler, processRing } from '../vhost/process';
@@ -29,8 +30,6 @@ import {
   CONFIG_ACTUAL,
   CONFIG_NUM_PAGES,
   CONFIG_SIZES,
-  MESSAGE_BYTES,
-  VIRTIO_BALLOON_ARRAY_PFNS_MAX,
   VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
   VIRTIO_BALLOON_F_MESSAGE_VQ,
   VIRTIO_BALLOON_F_MESSAGE_VQ_SEED,
@@ -39,42 +38,16 @@ import {
   VIRTIO_BALLOON_F_STATS_VQ,
   VIRTIO_BALLOON_MSG_PRESSURE,
 } from './constants';
+import { BalloonPages } from './balloon-pages';
+import { InvalidInputCounter, InvalidReason } from './guest-input';
 import { numQueuesFor, QueueRole, queueLayout } from './layout';
-import { PageRun, PageTracker } from './page-tracker';
-import { alignedFileRange, DiscardRange, planDiscards } from './reclaim';
-import { namedStats, parseStats } from './stats';
+import { MessageQueue } from './message-queue';
+import { BalloonSnapshot, residentBytes } from './snapshot';
+import { GuestStatsSnapshot, StatsQueue } from './stats-queue';
 
-/** Bytes of PFNs one inflate/deflate buffer may carry (256 le32 PFNs, as Linux sends). */
-const MAX_PFN_BUFFER_BYTES = VIRTIO_BALLOON_ARRAY_PFNS_MAX * 4;
-/** Bytes of one stats buffer read at most (64 entries of 10 bytes; Linux sends 16). */
-const MAX_STATS_BUFFER_BYTES = 640;
-/**
- * Inflate discards are batched: the ack goes out at once and the holes are punched when this
- * much is pending, or DISCARD_BATCH_DELAY_MS after the first pending page, or before anything
- * that could let the guest touch a pending page (see the ordering note in the file header).
- * Merged runs amortise the kernel's page-table and TLB work; the 4 MiB bound keeps one flush to
- * about a millisecond of kernel time, so one VM's reclaim does not stall the others' kicks.
- */
-const DISCARD_BATCH_BYTES = 4 * 1024 * 1024;
-const DISCARD_BATCH_DELAY_MS = 2;
-/** Log lines per invalid-input reason before the device goes quiet about it (still counted). */
-const MAX_LOGS_PER_REASON = 10;
-
-/** Why a guest buffer or request was invalid (a label of the invalid-input counter). */
-export type InvalidReason =
-  | 'pfn_outside_ram'
-  | 'too_many_pfns'
-  | 'empty_buffer'
-  | 'unaligned_buffer'
-  | 'writable_buffer'
-  | 'readable_buffer'
-  | 'stats_partial_entry'
-  | 'stats_too_long'
-  | 'stats_extra_buffer'
-  | 'message_size'
-  | 'message_unknown_type'
-  | 'kick_unused_queue'
-  | 'bad_chain';
+export type { BalloonSnapshot } from './snapshot';
+export type { GuestStatsSnapshot } from './stats-queue';
+export type { InvalidReason } from './guest-input';
 
 export interface BalloonOptions {
   /** Offer VIRTIO_BALLOON_F_MUST_TELL_HOST (default on). */
@@ -111,59 +84,31 @@ export interface PressureEvent {
   targetPages: number;
 }
 
-export interface GuestStatsSnapshot {
-  /** Values by name (`tag_<n>` for unknown tags). */
-  values: Record<string, number>;
-  /** Values by tag number. */
-  byTag: Map<number, number>;
-  /** Host wall-clock time of the last update (ms since the epoch), or undefined before any. */
-  updatedAtMs: number | undefined;
-  /** Milliseconds since the last update, or undefined. */
-  ageMs: number | undefined;
-  /** A request went unanswered for longer than the timeout. */
-  stale: boolean;
+/** The device's events and their arguments. Listeners run synchronously. */
+export interface BalloonEvents {
+  /** A pressure message, before its acknowledgement (a target set now reaches the guest first). */
+  pressure: [PressureEvent];
+  /** The guest sent fresh statistics. */
+  stats: [GuestStatsSnapshot];
+  /** A stats request went unanswered for the timeout. */
+  'stats-timeout': [];
+  /** The driver wrote a new `actual`. */
+  actual: [{ actualPages: number; previous: number }];
+  /** The target changed (operator or policy; `reason` says which rule). */
+  target: [{ targetPages: number; previous: number; reason: string }];
+  /** A deflate; `unrequested` when the balloon was not above its target (DEFLATE_ON_OOM). */
+  deflate: [{ pages: number; unrequested: boolean }];
+  /** Invalid guest input (also counted in the snapshot). */
+  invalid: [{ reason: InvalidReason; detail: string }];
+  /** Pressure messages acknowledged in one pass, with the time from pass start to ack. */
+  ack: [{ seconds: number; messages: number }];
+  /** A device reset emptied the balloon. */
+  reset: [];
+  /** A front-end connected (true) or went away (false). */
+  connection: [boolean];
 }
 
-export interface QueueCounters {
-  requests: number;
-  pages: number;
-}
-
-export interface BalloonSnapshot {
-  connected: boolean;
-  offeredFeatures: bigint;
-  ackedFeatures: bigint | undefined;
-  layout: QueueRole[];
-  numQueues: number;
-  configSize: number;
-  targetPages: number;
-  actualPages: number;
-  balloonedPages: number;
-  guestRamBytes: number | undefined;
-  /** Bytes of the guest memory files the host really holds (st_blocks), or undefined offline. */
-  hostResidentBytes: number | undefined;
-  /** Bytes given back to the host by successful hole punches (inflate and reporting). */
-  reclaimedBytes: number;
-  discardCalls: number;
-  discardErrors: number;
-  discardInhibited: boolean;
-  inflate: QueueCounters & { alreadyBallooned: number };
-  deflate: QueueCounters & { notBallooned: number; unrequested: number };
-  reporting: { requests: number; bytes: number };
-  statsQueue: { updates: number; requests: number; timeouts: number };
-  messages: { total: number; pressure: number; unknown: number };
-  invalid: Partial<Record<InvalidReason, number>>;
-  stats: GuestStatsSnapshot;
-  ackLatency: { count: number; sumSeconds: number; lastSeconds: number | undefined; maxSeconds: number };
-  trackerBytes: number;
-  configChanges: number;
-}
-
-/** Events: 'pressure' (PressureEvent), 'stats' (GuestStatsSnapshot), 'stats-timeout',
- * 'actual' ({ actualPages, previous }), 'target' ({ targetPages, previous, reason }),
- * 'deflate' ({ pages, unrequested }), 'invalid' ({ reason, detail }), 'ack' ({ seconds }),
- * 'reset', 'connection' (boolean). Listeners run synchronously. */
-export class BalloonDevice extends EventEmitter implements VhostUserDevice {
+export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostUserDevice {
   readonly numQueues: number;
   readonly maxQueueSize: number;
   readonly configSize: number;
@@ -172,47 +117,21 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   private readonly clock: Clock;
   private log: Logger;
   private readonly baseLog: Logger;
-  private readonly statsIntervalMs: number;
-  private readonly statsTimeoutMs: number;
   private acked: bigint | undefined;
   private layout: QueueRole[] = [];
   private host: DeviceHost | undefined;
-  private readonly vrings = new Map<number, Vring>();
-  private readonly tracker = new PageTracker();
+  private readonly pages: BalloonPages;
+  private readonly statsQueue: StatsQueue;
+  private readonly invalidInput = new InvalidInputCounter();
+  private readonly messageQueue: MessageQueue;
+  private configChanges = 0;
   private targetPages = 0;
   /** The driver-written `actual` field, byte for byte (partial writes land here). */
   private actualBytes: Uint8Array = new Uint8Array(4);
   private configChangePending = false;
-  private inhibit: boolean;
   private lastGuestRamBytes: number | undefined;
   /** Identity of the files behind guest RAM last time: a new set means a new guest. */
   private memoryIdentity: string | undefined;
-  /** Newly ballooned runs whose holes are not punched yet (see the ordering note above). */
-  private pendingRuns: PageRun[] = [];
-  private pendingPages = 0;
-  private pendingTimer: TimerHandle | undefined;
-  // stats queue
-  private statsHeld: number | undefined;
-  private statsTimer: TimerHandle | undefined;
-  private statsTimeout: TimerHandle | undefined;
-  private statsOutstanding = false;
-  private statsValues = new Map<number, number>();
-  private statsUpdatedWall: number | undefined;
-  private statsUpdatedMono: number | undefined;
-  private statsStale = false;
-  private readonly counters = {
-    reclaimedBytes: 0,
-    discardCalls: 0,
-    discardErrors: 0,
-    inflate: { requests: 0, pages: 0, alreadyBallooned: 0 },
-    deflate: { requests: 0, pages: 0, notBallooned: 0, unrequested: 0 },
-    reporting: { requests: 0, bytes: 0 },
-    statsQueue: { updates: 0, requests: 0, timeouts: 0 },
-    messages: { total: 0, pressure: 0, unknown: 0 },
-    invalid: {} as Partial<Record<InvalidReason, number>>,
-    ack: { count: 0, sumSeconds: 0, lastSeconds: undefined as number | undefined, maxSeconds: 0 },
-    configChanges: 0,
-  };
 
   constructor(options: BalloonOptions = {}) {
     super();
@@ -240,12 +159,28 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       );
     }
     this.configSize = configSize;
-    this.statsIntervalMs = options.statsIntervalMs ?? 5000;
-    if (!(this.statsIntervalMs >= 100)) {
-      throw new VballoonError(ErrorCode.BALLOON_CONFIG, `stats interval ${this.statsIntervalMs} ms is below 100 ms`);
-    }
-    this.statsTimeoutMs = options.statsTimeoutMs ?? 2 * this.statsIntervalMs;
-    this.inhibit = options.inhibitDiscard ?? false;
+    const report = (reason: InvalidReason, detail: string): void => this.invalid(reason, detail);
+    this.statsQueue = new StatsQueue(
+      {
+        clock: this.clock,
+        intervalMs: options.statsIntervalMs ?? 5000,
+        timeoutMs: options.statsTimeoutMs,
+        onUpdate: (s) => this.emit('stats', s),
+        onTimeout: () => this.emit('stats-timeout'),
+        report,
+      },
+      this.log,
+    );
+    this.messageQueue = new MessageQueue(report, () => this.onPressure());
+    this.pages = new BalloonPages(
+      {
+        clock: this.clock,
+        memory: () => this.host?.memory,
+        inhibited: options.inhibitDiscard ?? false,
+        report,
+      },
+      this.log,
+    );
   }
 
   // ---- operator-facing -------------------------------------------------------------------------
@@ -273,12 +208,6 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     return this.lastGuestRamBytes === undefined ? undefined : Math.floor(this.lastGuestRamBytes / BALLOON_PAGE_BYTES);
   }
 
-  /**
-   * Sets the balloon target. The guest learns it through CONFIG_CHANGE_MSG, sent now if the
-   * device runs, else as soon as it does.
-   * @throws VballoonError(ERR_BALLOON_TARGET) for a negative, fractional, >32-bit target or one
-   *   larger than guest RAM.
-   */
   /** Throws ERR_BALLOON_TARGET unless `pages` is a target this device can take. */
   checkTarget(pages: number): void {
     if (!Number.isInteger(pages) || pages < 0 || pages > 0xffffffff) {
@@ -290,6 +219,11 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     }
   }
 
+  /**
+   * Sets the balloon target. The guest learns it through CONFIG_CHANGE_MSG, sent now if the
+   * device runs, else as soon as it does.
+   * @throws VballoonError(ERR_BALLOON_TARGET) for a target checkTarget refuses.
+   */
   setTargetPages(pages: number, reason = 'operator'): void {
     this.checkTarget(pages);
     const previous = this.targetPages;
@@ -304,29 +238,41 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   private sendConfigChange(): void {
     if (this.host === undefined || !this.configChangePending) return;
     this.configChangePending = false;
-    this.counters.configChanges++;
+    this.configChanges++;
     this.host.notifyConfigChange();
   }
 
-  /** Stops (true) or resumes (false) giving ballooned memory back to the host. Resuming
-   * discards everything ballooned meanwhile. */
+  /**
+   * Stops (true) or resumes (false) giving ballooned memory back to the host. Resuming discards
+   * everything ballooned meanwhile.
+   */
   setDiscardInhibited(inhibited: boolean): void {
-    if (inhibited === this.inhibit) return;
-    this.inhibit = inhibited;
-    this.log.info(inhibited ? 'discard inhibited' : 'discard allowed', { balloonedPages: this.tracker.size });
-    if (inhibited) this.dropPendingDiscards();
-    else if (this.host !== undefined)
-      this.discard(
-        planDiscards(
-          [...this.tracker.runs()],
-          (g) => this.host?.memory.find(g),
-          (p, n) => this.tracker.isFull(p, n),
-        ),
-      );
+    if (inhibited === this.pages.discardInhibited) return;
+    this.log.info(inhibited ? 'discard inhibited' : 'discard allowed', { balloonedPages: this.pages.size });
+    this.pages.setDiscardInhibited(inhibited);
   }
 
   get discardInhibited(): boolean {
-    return this.inhibit;
+    return this.pages.discardInhibited;
+  }
+
+  /** Changes how often the guest is asked for statistics. @throws ERR_BALLOON_CONFIG below 100 ms. */
+  setStatsIntervalMs(ms: number): void {
+    this.statsQueue.setIntervalMs(ms);
+    this.log.info('stats interval changed', { statsIntervalMs: ms });
+  }
+
+  /**
+   * Asks the guest for fresh statistics now; resolves with them. @throws ERR_BALLOON_STATS (as a
+   * rejection) without a running stats queue or an answer within `timeoutMs`.
+   */
+  requestStats(timeoutMs?: number): Promise<GuestStatsSnapshot> {
+    return this.statsQueue.refresh(timeoutMs);
+  }
+
+  /** Punches every pending hole now (tests and benchmarks that measure host memory use it). */
+  flushDiscards(): void {
+    this.pages.flush();
   }
 
   // ---- VhostUserDevice -------------------------------------------------------------------------
@@ -338,10 +284,8 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
   setFeatures(acked: bigint): void {
     this.acked = acked;
     this.layout = queueLayout(acked, this.messageBit);
-    if (
-      (this.offered & bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)) !== 0n &&
-      (acked & bit(VIRTIO_BALLOON_F_MUST_TELL_HOST)) === 0n
-    ) {
+    const mustTell = bit(VIRTIO_BALLOON_F_MUST_TELL_HOST);
+    if ((this.offered & mustTell) !== 0n && (acked & mustTell) === 0n) {
       this.log.info('driver did not accept MUST_TELL_HOST: deflate notices are a courtesy');
     }
     this.log.info('features negotiated', { acked, layout: this.layout.join(',') });
@@ -380,34 +324,35 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
 
   attach(host: DeviceHost, log: Logger): void {
     this.host = host;
-    this.log = log;
+    this.setLogger(log);
     this.emit('connection', true);
   }
 
   detach(): void {
-    this.flushDiscards();
-    this.stopStats();
-    this.vrings.clear();
+    this.pages.flush();
+    this.statsQueue.stop();
     this.host = undefined;
-    this.log = this.baseLog;
+    this.setLogger(this.baseLog);
     this.emit('connection', false);
   }
 
+  private setLogger(log: Logger): void {
+    this.log = log;
+    this.pages.setLogger(log);
+    this.statsQueue.setLogger(log);
+  }
+
   queueReady(vring: Vring): void {
-    this.vrings.set(vring.index, vring);
     const memory = this.host?.memory;
     if (memory !== undefined && memory.totalBytes > 0) {
       this.lastGuestRamBytes = memory.totalBytes;
       // A front-end that reconnects (same QEMU) shares the same memory file: the balloon is kept.
       // Different files mean a new QEMU process, whose guest starts with an empty balloon.
       const identity = [...new Set(memory.regionList.map((r) => r.fileId))].sort().join(',');
-      if (
-        this.memoryIdentity !== undefined &&
-        this.memoryIdentity !== identity &&
-        (this.tracker.size > 0 || this.actualPages > 0)
-      ) {
+      const changed = this.memoryIdentity !== undefined && this.memoryIdentity !== identity;
+      if (changed && (this.pages.size > 0 || this.actualPages > 0)) {
         this.log.info('new guest memory: emptying the balloon state of the previous guest', {
-          balloonedPages: this.tracker.size,
+          balloonedPages: this.pages.size,
         });
         this.reset();
       }
@@ -415,36 +360,30 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
     }
     // A target set while no front-end (or no running ring) was there goes out now.
     this.sendConfigChange();
-    if (this.layout[vring.index] === 'stats') this.scheduleStats();
+    if (this.layout[vring.index] === 'stats') this.statsQueue.start(vring);
   }
 
   queueStopped(index: number): void {
     // Before QEMU gets its GET_VRING_BASE reply (a stop, a reset, a reboot): nothing may remain
     // pending once the guest can run without the balloon.
-    this.flushDiscards();
-    this.vrings.delete(index);
-    if (this.layout[index] === 'stats') this.stopStats();
+    this.pages.flush();
+    if (this.layout[index] === 'stats') this.statsQueue.stop();
   }
 
   reset(): void {
-    this.flushDiscards();
-    this.tracker.clear();
+    this.pages.clear();
     this.actualBytes = new Uint8Array(4);
-    this.stopStats();
-    this.statsValues = new Map();
-    this.statsUpdatedWall = undefined;
-    this.statsUpdatedMono = undefined;
-    this.statsStale = false;
+    this.statsQueue.clear();
     this.emit('reset');
     this.log.info('device reset: balloon emptied');
   }
 
-  queueKicked(vring: Vring): void {
+  queueKicked(vring: Vring): boolean {
     const role = this.layout[vring.index];
     if (role === undefined) {
       // A queue that has no role in the negotiated layout: never touch its ring.
       this.invalid('kick_unused_queue', `kick on queue ${vring.index} (layout ${this.layout.join(',')})`);
-      return;
+      return false;
     }
     const started = this.clock.now();
     let messages = 0;
@@ -452,327 +391,69 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       onChain: (head, descriptors) => {
         switch (role) {
           case 'inflate':
-            this.handleInflate(descriptors);
+            this.pages.inflate(descriptors);
             return 0;
           case 'deflate':
-            this.handleDeflate(descriptors);
+            this.deflate(descriptors);
             return 0;
           case 'stats':
-            return this.handleStats(vring, head, descriptors);
+            return this.statsQueue.onChain(vring, head, descriptors);
           case 'reporting':
-            this.handleReport(descriptors);
+            this.pages.report(descriptors);
             return 0;
           case 'message':
             messages++;
-            this.handleMessage(vring, descriptors);
+            this.messageQueue.onChain(vring, descriptors);
             return 0;
         }
       },
       onBadChain: (_head, error: VirtqueueError) =>
         this.invalid('bad_chain', `queue ${vring.index} (${role}): ${error.message}`),
     };
-    // At most one ring's worth of chains per pass; the rest continues on the next turn.
+    // At most one ring's worth of chains per pass; the back-end runs another pass for the rest.
     const result = processRing(vring, handler, vring.queue.size);
     if (messages > 0) {
       const seconds = (this.clock.now() - started) / 1000;
-      const a = this.counters.ack;
-      a.count += messages;
-      a.sumSeconds += seconds * messages;
-      a.lastSeconds = seconds;
-      a.maxSeconds = Math.max(a.maxSeconds, seconds);
+      this.messageQueue.countAcks(messages, seconds);
       this.emit('ack', { seconds, messages });
     }
-    if (result.more) setImmediate(() => this.vrings.get(vring.index) === vring && this.queueKicked(vring));
+    return result.more;
   }
 
   // ---- queue handlers --------------------------------------------------------------------------
 
   private invalid(reason: InvalidReason, detail: string): void {
-    const n = (this.counters.invalid[reason] ?? 0) + 1;
-    this.counters.invalid[reason] = n;
-    if (n <= MAX_LOGS_PER_REASON) {
-      this.log.warn('invalid guest input', {
-        reason,
-        detail,
-        ...(n === MAX_LOGS_PER_REASON ? { note: 'further ones are counted, not logged' } : {}),
-      });
-    }
+    this.invalidInput.count(reason, detail, this.log);
     this.emit('invalid', { reason, detail });
   }
 
-  /** Reads the PFNs of an inflate/deflate chain, or undefined (counted) if it is unusable. */
-  private readPfns(kind: string, descriptors: readonly Descriptor[]): number[] | undefined {
-    const memory = this.host?.memory;
-    if (memory === undefined) return undefined;
-    let bytes = 0;
-    for (const d of descriptors) {
-      if (d.writable) {
-        this.invalid('writable_buffer', `${kind} buffer has a device-writable part`);
-        return undefined;
-      }
-      bytes += d.len;
-    }
-    if (bytes === 0) {
-      this.invalid('empty_buffer', `${kind} buffer is empty`);
-      return undefined;
-    }
-    if (bytes > MAX_PFN_BUFFER_BYTES) {
-      this.invalid(
-        'too_many_pfns',
-        `${kind} buffer of ${bytes} bytes holds more than ${VIRTIO_BALLOON_ARRAY_PFNS_MAX} PFNs`,
-      );
-      return undefined;
-    }
-    if (bytes % 4 !== 0) this.invalid('unaligned_buffer', `${kind} buffer of ${bytes} bytes is not whole PFNs`);
-    const raw = new Uint8Array(bytes);
-    let done = 0;
-    for (const d of descriptors) {
-      raw.set(memory.read(d.addr, d.len), done);
-      done += d.len;
-    }
-    const v = new DataView(raw.buffer);
-    const pfns: number[] = [];
-    let outside = 0;
-    // Bounded by MAX_PFN_BUFFER_BYTES / 4 = 256 iterations.
-    for (let i = 0; i + 4 <= bytes; i += 4) {
-      const pfn = v.getUint32(i, true);
-      if (memory.find(pfn * BALLOON_PAGE_BYTES) === undefined) outside++;
-      else pfns.push(pfn);
-    }
-    if (outside > 0) this.invalid('pfn_outside_ram', `${kind}: ${outside} PFNs outside guest RAM ignored`);
-    return pfns;
-  }
-
-  private handleInflate(descriptors: readonly Descriptor[]): void {
-    this.counters.inflate.requests++;
-    const pfns = this.readPfns('inflate', descriptors);
-    if (pfns === undefined || pfns.length === 0) return;
-    const fresh = this.tracker.add(pfns);
-    const added = fresh.reduce((n, r) => n + r.count, 0);
-    this.counters.inflate.pages += added;
-    this.counters.inflate.alreadyBallooned += pfns.length - added;
-    if (!this.inhibit && fresh.length > 0) this.queueDiscards(fresh, added);
-  }
-
-  private handleDeflate(descriptors: readonly Descriptor[]): void {
-    // The guest touches deflated pages once this is acknowledged: finish their discards first.
-    this.flushDiscards();
-    this.counters.deflate.requests++;
-    const pfns = this.readPfns('deflate', descriptors);
-    if (pfns === undefined || pfns.length === 0) return;
-    const removed = this.tracker.remove(pfns);
-    this.counters.deflate.pages += removed;
-    this.counters.deflate.notBallooned += pfns.length - removed;
+  private deflate(descriptors: readonly Descriptor[]): void {
     // The host did not ask for this deflate if the balloon was not above its target: a
     // DEFLATE_ON_OOM deflate, i.e. the guest ran out of memory.
-    const unrequested = this.actualPages <= this.targetPages && removed > 0;
-    if (unrequested) this.counters.deflate.unrequested += removed;
-    this.emit('deflate', { pages: removed, unrequested });
+    const requested = this.actualPages > this.targetPages;
+    const removed = this.pages.deflate(descriptors, requested);
+    if (removed !== undefined) this.emit('deflate', { pages: removed, unrequested: !requested && removed > 0 });
   }
 
-  private handleReport(descriptors: readonly Descriptor[]): void {
-    this.flushDiscards();
-    this.counters.reporting.requests++;
-    const memory = this.host?.memory;
-    if (memory === undefined) return;
-    const ranges: DiscardRange[] = [];
-    for (const d of descriptors) {
-      if (!d.writable) {
-        this.invalid('readable_buffer', 'reported range is not device-writable');
-        continue;
-      }
-      this.counters.reporting.bytes += d.len;
-      // A range may cross regions; each region's part is discarded on its own file.
-      let at = d.addr;
-      const end = d.addr + d.len;
-      while (at < end) {
-        const r = memory.find(at)!;
-        const pieceEnd = Math.min(end, r.guestPhysAddr + r.sizeBytes);
-        const range = alignedFileRange(r, at, pieceEnd - at);
-        if (range !== undefined) ranges.push(range);
-        at = pieceEnd;
-      }
-    }
-    if (!this.inhibit) this.discard(ranges);
-  }
-
-  private handleMessage(vring: Vring, descriptors: readonly Descriptor[]): void {
-    this.counters.messages.total++;
-    const bytes = vring.queue.readChain(descriptors, MESSAGE_BYTES + 1);
-    if (bytes.length !== MESSAGE_BYTES || descriptors.some((d) => d.writable)) {
-      this.invalid('message_size', `message of ${bytes.length} readable bytes (expected ${MESSAGE_BYTES})`);
-      return;
-    }
-    const type = new DataView(bytes.buffer).getUint32(0, true);
-    if (type !== VIRTIO_BALLOON_MSG_PRESSURE) {
-      this.counters.messages.unknown++;
-      this.invalid('message_unknown_type', `message type ${type}`);
-      return;
-    }
-    this.counters.messages.pressure++;
+  private onPressure(): void {
     const event: PressureEvent = {
-      type,
+      type: VIRTIO_BALLOON_MSG_PRESSURE,
       atMs: this.clock.now(),
       actualPages: this.actualPages,
       targetPages: this.targetPages,
     };
     this.log.info('guest reports memory pressure', { actualPages: event.actualPages, targetPages: event.targetPages });
-    // Listeners (the policy) run now: a target they set is in config space, and its
-    // CONFIG_CHANGE_MSG sent, before this buffer is returned to the guest.
+    // Listeners (the policy) run now, before the message's buffer is returned to the guest.
     this.emit('pressure', event);
-  }
-
-  private handleStats(vring: Vring, head: number, descriptors: readonly Descriptor[]): number | 'defer' {
-    if (this.statsHeld !== undefined) {
-      // The spec allows one buffer; give the older one back and keep the newest.
-      this.invalid('stats_extra_buffer', 'a second stats buffer while one is held');
-      vring.queue.pushUsed(this.statsHeld, 0);
-    }
-    this.statsHeld = head;
-    const bytes = vring.queue.readChain(descriptors, MAX_STATS_BUFFER_BYTES + 1);
-    const parsed = parseStats(bytes.subarray(0, MAX_STATS_BUFFER_BYTES));
-    if (parsed.partialEntry)
-      this.invalid('stats_partial_entry', `stats buffer of ${bytes.length} bytes ends inside an entry`);
-    if (parsed.truncated || bytes.length > MAX_STATS_BUFFER_BYTES)
-      this.invalid('stats_too_long', 'stats buffer longer than 64 entries');
-    this.statsValues = parsed.values;
-    this.statsUpdatedWall = this.clock.wallNow();
-    this.statsUpdatedMono = this.clock.now();
-    this.statsStale = false;
-    this.statsOutstanding = false;
-    this.statsTimeout?.cancel();
-    this.statsTimeout = undefined;
-    this.counters.statsQueue.updates++;
-    this.emit('stats', this.statsSnapshot());
-    return 'defer';
-  }
-
-  private scheduleStats(): void {
-    this.statsTimer?.cancel();
-    this.statsTimer = this.clock.setTimer(this.statsIntervalMs, () => this.requestStats());
-  }
-
-  /** Returns the held stats buffer to the guest: "send fresh stats". */
-  private requestStats(): void {
-    this.statsTimer = undefined;
-    const index = this.layout.indexOf('stats');
-    const vring = this.vrings.get(index);
-    if (vring === undefined) return;
-    if (this.statsHeld !== undefined) {
-      const head = this.statsHeld;
-      this.statsHeld = undefined;
-      vring.queue.pushUsed(head, 0);
-      vring.flushAndNotify();
-      this.counters.statsQueue.requests++;
-      this.statsOutstanding = true;
-      this.statsTimeout?.cancel();
-      this.statsTimeout = this.clock.setTimer(this.statsTimeoutMs, () => {
-        this.statsTimeout = undefined;
-        if (!this.statsOutstanding || this.statsStale) return;
-        this.statsStale = true;
-        this.counters.statsQueue.timeouts++;
-        this.log.warn('guest did not answer a stats request', { timeoutMs: this.statsTimeoutMs });
-        this.emit('stats-timeout');
-      });
-    }
-    this.scheduleStats();
-  }
-
-  private stopStats(): void {
-    this.statsTimer?.cancel();
-    this.statsTimer = undefined;
-    this.statsTimeout?.cancel();
-    this.statsTimeout = undefined;
-    this.statsHeld = undefined;
-    this.statsOutstanding = false;
-  }
-
-  private queueDiscards(runs: readonly PageRun[], pages: number): void {
-    this.pendingRuns.push(...runs);
-    this.pendingPages += pages;
-    if (this.pendingPages * BALLOON_PAGE_BYTES >= DISCARD_BATCH_BYTES) this.flushDiscards();
-    else this.pendingTimer ??= this.clock.setTimer(DISCARD_BATCH_DELAY_MS, () => this.flushDiscards());
-  }
-
-  /** Punches every pending hole now. */
-  flushDiscards(): void {
-    this.pendingTimer?.cancel();
-    this.pendingTimer = undefined;
-    if (this.pendingRuns.length === 0) return;
-    const runs = this.pendingRuns;
-    this.pendingRuns = [];
-    this.pendingPages = 0;
-    if (this.inhibit || this.host === undefined) return;
-    // Runs from several buffers merge into fewer, longer punches.
-    const merged = runs.length === 1 ? runs : compactRunList(runs);
-    this.discard(
-      planDiscards(
-        merged,
-        (g) => this.host?.memory.find(g),
-        (p, n) => this.tracker.isFull(p, n),
-      ),
-    );
-  }
-
-  private dropPendingDiscards(): void {
-    this.pendingTimer?.cancel();
-    this.pendingTimer = undefined;
-    this.pendingRuns = [];
-    this.pendingPages = 0;
-  }
-
-  /** Punches the planned holes; failures are counted and logged, never thrown. */
-  private discard(ranges: readonly DiscardRange[]): void {
-    for (const r of ranges) {
-      try {
-        native.punchHole(r.fd, r.fileOffset, r.length);
-        this.counters.discardCalls++;
-        this.counters.reclaimedBytes += r.length;
-      } catch (err) {
-        this.counters.discardErrors++;
-        if (this.counters.discardErrors <= MAX_LOGS_PER_REASON) {
-          this.log.error('cannot give memory back to the host', {
-            offset: r.fileOffset,
-            length: r.length,
-            error: (err as Error).message,
-          });
-        }
-      }
-    }
   }
 
   // ---- observable state ------------------------------------------------------------------------
 
-  private statsSnapshot(): GuestStatsSnapshot {
-    return {
-      values: namedStats(this.statsValues),
-      byTag: new Map(this.statsValues),
-      updatedAtMs: this.statsUpdatedWall,
-      ageMs: this.statsUpdatedMono === undefined ? undefined : this.clock.now() - this.statsUpdatedMono,
-      stale: this.statsStale,
-    };
-  }
-
-  /** Bytes of guest memory files the host holds: each distinct file counted once. */
-  private residentBytes(): number | undefined {
-    const memory = this.host?.memory;
-    if (memory === undefined) return undefined;
-    const seen = new Map<string, number>();
-    for (const r of memory.regionList) {
-      if (seen.has(r.fileId)) continue;
-      try {
-        seen.set(r.fileId, native.fstat(r.fd).allocatedBytes);
-      } catch {
-        seen.set(r.fileId, 0);
-      }
-    }
-    return [...seen.values()].reduce((a, b) => a + b, 0);
-  }
-
-  /** One typed view of everything observable (the daemon publishes it as metrics). */
+  /** One typed view of everything observable (the daemon publishes it as metrics). A pure read. */
   snapshot(): BalloonSnapshot {
-    this.flushDiscards(); // so host-resident bytes reflect every acknowledged inflate
-    const c = this.counters;
+    const d = this.pages.discardStats;
+    const p = this.pages.stats;
+    const m = this.messageQueue.stats;
     return {
       connected: this.host !== undefined,
       offeredFeatures: this.offered,
@@ -782,36 +463,25 @@ export class BalloonDevice extends EventEmitter implements VhostUserDevice {
       configSize: this.configSize,
       targetPages: this.targetPages,
       actualPages: this.actualPages,
-      balloonedPages: this.tracker.size,
+      balloonedPages: this.pages.size,
       guestRamBytes: this.lastGuestRamBytes,
-      hostResidentBytes: this.residentBytes(),
-      reclaimedBytes: c.reclaimedBytes,
-      discardCalls: c.discardCalls,
-      discardErrors: c.discardErrors,
-      discardInhibited: this.inhibit,
-      inflate: { ...c.inflate },
-      deflate: { ...c.deflate },
-      reporting: { ...c.reporting },
-      statsQueue: { ...c.statsQueue },
-      messages: { ...c.messages },
-      invalid: { ...c.invalid },
-      stats: this.statsSnapshot(),
-      ackLatency: { ...c.ack },
-      trackerBytes: this.tracker.memoryBytes,
-      configChanges: c.configChanges,
+      hostResidentBytes: residentBytes(this.host?.memory),
+      pendingDiscardPages: this.pages.pendingDiscardPages,
+      reclaimedBytes: d.reclaimedBytes,
+      discardCalls: d.calls,
+      discardErrors: d.errors,
+      discardInhibited: this.pages.discardInhibited,
+      inflate: p.inflate,
+      deflate: p.deflate,
+      reporting: p.reporting,
+      statsQueue: this.statsQueue.stats,
+      statsIntervalMs: this.statsQueue.interval,
+      messages: m.messages,
+      invalid: this.invalidInput.snapshot(),
+      stats: this.statsQueue.snapshot(),
+      ackLatency: m.ackLatency,
+      trackerBytes: this.pages.trackerBytes,
+      configChanges: this.configChanges,
     };
   }
-}
-
-/** Sorts runs and merges those that touch or overlap. */
-function compactRunList(runs: readonly PageRun[]): PageRun[] {
-  const sorted = [...runs].sort((a, b) => a.start - b.start);
-  const out: PageRun[] = [];
-  for (const r of sorted) {
-    const last = out[out.length - 1];
-    if (last !== undefined && r.start <= last.start + last.count)
-      last.count = Math.max(last.count, r.start + r.count - last.start);
-    else out.push({ ...r });
-  }
-  return out;
 }

@@ -102,6 +102,7 @@ export class BalloonGuest {
   /** vmpressure fired: the worker sends the message before any other balloon work. */
   private pressurePending = false;
   private stopped = false;
+  private statsMuted = false;
   private wake: (() => void) | undefined;
   private worker: Promise<void> | undefined;
   private statsLoop: Promise<void> | undefined;
@@ -508,6 +509,7 @@ export class BalloonGuest {
       while (!this.stopped) {
         await d.waitUsed(1, 3_600_000);
         if (this.stopped) return;
+        if (this.statsMuted) continue; // keeps the buffer: the host's request goes unanswered
         this.fillStats();
         d.addBuffer([{ addr: this.statsBuf, len: 160 }]);
         d.kick();
@@ -515,6 +517,11 @@ export class BalloonGuest {
     } catch (err) {
       if (!this.stopped) this.error = err as Error;
     }
+  }
+
+  /** From now on the guest does not answer stats requests (a hung stats handler). */
+  muteStats(): void {
+    this.statsMuted = true;
   }
 
   /** Resolves when the guest has read `target` and reached it. */

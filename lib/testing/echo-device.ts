@@ -80,7 +80,7 @@ export class EchoDevice implements VhostUserDevice {
     this.ready.delete(index);
     this.events.push(`stopped ${index}`);
   }
-  queueKicked(vring: Vring): void {
+  queueKicked(vring: Vring): boolean {
     const result = processRing(
       vring,
       {
@@ -94,7 +94,7 @@ export class EchoDevice implements VhostUserDevice {
       },
       MAX_CHAINS_PER_PASS,
     );
-    if (result.more) setImmediate(() => this.ready.get(vring.index) === vring && this.queueKicked(vring));
+    return result.more;
   }
   reset(): void {
     this.resets++;

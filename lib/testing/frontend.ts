@@ -94,6 +94,21 @@ export class TestFrontend {
   private readonly ownsRam: boolean;
   private readonly errFds: number[] = [];
   private readonly setupCallFds: number[] = [];
+  /** Answer CONFIG_CHANGE_MSG acks on the back-end channel (hostile tests turn it off). */
+  ackConfigChanges = true;
+
+  /** The err eventfd realize() sent for queue `index` (tests watch it). */
+  errFdOf(index: number): number {
+    const fd = this.errFds[index];
+    if (fd === undefined) throw new Error(`no err fd for queue ${index}`);
+    return fd;
+  }
+
+  /** Writes raw bytes (and descriptors) on the back-end channel (hostile tests). */
+  sendOnBackendChannel(bytes: Uint8Array, fds: readonly number[] = []): void {
+    if (this.channel === undefined) throw new Error('no back-end channel (BACKEND_REQ not negotiated)');
+    this.channel.send(bytes, fds);
+  }
 
   private constructor(fd: number, options: FrontendOptions) {
     this.options = {
@@ -260,7 +275,7 @@ export class TestFrontend {
       this.configWaiters = [];
       for (const w of waiters) w();
     }
-    if (frame.header.flags & VHOST_USER_NEED_REPLY_MASK) {
+    if (frame.header.flags & VHOST_USER_NEED_REPLY_MASK && this.ackConfigChanges) {
       this.channel?.send(encodeReply(frame.header.request, { kind: 'u64', value: 0n }));
     }
   }

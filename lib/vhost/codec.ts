@@ -49,14 +49,6 @@ export type Payload =
   | { kind: 'config'; offset: number; size: number; flags: number; data: Uint8Array }
   | { kind: 'raw'; bytes: Uint8Array };
 
-/** A decoded front-end request. `fds` are owned by whoever holds the message. */
-export interface FrontendMessage {
-  request: FrontendRequest;
-  flags: number;
-  payload: Payload;
-  fds: number[];
-}
-
 type Layout =
   | 'none'
   | 'u64'
@@ -75,54 +67,79 @@ interface RequestSpec {
   fds: number | 'region-count' | 'vring' | 'optional';
 }
 
-/** Every front-end request id 1-45 with its payload layout and descriptor count. */
-export const REQUEST_SPECS: ReadonlyMap<number, RequestSpec> = new Map<number, RequestSpec>([
-  [FrontendRequest.GET_FEATURES, { name: 'GET_FEATURES', layout: 'none', fds: 0 }],
-  [FrontendRequest.SET_FEATURES, { name: 'SET_FEATURES', layout: 'u64', fds: 0 }],
-  [FrontendRequest.SET_OWNER, { name: 'SET_OWNER', layout: 'none', fds: 0 }],
-  [FrontendRequest.RESET_OWNER, { name: 'RESET_OWNER', layout: 'none', fds: 0 }],
-  [FrontendRequest.SET_MEM_TABLE, { name: 'SET_MEM_TABLE', layout: 'mem-table', fds: 'region-count' }],
-  [FrontendRequest.SET_LOG_BASE, { name: 'SET_LOG_BASE', layout: { raw: 16 }, fds: 1 }],
-  [FrontendRequest.SET_LOG_FD, { name: 'SET_LOG_FD', layout: 'none', fds: 1 }],
-  [FrontendRequest.SET_VRING_NUM, { name: 'SET_VRING_NUM', layout: 'vring-state', fds: 0 }],
-  [FrontendRequest.SET_VRING_ADDR, { name: 'SET_VRING_ADDR', layout: 'vring-addr', fds: 0 }],
-  [FrontendRequest.SET_VRING_BASE, { name: 'SET_VRING_BASE', layout: 'vring-state', fds: 0 }],
-  [FrontendRequest.GET_VRING_BASE, { name: 'GET_VRING_BASE', layout: 'vring-state', fds: 0 }],
-  [FrontendRequest.SET_VRING_KICK, { name: 'SET_VRING_KICK', layout: 'vring-fd', fds: 'vring' }],
-  [FrontendRequest.SET_VRING_CALL, { name: 'SET_VRING_CALL', layout: 'vring-fd', fds: 'vring' }],
-  [FrontendRequest.SET_VRING_ERR, { name: 'SET_VRING_ERR', layout: 'vring-fd', fds: 'vring' }],
-  [FrontendRequest.GET_PROTOCOL_FEATURES, { name: 'GET_PROTOCOL_FEATURES', layout: 'none', fds: 0 }],
-  [FrontendRequest.SET_PROTOCOL_FEATURES, { name: 'SET_PROTOCOL_FEATURES', layout: 'u64', fds: 0 }],
-  [FrontendRequest.GET_QUEUE_NUM, { name: 'GET_QUEUE_NUM', layout: 'none', fds: 0 }],
-  [FrontendRequest.SET_VRING_ENABLE, { name: 'SET_VRING_ENABLE', layout: 'vring-state', fds: 0 }],
-  [FrontendRequest.SEND_RARP, { name: 'SEND_RARP', layout: 'u64', fds: 0 }],
-  [FrontendRequest.NET_SET_MTU, { name: 'NET_SET_MTU', layout: 'u64', fds: 0 }],
-  [FrontendRequest.SET_BACKEND_REQ_FD, { name: 'SET_BACKEND_REQ_FD', layout: 'none', fds: 1 }],
-  [FrontendRequest.IOTLB_MSG, { name: 'IOTLB_MSG', layout: { raw: 32 }, fds: 0 }],
-  [FrontendRequest.SET_VRING_ENDIAN, { name: 'SET_VRING_ENDIAN', layout: 'vring-state', fds: 0 }],
-  [FrontendRequest.GET_CONFIG, { name: 'GET_CONFIG', layout: 'config', fds: 0 }],
-  [FrontendRequest.SET_CONFIG, { name: 'SET_CONFIG', layout: 'config', fds: 0 }],
-  [FrontendRequest.CREATE_CRYPTO_SESSION, { name: 'CREATE_CRYPTO_SESSION', layout: { raw: 'variable' }, fds: 0 }],
-  [FrontendRequest.CLOSE_CRYPTO_SESSION, { name: 'CLOSE_CRYPTO_SESSION', layout: 'u64', fds: 0 }],
-  [FrontendRequest.POSTCOPY_ADVISE, { name: 'POSTCOPY_ADVISE', layout: 'none', fds: 0 }],
-  [FrontendRequest.POSTCOPY_LISTEN, { name: 'POSTCOPY_LISTEN', layout: 'none', fds: 0 }],
-  [FrontendRequest.POSTCOPY_END, { name: 'POSTCOPY_END', layout: 'none', fds: 0 }],
-  [FrontendRequest.GET_INFLIGHT_FD, { name: 'GET_INFLIGHT_FD', layout: { raw: 24 }, fds: 0 }],
-  [FrontendRequest.SET_INFLIGHT_FD, { name: 'SET_INFLIGHT_FD', layout: { raw: 24 }, fds: 1 }],
-  [FrontendRequest.GPU_SET_SOCKET, { name: 'GPU_SET_SOCKET', layout: 'none', fds: 1 }],
-  [FrontendRequest.RESET_DEVICE, { name: 'RESET_DEVICE', layout: 'none', fds: 0 }],
-  [FrontendRequest.VRING_KICK, { name: 'VRING_KICK', layout: 'vring-state', fds: 0 }],
-  [FrontendRequest.GET_MAX_MEM_SLOTS, { name: 'GET_MAX_MEM_SLOTS', layout: 'none', fds: 0 }],
-  [FrontendRequest.ADD_MEM_REG, { name: 'ADD_MEM_REG', layout: 'mem-region', fds: 1 }],
-  [FrontendRequest.REM_MEM_REG, { name: 'REM_MEM_REG', layout: 'mem-region', fds: 'optional' }],
-  [FrontendRequest.SET_STATUS, { name: 'SET_STATUS', layout: 'u64', fds: 0 }],
-  [FrontendRequest.GET_STATUS, { name: 'GET_STATUS', layout: 'none', fds: 0 }],
-  [FrontendRequest.GET_SHARED_OBJECT, { name: 'GET_SHARED_OBJECT', layout: { raw: 16 }, fds: 0 }],
-  [FrontendRequest.SET_DEVICE_STATE_FD, { name: 'SET_DEVICE_STATE_FD', layout: { raw: 8 }, fds: 1 }],
-  [FrontendRequest.CHECK_DEVICE_STATE, { name: 'CHECK_DEVICE_STATE', layout: 'none', fds: 0 }],
-  [FrontendRequest.GET_SHMEM_CONFIG, { name: 'GET_SHMEM_CONFIG', layout: 'none', fds: 0 }],
-  [FrontendRequest.GET_VRING_BASE_SKIP_DRAIN, { name: 'GET_VRING_BASE_SKIP_DRAIN', layout: 'vring-state', fds: 0 }],
-]);
+/**
+ * Every front-end request id 1-45 with its payload layout and descriptor count. The layouts are
+ * literal types, so each request's payload type follows from this table (PayloadOf).
+ */
+const SPECS = {
+  [FrontendRequest.GET_FEATURES]: { name: 'GET_FEATURES', layout: 'none', fds: 0 },
+  [FrontendRequest.SET_FEATURES]: { name: 'SET_FEATURES', layout: 'u64', fds: 0 },
+  [FrontendRequest.SET_OWNER]: { name: 'SET_OWNER', layout: 'none', fds: 0 },
+  [FrontendRequest.RESET_OWNER]: { name: 'RESET_OWNER', layout: 'none', fds: 0 },
+  [FrontendRequest.SET_MEM_TABLE]: { name: 'SET_MEM_TABLE', layout: 'mem-table', fds: 'region-count' },
+  [FrontendRequest.SET_LOG_BASE]: { name: 'SET_LOG_BASE', layout: { raw: 16 }, fds: 1 },
+  [FrontendRequest.SET_LOG_FD]: { name: 'SET_LOG_FD', layout: 'none', fds: 1 },
+  [FrontendRequest.SET_VRING_NUM]: { name: 'SET_VRING_NUM', layout: 'vring-state', fds: 0 },
+  [FrontendRequest.SET_VRING_ADDR]: { name: 'SET_VRING_ADDR', layout: 'vring-addr', fds: 0 },
+  [FrontendRequest.SET_VRING_BASE]: { name: 'SET_VRING_BASE', layout: 'vring-state', fds: 0 },
+  [FrontendRequest.GET_VRING_BASE]: { name: 'GET_VRING_BASE', layout: 'vring-state', fds: 0 },
+  [FrontendRequest.SET_VRING_KICK]: { name: 'SET_VRING_KICK', layout: 'vring-fd', fds: 'vring' },
+  [FrontendRequest.SET_VRING_CALL]: { name: 'SET_VRING_CALL', layout: 'vring-fd', fds: 'vring' },
+  [FrontendRequest.SET_VRING_ERR]: { name: 'SET_VRING_ERR', layout: 'vring-fd', fds: 'vring' },
+  [FrontendRequest.GET_PROTOCOL_FEATURES]: { name: 'GET_PROTOCOL_FEATURES', layout: 'none', fds: 0 },
+  [FrontendRequest.SET_PROTOCOL_FEATURES]: { name: 'SET_PROTOCOL_FEATURES', layout: 'u64', fds: 0 },
+  [FrontendRequest.GET_QUEUE_NUM]: { name: 'GET_QUEUE_NUM', layout: 'none', fds: 0 },
+  [FrontendRequest.SET_VRING_ENABLE]: { name: 'SET_VRING_ENABLE', layout: 'vring-state', fds: 0 },
+  [FrontendRequest.SEND_RARP]: { name: 'SEND_RARP', layout: 'u64', fds: 0 },
+  [FrontendRequest.NET_SET_MTU]: { name: 'NET_SET_MTU', layout: 'u64', fds: 0 },
+  [FrontendRequest.SET_BACKEND_REQ_FD]: { name: 'SET_BACKEND_REQ_FD', layout: 'none', fds: 1 },
+  [FrontendRequest.IOTLB_MSG]: { name: 'IOTLB_MSG', layout: { raw: 32 }, fds: 0 },
+  [FrontendRequest.SET_VRING_ENDIAN]: { name: 'SET_VRING_ENDIAN', layout: 'vring-state', fds: 0 },
+  [FrontendRequest.GET_CONFIG]: { name: 'GET_CONFIG', layout: 'config', fds: 0 },
+  [FrontendRequest.SET_CONFIG]: { name: 'SET_CONFIG', layout: 'config', fds: 0 },
+  [FrontendRequest.CREATE_CRYPTO_SESSION]: { name: 'CREATE_CRYPTO_SESSION', layout: { raw: 'variable' }, fds: 0 },
+  [FrontendRequest.CLOSE_CRYPTO_SESSION]: { name: 'CLOSE_CRYPTO_SESSION', layout: 'u64', fds: 0 },
+  [FrontendRequest.POSTCOPY_ADVISE]: { name: 'POSTCOPY_ADVISE', layout: 'none', fds: 0 },
+  [FrontendRequest.POSTCOPY_LISTEN]: { name: 'POSTCOPY_LISTEN', layout: 'none', fds: 0 },
+  [FrontendRequest.POSTCOPY_END]: { name: 'POSTCOPY_END', layout: 'none', fds: 0 },
+  [FrontendRequest.GET_INFLIGHT_FD]: { name: 'GET_INFLIGHT_FD', layout: { raw: 24 }, fds: 0 },
+  [FrontendRequest.SET_INFLIGHT_FD]: { name: 'SET_INFLIGHT_FD', layout: { raw: 24 }, fds: 1 },
+  [FrontendRequest.GPU_SET_SOCKET]: { name: 'GPU_SET_SOCKET', layout: 'none', fds: 1 },
+  [FrontendRequest.RESET_DEVICE]: { name: 'RESET_DEVICE', layout: 'none', fds: 0 },
+  [FrontendRequest.VRING_KICK]: { name: 'VRING_KICK', layout: 'vring-state', fds: 0 },
+  [FrontendRequest.GET_MAX_MEM_SLOTS]: { name: 'GET_MAX_MEM_SLOTS', layout: 'none', fds: 0 },
+  [FrontendRequest.ADD_MEM_REG]: { name: 'ADD_MEM_REG', layout: 'mem-region', fds: 1 },
+  [FrontendRequest.REM_MEM_REG]: { name: 'REM_MEM_REG', layout: 'mem-region', fds: 'optional' },
+  [FrontendRequest.SET_STATUS]: { name: 'SET_STATUS', layout: 'u64', fds: 0 },
+  [FrontendRequest.GET_STATUS]: { name: 'GET_STATUS', layout: 'none', fds: 0 },
+  [FrontendRequest.GET_SHARED_OBJECT]: { name: 'GET_SHARED_OBJECT', layout: { raw: 16 }, fds: 0 },
+  [FrontendRequest.SET_DEVICE_STATE_FD]: { name: 'SET_DEVICE_STATE_FD', layout: { raw: 8 }, fds: 1 },
+  [FrontendRequest.CHECK_DEVICE_STATE]: { name: 'CHECK_DEVICE_STATE', layout: 'none', fds: 0 },
+  [FrontendRequest.GET_SHMEM_CONFIG]: { name: 'GET_SHMEM_CONFIG', layout: 'none', fds: 0 },
+  [FrontendRequest.GET_VRING_BASE_SKIP_DRAIN]: { name: 'GET_VRING_BASE_SKIP_DRAIN', layout: 'vring-state', fds: 0 },
+} as const satisfies Record<number, RequestSpec>;
+
+/** The request ids this back-end knows (all of 1-45). */
+export type KnownRequest = keyof typeof SPECS;
+type KindOfLayout<L> = L extends string ? L : 'raw';
+/** The decoded payload type of request `R`. */
+export type PayloadOf<R extends KnownRequest> = Extract<Payload, { kind: KindOfLayout<(typeof SPECS)[R]['layout']> }>;
+
+/** A decoded request `R`, its payload typed by the table. `fds` are owned by whoever holds it. */
+export interface RequestMessage<R extends KnownRequest> {
+  request: R;
+  flags: number;
+  payload: PayloadOf<R>;
+  fds: number[];
+}
+
+/** Any decoded front-end request (of the requests `K`): narrowing on `request` narrows `payload`. */
+export type FrontendMessage<K extends KnownRequest = KnownRequest> = { [R in K]: RequestMessage<R> }[K];
+
+/** The table by request id (for code that looks requests up by number). */
+export const REQUEST_SPECS: ReadonlyMap<number, RequestSpec> = new Map(
+  Object.entries(SPECS).map(([id, spec]): [number, RequestSpec] => [Number(id), spec]),
+);
 
 /** The spec name of a request id, or `UNKNOWN(n)`. */
 export function requestName(request: number): string {
@@ -288,7 +305,10 @@ export function decodeRequest(header: Header, payload: Uint8Array, fds: readonly
     const expected = want.min === want.max ? `${want.min}` : `${want.min}..${want.max}`;
     fail(ErrorCode.VHOST_BAD_FDS, `${spec.name}: ${fds.length} descriptors, expected ${expected}`);
   }
-  return { request: header.request, flags: header.flags, payload: decoded, fds: [...fds] };
+  // The one cast of the codec: `spec` was found for this id, and decodePayload followed its layout
+  // in SPECS, which is exactly what PayloadOf reads.
+  const request = header.request as KnownRequest;
+  return { request, flags: header.flags, payload: decoded, fds: [...fds] } as FrontendMessage;
 }
 
 function writeRegion(v: DataView, at: number, r: RegionPayload): void {

@@ -7,7 +7,8 @@
  * message that never completed, and descriptors of queued outgoing messages are not ours (the
  * sender keeps ownership of what it sends).
  */
-import { ErrorCode, VhostProtocolError } from '../errors';
+import { Clock, systemClock, TimerHandle } from '../clock';
+import { ErrorCode, errorMessage, VhostProtocolError } from '../errors';
 import { closeQuietly, native, PollHandle, POLL_READABLE, POLL_WRITABLE } from '../native';
 import { Frame, FramingError, MessageReader } from './framing';
 
@@ -18,6 +19,23 @@ const READ_CHUNK_BYTES = 64 * 1024;
 const MAX_READS_PER_WAKEUP = 16;
 /** Outgoing bytes held for a peer that does not read before the connection is dropped. */
 const MAX_QUEUED_OUTPUT_BYTES = 1024 * 1024;
+/**
+ * A peer that leaves a message incomplete this long is dropped (QEMU writes each message at once;
+ * a stalled peer must not hold the VM's only slot forever).
+ */
+export const DEFAULT_STALLED_MESSAGE_TIMEOUT_MS = 10_000;
+/** A peer that sends nothing this long after connecting is dropped (QEMU starts at once). */
+export const DEFAULT_FIRST_MESSAGE_TIMEOUT_MS = 30_000;
+
+export interface ConnectionOptions {
+  /** This end reads replies (the back-end channel). */
+  expectReplies?: boolean;
+  /** Drop a peer stalled in the middle of a message after this long (0: never). */
+  stalledMessageTimeoutMs?: number;
+  /** Drop a peer that sends nothing after connecting for this long (0: never). */
+  firstMessageTimeoutMs?: number;
+  clock?: Clock;
+}
 
 export interface ConnectionHandler {
   /** One complete message; the handler owns frame.fds. Throwing closes the connection. */
@@ -38,14 +56,28 @@ export class Connection {
   private queuedBytes = 0;
   private watchingWritable = false;
   private closed = false;
+  private readonly clock: Clock;
+  private readonly stalledTimeoutMs: number;
+  private stallTimer: TimerHandle | undefined;
+  private received = false;
 
   constructor(
     readonly fd: number,
     private readonly handler: ConnectionHandler,
-    options: { expectReplies?: boolean } = {},
+    options: ConnectionOptions = {},
   ) {
     this.reader = new MessageReader(options.expectReplies ?? false);
-    this.watch = native.pollStart(fd, POLL_READABLE, (status, events) => this.onEvent(status, events));
+    this.clock = options.clock ?? systemClock;
+    this.stalledTimeoutMs = options.stalledMessageTimeoutMs ?? 0;
+    try {
+      this.watch = native.pollStart(fd, POLL_READABLE, (status, events) => this.onEvent(status, events));
+    } catch (err) {
+      // Not pollable (a regular file, a directory): the descriptor is ours to close.
+      closeQuietly(fd);
+      throw err;
+    }
+    const firstMs = options.firstMessageTimeoutMs ?? 0;
+    if (firstMs > 0) this.armStallTimer(firstMs, `nothing received within ${firstMs} ms of connecting`);
   }
 
   get isClosed(): boolean {
@@ -61,12 +93,38 @@ export class Connection {
     } catch (err) {
       this.close(err instanceof Error ? err : new Error(String(err)));
     }
+    if (!this.closed) this.updateStallTimer();
+  }
+
+  private armStallTimer(ms: number, why: string): void {
+    this.stallTimer?.cancel();
+    this.stallTimer = this.clock.setTimer(ms, () => {
+      this.stallTimer = undefined;
+      this.close(new VhostProtocolError(ErrorCode.VHOST_BAD_MESSAGE, `peer stalled: ${why}`));
+    });
+  }
+
+  /** A partial message starts the stall clock; a complete one (or nothing pending) stops it. */
+  private updateStallTimer(): void {
+    if (!this.received) return; // the first-message timer, if any, keeps running
+    if (this.reader.midMessage && this.stalledTimeoutMs > 0) {
+      if (this.stallTimer === undefined)
+        this.armStallTimer(this.stalledTimeoutMs, `a message left incomplete for ${this.stalledTimeoutMs} ms`);
+    } else {
+      this.stallTimer?.cancel();
+      this.stallTimer = undefined;
+    }
   }
 
   private readSome(): void {
     for (let i = 0; i < MAX_READS_PER_WAKEUP && !this.closed; i++) {
       const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES);
       if (msg === null) return;
+      if (!this.received) {
+        this.received = true;
+        this.stallTimer?.cancel();
+        this.stallTimer = undefined;
+      }
       if (msg.data.length === 0) {
         for (const fd of msg.fds) closeQuietly(fd);
         const truncated = this.reader.midMessage;
@@ -90,18 +148,21 @@ export class Connection {
         if (err instanceof FramingError) for (const fd of err.orphanFds) closeQuietly(fd);
         throw err;
       }
-      for (let f = 0; f < frames.length; f++) {
-        if (this.closed) {
-          // An earlier message closed us: its successors' descriptors are still ours to close.
-          for (const rest of frames.slice(f)) for (const fd of rest.fds) closeQuietly(fd);
-          return;
-        }
-        this.handler.onFrame(frames[f]);
+      // Frames not handed to the handler -- because an earlier one closed the connection or
+      // threw -- still own their descriptors: close them, whatever happened.
+      let handed = 0;
+      try {
+        while (handed < frames.length && !this.closed) this.handler.onFrame(frames[handed++]!);
+      } finally {
+        for (const rest of frames.slice(handed)) for (const fd of rest.fds) closeQuietly(fd);
       }
     }
   }
 
-  /** Queues `bytes` (with `fds` attached to the first byte) and writes as much as possible now. */
+  /**
+   * Queues `bytes` (with `fds` attached to the first byte) and writes as much as possible now.
+   * Never throws: a failed write (the peer went away) closes the connection with that error.
+   */
   send(bytes: Uint8Array, fds: readonly number[] = []): void {
     if (this.closed) return;
     this.output.push({ bytes, fds });
@@ -110,7 +171,12 @@ export class Connection {
       this.close(new Error(`peer does not read: ${this.queuedBytes} bytes queued`));
       return;
     }
-    if (this.output.length === 1) this.flush();
+    if (this.output.length !== 1) return;
+    try {
+      this.flush();
+    } catch (err) {
+      this.close(err instanceof Error ? err : new Error(errorMessage(err)));
+    }
   }
 
   private flush(): void {
@@ -137,6 +203,8 @@ export class Connection {
   close(error?: Error): void {
     if (this.closed) return;
     this.closed = true;
+    this.stallTimer?.cancel();
+    this.stallTimer = undefined;
     if (this.watch !== undefined) native.pollStop(this.watch);
     this.watch = undefined;
     for (const fd of this.reader.takeFds()) closeQuietly(fd);

@@ -49,8 +49,12 @@ export interface VhostUserDevice {
   detach(): void;
   /** The ring can be processed. A processing pass (queueKicked) follows immediately. */
   queueReady(vring: Vring): void;
-  /** The driver kicked, or a pass is due after queueReady. */
-  queueKicked(vring: Vring): void;
+  /**
+   * One processing pass: the driver kicked, or a pass is due after queueReady. Returns true when
+   * the pass stopped at its bound with work left; the back-end then runs another pass on a later
+   * turn of the event loop, inside its own error handling (a device never schedules passes).
+   */
+  queueKicked(vring: Vring): boolean;
   /** The ring must not be touched any more (stopped, disabled, or its memory went away). */
   queueStopped(index: number): void;
   /** RESET_DEVICE, or SET_STATUS(0): back to the state after power-on. */

@@ -18,6 +18,10 @@ export interface BackendOptions {
   protocolFeatures?: bigint;
   /** Called for every message and every error (metrics hook). */
   events?: Partial<SessionEvents> & { onConnectionChange?(connected: boolean): void };
+  /** Drop a front-end stalled in the middle of a message after this long (default 10 s). */
+  stalledMessageTimeoutMs?: number;
+  /** Drop a front-end that sends nothing after connecting for this long (default 30 s). */
+  firstMessageTimeoutMs?: number;
 }
 
 export interface ConnectOptions {
@@ -95,7 +99,14 @@ export class VhostUserBackend {
   serveFd(fd: number, onEnd?: () => void): Session {
     this.counters.connections++;
     const log = this.options.log.child({ conn: this.counters.connections });
-    const session = new Session(fd, this.device, { protocolFeatures: this.protocolFeatures, log, events: this.events });
+    const { stalledMessageTimeoutMs, firstMessageTimeoutMs } = this.options;
+    const session = new Session(fd, this.device, {
+      protocolFeatures: this.protocolFeatures,
+      log,
+      events: this.events,
+      ...(stalledMessageTimeoutMs === undefined ? {} : { stalledMessageTimeoutMs }),
+      ...(firstMessageTimeoutMs === undefined ? {} : { firstMessageTimeoutMs }),
+    });
     this.session = session;
     this.options.events?.onConnectionChange?.(true);
     session.onClose(() => {

@@ -10,7 +10,7 @@ import { BalloonGuest, BalloonGuestOptions } from '../../lib/testing/balloon-gue
 import { SplitRingDriver } from '../../lib/testing/driver';
 import { GuestRam } from '../../lib/testing/guest-ram';
 import { FrontendRequest } from '../../lib/vhost/constants';
-import { fdCount, startBackend, until, BackendFixture } from '../helpers';
+import { fdCount, rejectionOf, startBackend, until, BackendFixture } from '../helpers';
 
 const MiB = 1024 * 1024;
 const PAGES_PER_MIB = 256;
@@ -83,7 +83,9 @@ describe('virtio-balloon device', () => {
   });
 
   it('never punches a page the guest got back: pending discards finish before a deflate is handled', async () => {
-    r = await rig();
+    // The batching timer runs on a manual clock: it can only fire when the test advances it.
+    const clock = new ManualClock();
+    r = await rig({ clock });
     const { device, guest } = r;
     guest.touchFree();
     for (let round = 0; round < 5; round++) {
@@ -93,7 +95,7 @@ describe('virtio-balloon device', () => {
       device.setTargetPages(0); // deflate at once, well inside the batching delay
       await guest.reach(0);
       guest.touchAll(); // the guest writes its pages again (value = pfn)
-      await new Promise((res) => setTimeout(res, 20));
+      clock.advance(1000); // any batch still pending would be punched now
       for (const pfn of pfns) expect(guest.peek(pfn), `page ${pfn} was punched after its deflate`).to.equal(pfn);
     }
   });
@@ -245,8 +247,7 @@ describe('virtio-balloon device', () => {
       r = await rig({ clock, statsIntervalMs: 1000, statsTimeoutMs: 3000 });
       const { device, guest } = r;
       await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
-      guest.driver('stats').close(); // the guest no longer hears interrupts on the stats queue
-      (guest as unknown as { stopped: boolean }).stopped = true;
+      guest.muteStats();
       clock.advance(1000);
       expect(device.snapshot().statsQueue.requests).to.equal(1);
       clock.advance(2999);
@@ -255,6 +256,63 @@ describe('virtio-balloon device', () => {
       expect(device.snapshot().stats.stale).to.equal(true);
       expect(device.snapshot().statsQueue.timeouts).to.equal(1);
     });
+  });
+
+  describe('stats interval at run time and on demand', () => {
+    it('a new interval applies from the next request on', async () => {
+      const clock = new ManualClock();
+      r = await rig({ clock, statsIntervalMs: 10_000 });
+      const { device } = r;
+      await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
+      device.setStatsIntervalMs(300);
+      expect(device.snapshot().statsIntervalMs).to.equal(300);
+      clock.advance(299);
+      expect(device.snapshot().statsQueue.requests).to.equal(0);
+      clock.advance(1);
+      expect(device.snapshot().statsQueue.requests).to.equal(1);
+      await until(() => device.snapshot().statsQueue.updates === 2, 'answer to the 300 ms request');
+      expect(() => device.setStatsIntervalMs(99))
+        .to.throw()
+        .with.property('code', 'ERR_BALLOON_CONFIG');
+      expect(device.snapshot().statsIntervalMs).to.equal(300);
+    });
+
+    it('requestStats asks now and resolves with the answer; without a stats queue it is refused', async () => {
+      const clock = new ManualClock();
+      r = await rig({ clock, statsIntervalMs: 60_000 });
+      const { device, guest } = r;
+      await until(() => device.snapshot().statsQueue.updates === 1, 'first stats buffer');
+      guest.touchFree();
+      const fresh = await device.requestStats(5000);
+      expect(device.snapshot().statsQueue.requests).to.equal(1);
+      expect(fresh.values['free_memory']).to.equal(guest.freePages * 4096);
+      guest.muteStats();
+      const late = device.requestStats(5000);
+      clock.advance(5000);
+      expect((await rejectionOf(late)).code).to.equal('ERR_BALLOON_STATS');
+      await r.close();
+      r = await rig({ statsQueue: false });
+      expect((await rejectionOf(r.device.requestStats())).code).to.equal('ERR_BALLOON_STATS');
+    });
+  });
+
+  it('snapshot() is a pure read: it shows pending discards and does not carry them out', async () => {
+    const clock = new ManualClock();
+    r = await rig({ clock });
+    const { device, guest } = r;
+    guest.touchFree();
+    const before = guest.fe.ram.residentBytes();
+    device.setTargetPages(PAGES_PER_MIB); // below the 4 MiB batch: waits for the timer
+    await guest.reach(PAGES_PER_MIB);
+    for (let i = 0; i < 3; i++) {
+      const snap = device.snapshot();
+      expect(snap.pendingDiscardPages).to.equal(PAGES_PER_MIB);
+      expect(snap.reclaimedBytes).to.equal(0);
+      expect(guest.fe.ram.residentBytes()).to.equal(before);
+    }
+    clock.advance(1000);
+    expect(device.snapshot().pendingDiscardPages).to.equal(0);
+    expect(before - guest.fe.ram.residentBytes()).to.equal(MiB);
   });
 
   describe('hostile guests (counted; the process and the other queues unaffected)', () => {

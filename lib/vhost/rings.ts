@@ -1,0 +1,390 @@
+/**
+ * The rings of one front-end connection: per-ring protocol state (size, base, addresses, kick,
+ * call and err descriptors, started and enabled), the translated SplitQueue over guest memory,
+ * and the processing passes.
+ *
+ * How a kick flows: the kick eventfd becomes readable -> watchKick reads it -> runPass calls the
+ * device's queueKicked inside this module's error handling -> the device pops chains
+ * (lib/vhost/process.ts), pushes used entries and calls flushAndNotify, which writes the call
+ * eventfd. If the device's pass stopped at its bound, runPass schedules the next one here; a
+ * device never schedules passes itself, so a throw in any pass stops only that ring.
+ *
+ * A ring is "ready" (the device may touch it) when it is started (has a kick), enabled, not
+ * broken and its addresses translate into mapped memory; every transition is reported to the
+ * device (queueReady / queueStopped), and a pass runs on becoming ready so no kick is lost.
+ */
+import { ErrorCode, errorMessage, VhostProtocolError, VirtqueueError } from '../errors';
+import { Logger } from '../log';
+import { closeQuietly, native, PollHandle, POLL_READABLE } from '../native';
+import { GuestMemory } from '../virtio/guest-memory';
+import { ringSizes, SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
+import { VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from './constants';
+import { VhostUserDevice, Vring } from './device';
+
+/** With a "no fd" kick (bit 8 of SET_VRING_KICK) the ring is polled at this interval. */
+const NOFD_KICK_POLL_INTERVAL_MS = 5;
+
+class RingState {
+  num = 0;
+  base = 0;
+  addr: { desc: number; used: number; avail: number } | undefined;
+  kickFd = -1;
+  /** The kick fd is in blocking mode (QEMU's are not): reads must poll first. */
+  kickMayBlock = true;
+  kickNoFd = false;
+  kickWatch: PollHandle | undefined;
+  kickTimer: NodeJS.Timeout | undefined;
+  callFd = -1;
+  errFd = -1;
+  started = false;
+  enabled = false;
+  broken = false;
+  queue: SplitQueue | undefined;
+  /** The device was told queueReady and not yet queueStopped. */
+  ready = false;
+  handle: Vring | undefined;
+  /** A follow-up pass is scheduled (the last one stopped at its bound). */
+  passScheduled = false;
+
+  constructor(readonly index: number) {}
+}
+
+export interface RingSetOptions {
+  device: VhostUserDevice;
+  memory: GuestMemory;
+  log: Logger;
+  /** The virtio features the driver accepted (EVENT_IDX, INDIRECT_DESC shape the rings). */
+  ackedFeatures(): bigint;
+  /** A ring stopped on an error (counted by the session's owner). */
+  onError(code: VirtqueueError['code'], detail: string): void;
+  /** A ring was started (the device runs now; pending config changes may go out). */
+  onStarted(): void;
+}
+
+function protocolError(message: string): VhostProtocolError {
+  return new VhostProtocolError(ErrorCode.VHOST_BAD_VRING, message);
+}
+
+/** Every ring of one connection. */
+export class RingSet {
+  private readonly rings: RingState[];
+  private closed = false;
+
+  constructor(private readonly options: RingSetOptions) {
+    this.rings = Array.from({ length: options.device.numQueues }, (_, i) => new RingState(i));
+  }
+
+  get count(): number {
+    return this.rings.length;
+  }
+
+  /** The device runs when any ring is started (a suspended device must not message QEMU). */
+  get running(): boolean {
+    return this.rings.some((r) => r.started);
+  }
+
+  private ring(index: number, name: string): RingState {
+    const ring = this.rings[index];
+    if (ring === undefined)
+      throw protocolError(`${name}: queue index ${index} out of range (${this.rings.length} queues)`);
+    return ring;
+  }
+
+  // ---- protocol requests --------------------------------------------------------------------
+
+  /** SET_VRING_NUM. */
+  setNum(index: number, num: number): void {
+    const ring = this.ring(index, 'SET_VRING_NUM');
+    if (ring.started) throw protocolError(`SET_VRING_NUM: queue ${index} is started`);
+    const max = Math.min(VIRTQUEUE_MAX_SIZE, this.options.device.maxQueueSize);
+    if (num === 0 || num > max || (num & (num - 1)) !== 0)
+      throw protocolError(`SET_VRING_NUM: queue ${index} size ${num} is not a power of two in 1..${max}`);
+    ring.num = num;
+  }
+
+  /** SET_VRING_BASE. */
+  setBase(index: number, base: number): void {
+    const ring = this.ring(index, 'SET_VRING_BASE');
+    if (ring.started) throw protocolError(`SET_VRING_BASE: queue ${index} is started`);
+    if (base > 0xffff) throw protocolError(`SET_VRING_BASE: base ${base} has reserved bits set`);
+    ring.base = base;
+  }
+
+  /** SET_VRING_ADDR (addresses in the front-end's address space, checked against memory now if mapped). */
+  setAddr(index: number, addr: { desc: bigint; used: bigint; avail: bigint }): void {
+    const ring = this.ring(index, 'SET_VRING_ADDR');
+    const limit = BigInt(Number.MAX_SAFE_INTEGER);
+    if (addr.desc > limit || addr.used > limit || addr.avail > limit)
+      throw protocolError(`SET_VRING_ADDR: queue ${index} address beyond 2^53`);
+    this.detachQueue(ring);
+    ring.addr = { desc: Number(addr.desc), used: Number(addr.used), avail: Number(addr.avail) };
+    // Addresses must be inside memory now; a later memory table re-checks them.
+    if (this.options.memory.regionList.length > 0) this.buildQueue(ring, true);
+    this.updateReady(ring);
+  }
+
+  /** GET_VRING_BASE: stops the ring (the kick fd is closed) and returns where to resume. */
+  stop(index: number): number {
+    const ring = this.ring(index, 'GET_VRING_BASE');
+    this.stopRing(ring);
+    return ring.base;
+  }
+
+  /** SET_VRING_KICK: `fd` undefined for "no fd" (polled). Starts the ring. Takes ownership of fd. */
+  setKick(index: number, fd: number | undefined): void {
+    const ring = this.ring(index, 'SET_VRING_KICK');
+    this.unwatchKick(ring);
+    if (fd === undefined) {
+      ring.kickNoFd = true;
+    } else {
+      ring.kickFd = fd;
+      ring.kickNoFd = false;
+      try {
+        ring.kickMayBlock = !native.fstat(fd).nonBlocking;
+      } catch {
+        ring.kickMayBlock = true;
+      }
+    }
+    ring.started = true;
+    ring.broken = false;
+    this.watchKick(ring);
+    this.updateReady(ring);
+    this.options.onStarted();
+  }
+
+  /** SET_VRING_CALL (`fd` -1 for none). Takes ownership of fd. */
+  setCall(index: number, fd: number): void {
+    const ring = this.ring(index, 'SET_VRING_CALL');
+    closeQuietly(ring.callFd);
+    ring.callFd = fd;
+  }
+
+  /** SET_VRING_ERR (`fd` -1 for none). Takes ownership of fd. */
+  setErr(index: number, fd: number): void {
+    const ring = this.ring(index, 'SET_VRING_ERR');
+    closeQuietly(ring.errFd);
+    ring.errFd = fd;
+  }
+
+  /** SET_VRING_ENABLE. */
+  setEnabled(index: number, enabled: boolean): void {
+    const ring = this.ring(index, 'SET_VRING_ENABLE');
+    ring.enabled = enabled;
+    this.updateReady(ring);
+  }
+
+  /** Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled as soon as they start. */
+  enableAll(): void {
+    for (const ring of this.rings) {
+      ring.enabled = true;
+      this.updateReady(ring);
+    }
+  }
+
+  /** RESET_OWNER / RESET_DEVICE: every ring back to its initial state. */
+  resetAll(): void {
+    for (const ring of this.rings) {
+      this.stopRing(ring);
+      ring.enabled = false;
+      ring.base = 0;
+      ring.num = 0;
+      ring.addr = undefined;
+    }
+  }
+
+  /** Memory is about to change: every ring lets go of its translated queue. */
+  detachAll(): void {
+    for (const ring of this.rings) this.detachQueue(ring);
+  }
+
+  /** Memory changed: rings are translated again where they can be. */
+  updateAll(): void {
+    for (const ring of this.rings) this.updateReady(ring);
+  }
+
+  /** The connection ended: the device stops, every descriptor is closed. */
+  close(): void {
+    this.detachAll();
+    this.closed = true;
+    for (const ring of this.rings) {
+      this.unwatchKick(ring);
+      closeQuietly(ring.callFd);
+      closeQuietly(ring.errFd);
+      ring.callFd = -1;
+      ring.errFd = -1;
+    }
+  }
+
+  // ---- kicks and passes ---------------------------------------------------------------------
+
+  private watchKick(ring: RingState): void {
+    if (ring.kickNoFd) {
+      ring.kickTimer = setInterval(() => this.onKick(ring), NOFD_KICK_POLL_INTERVAL_MS);
+      ring.kickTimer.unref();
+      return;
+    }
+    try {
+      ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE, (status) => this.onKickReadable(ring, status));
+    } catch (err) {
+      // A regular file, a directory, /dev/null...: a kick fd must be an eventfd. The ring keeps
+      // the fd (closed with the connection, which this error ends).
+      throw protocolError(`SET_VRING_KICK: queue ${ring.index}: the kick fd cannot be watched: ${errorMessage(err)}`);
+    }
+  }
+
+  private onKickReadable(ring: RingState, status: number): void {
+    if (status < 0) {
+      this.failRing(ring, `kick fd of queue ${ring.index} failed (status ${status})`, ErrorCode.VHOST_BAD_VRING);
+      return;
+    }
+    try {
+      native.eventfdRead(ring.kickFd, ring.kickMayBlock);
+    } catch (err) {
+      this.failRing(ring, `kick fd of queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VHOST_BAD_VRING);
+      return;
+    }
+    this.onKick(ring);
+  }
+
+  private unwatchKick(ring: RingState): void {
+    if (ring.kickWatch !== undefined) native.pollStop(ring.kickWatch);
+    ring.kickWatch = undefined;
+    if (ring.kickTimer !== undefined) clearInterval(ring.kickTimer);
+    ring.kickTimer = undefined;
+    closeQuietly(ring.kickFd);
+    ring.kickFd = -1;
+    ring.kickNoFd = false;
+  }
+
+  private onKick(ring: RingState): void {
+    // A kick on a disabled ring: the pass on enable covers it.
+    if (ring.ready) this.runPass(ring);
+  }
+
+  /** One device pass, inside the error handling; schedules the next if the device has more. */
+  private runPass(ring: RingState): void {
+    const handle = ring.handle;
+    if (handle === undefined) return;
+    let more: boolean;
+    try {
+      more = this.options.device.queueKicked(handle);
+    } catch (err) {
+      // A device must not throw on guest input; if it does, that ring is not trustworthy any more.
+      this.failRing(ring, `device failed on queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VIRTQ_BROKEN_RING);
+      return;
+    }
+    if (!more || ring.passScheduled) return;
+    ring.passScheduled = true;
+    setImmediate(() => {
+      ring.passScheduled = false;
+      // Only if the ring is still the one that asked (not stopped, rebuilt or closed meanwhile).
+      if (!this.closed && ring.handle === handle) this.runPass(ring);
+    });
+  }
+
+  // ---- readiness ----------------------------------------------------------------------------
+
+  /** Builds the SplitQueue if everything it needs is known. */
+  private buildQueue(ring: RingState, strict: boolean): void {
+    if (ring.queue !== undefined || ring.addr === undefined || ring.num === 0) return;
+    const memory = this.options.memory;
+    const sizes = ringSizes(ring.num);
+    const desc = memory.userToGuest(ring.addr.desc, sizes.desc);
+    const avail = memory.userToGuest(ring.addr.avail, sizes.avail);
+    const used = memory.userToGuest(ring.addr.used, sizes.used);
+    if (desc === undefined || avail === undefined || used === undefined) {
+      if (strict) throw protocolError(`queue ${ring.index}: ring addresses are not inside front-end memory`);
+      return;
+    }
+    const features = this.options.ackedFeatures();
+    try {
+      ring.queue = new SplitQueue(
+        memory,
+        ring.num,
+        { descGpa: desc, availGpa: avail, usedGpa: used },
+        {
+          eventIdx: (features & VIRTIO_RING_F_EVENT_IDX) !== 0n,
+          indirect: (features & VIRTIO_RING_F_INDIRECT_DESC) !== 0n,
+        },
+        ring.base,
+      );
+    } catch (err) {
+      if (strict) throw protocolError(`queue ${ring.index}: ${errorMessage(err)}`);
+    }
+  }
+
+  /** Re-evaluates whether the device may process `ring`, and tells it on every transition. */
+  private updateReady(ring: RingState): void {
+    if (this.closed) return;
+    if (ring.started && !ring.broken) this.buildQueue(ring, false);
+    const queue = ring.queue;
+    const ready = ring.started && ring.enabled && !ring.broken && queue !== undefined;
+    if (ready === ring.ready) return;
+    if (queue !== undefined && ready) {
+      ring.ready = true;
+      ring.handle = this.makeHandle(ring, queue);
+      this.options.device.queueReady(ring.handle);
+      // A kick that arrived while the ring was disabled must not be lost (rust-vmm/vhost#247).
+      this.runPass(ring);
+    } else {
+      this.markNotReady(ring);
+    }
+  }
+
+  private makeHandle(ring: RingState, queue: SplitQueue): Vring {
+    const handle: Vring = {
+      index: ring.index,
+      queue,
+      flushAndNotify: () => {
+        if (ring.handle !== handle) return;
+        if (!queue.flush() || ring.callFd < 0) return;
+        try {
+          native.eventfdWrite(ring.callFd, 1);
+        } catch (err) {
+          this.failRing(ring, `call fd of queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VHOST_BAD_VRING);
+        }
+      },
+      fail: (error) => this.failRing(ring, error.message, error.code),
+    };
+    return handle;
+  }
+
+  private markNotReady(ring: RingState): void {
+    if (!ring.ready) return;
+    ring.ready = false;
+    ring.handle = undefined;
+    this.options.device.queueStopped(ring.index);
+  }
+
+  private failRing(ring: RingState, message: string, code: VirtqueueError['code']): void {
+    if (ring.broken) return;
+    this.options.onError(code, message);
+    this.options.log.error('queue stopped: guest ring is broken', { queue: ring.index, code, error: message });
+    ring.broken = true;
+    if (ring.queue !== undefined) ring.base = ring.queue.lastAvailIdx;
+    this.updateReady(ring);
+    if (ring.errFd >= 0) {
+      try {
+        native.eventfdWrite(ring.errFd, 1);
+      } catch {
+        // The error fd is only a courtesy to the front-end; the ring is stopped either way.
+      }
+    }
+  }
+
+  /** Forgets the ring's translated queue (memory is about to change), without rebuilding it. */
+  private detachQueue(ring: RingState): void {
+    if (ring.queue !== undefined) ring.base = ring.queue.lastAvailIdx;
+    ring.queue = undefined;
+    this.markNotReady(ring);
+  }
+
+  private stopRing(ring: RingState): void {
+    if (ring.queue !== undefined) ring.base = ring.queue.lastAvailIdx;
+    ring.started = false;
+    this.unwatchKick(ring);
+    ring.queue = undefined;
+    ring.broken = false;
+    this.updateReady(ring);
+  }
+}
