@@ -15,7 +15,7 @@ import { SwitchableLogger } from '../lib/daemon/switchable-logger';
 import { SystemdNotifier } from '../lib/daemon/systemd';
 import { subscribeDaemon } from '../lib/daemon/client';
 import { StreamLogger } from '../lib/log';
-import { formatBytes, parseDuration, parseSize } from '../lib/units';
+import { formatBytes, formatDuration, parseDuration, parseSize } from '../lib/units';
 
 /** Exit codes (docs/cli.md). */
 export const EXIT = {
@@ -28,6 +28,7 @@ export const EXIT = {
   TIMEOUT: 6,
   CONFIG: 7,
   DENIED: 8,
+  STATS: 9,
 } as const;
 
 function die(code: number, message: string): never {
@@ -49,6 +50,8 @@ function exitCodeFor(err: unknown): number {
         return EXIT.DENIED;
       case 'EBADPARAMS':
         return EXIT.USAGE;
+      case 'ESTATS':
+        return EXIT.STATS;
       default:
         return EXIT.INTERNAL;
     }
@@ -358,9 +361,15 @@ export function cli(args: string[]): Argv {
     .command(
       'stats [vm]',
       "show the guests' memory statistics",
-      (y) => y.positional('vm', { type: 'string' }).option('json', { type: 'boolean', default: false }),
+      (y) =>
+        y
+          .positional('vm', { type: 'string' })
+          .option('json', { type: 'boolean', default: false })
+          .option('fresh', { type: 'boolean', default: false, describe: 'ask the guest for statistics now' }),
       async (argv) => {
-        const r = await call(argv, 'stats', argv.vm === undefined ? {} : { vm: argv.vm });
+        const params: Record<string, unknown> = argv.vm === undefined ? {} : { vm: argv.vm };
+        if (argv.fresh) params['fresh'] = true;
+        const r = await call(argv, 'stats', params);
         const list = Array.isArray(r) ? (r as VmStats[]) : [r as VmStats];
         process.stdout.write(argv.json ? `${JSON.stringify(r)}\n` : `${statsTable(list)}\n`);
       },
@@ -432,6 +441,24 @@ export function cli(args: string[]): Argv {
       async (argv) => {
         const r = (await call(argv, 'qemu-args', { vm: argv.vm })) as { args: string[]; libvirtXml: string };
         process.stdout.write(argv.libvirt ? `${r.libvirtXml}\n` : `${r.args.map(shellWord).join(' ')}\n`);
+      },
+    )
+    .command(
+      'stats-interval <vm> <interval>',
+      'change how often the guest is asked for statistics (until a restart; the file sets it at start)',
+      (y) =>
+        y
+          .positional('vm', { type: 'string', demandOption: true })
+          .positional('interval', { type: 'string', demandOption: true, describe: 'e.g. 500ms, 5s, 1m' }),
+      async (argv) => {
+        let ms: number;
+        try {
+          ms = parseDuration(argv.interval);
+        } catch (err) {
+          die(EXIT.USAGE, `INTERVAL: ${errorMessage(err)}`);
+        }
+        await call(argv, 'set-stats-interval', { vm: argv.vm, ms });
+        process.stdout.write(`${argv.vm}: stats every ${formatDuration(ms)}\n`);
       },
     )
     .command(

@@ -14,12 +14,14 @@ import YAML from 'yaml';
 import { z } from 'zod';
 import { BalloonDevice, BalloonOptions } from '../device/balloon';
 import { CONFIG_SIZES } from '../device/constants';
+import { MIN_STATS_INTERVAL_MS } from '../device/stats-queue';
 import { ConfigError } from '../errors';
 import { DEFAULT_POLICY, Mode, PolicyConfig } from '../policy/engine';
 import { formatBytes, formatDuration, parseDuration, parseSize } from '../units';
 
-/** The shortest stats period the device accepts (BalloonOptions.statsIntervalMs). */
-export const MIN_STATS_INTERVAL_MS = 100;
+/** The shortest stats period the device accepts (checked here once, with the device's constant). */
+export { MIN_STATS_INTERVAL_MS };
+
 /** Largest vq_size QEMU accepts for a virtqueue (VIRTQUEUE_MAX_SIZE). */
 export const MAX_QUEUE_SIZE = 1024;
 /** Default weight of a VM in host-pressure arbitration (Proxmox's default too). */

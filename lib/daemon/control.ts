@@ -33,6 +33,7 @@ export type ControlErrorCode =
   | 'EBADPARAMS'
   | 'ENOVM'
   | 'ETARGET'
+  | 'ESTATS'
   | 'EUNAUTHORIZED'
   | 'EINTERNAL';
 
@@ -49,6 +50,7 @@ const WIRE_CODES: Partial<Record<ErrorCodeValue, ControlErrorCode>> = {
   [ErrorCode.CONTROL_NO_VM]: 'ENOVM',
   [ErrorCode.CONTROL_UNAUTHORIZED]: 'EUNAUTHORIZED',
   [ErrorCode.BALLOON_TARGET]: 'ETARGET',
+  [ErrorCode.BALLOON_STATS]: 'ESTATS',
   [ErrorCode.CONFIG]: 'EBADPARAMS',
 };
 

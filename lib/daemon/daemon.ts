@@ -15,7 +15,15 @@ import { Mode, PolicyAction, VmState } from '../policy/engine';
 import { HostMemoryReaders } from '../policy/host';
 import { PolicyLoop } from '../policy/loop';
 import { VhostUserBackend } from '../vhost/server';
-import { DaemonConfig, deviceOptions, libvirtXml, qemuArgs, SocketAccess, VmConfig } from './config';
+import {
+  DaemonConfig,
+  deviceOptions,
+  libvirtXml,
+  MIN_STATS_INTERVAL_MS,
+  qemuArgs,
+  SocketAccess,
+  VmConfig,
+} from './config';
 import { DaemonEvents, EVENT_TYPES } from './events';
 import { StateStore } from './state';
 import { SystemdNotifier } from './systemd';
@@ -51,6 +59,7 @@ export interface ReloadReport {
 /** VM settings a reload applies in place, whether or not QEMU is connected. */
 const LIVE_VM_KEYS = [
   'policy',
+  'statsIntervalMs',
   'targetBytes',
   'inhibitDiscard',
   'floorBytes',
@@ -430,6 +439,9 @@ export class Daemon {
       case 'inhibitDiscard':
         vm.device.setDiscardInhibited(next.inhibitDiscard);
         break;
+      case 'statsIntervalMs':
+        vm.device.setStatsIntervalMs(next.statsIntervalMs);
+        break;
       case 'floorBytes':
       case 'shares':
         this.policy.setLimits(name, Math.ceil(next.floorBytes / BALLOON_PAGE_BYTES), next.shares);
@@ -609,6 +621,25 @@ export class Daemon {
     return this.status(name);
   }
 
+  /** Changes how often a VM's guest is asked for statistics (kept until a restart or reload). */
+  setStatsInterval(name: string, ms: unknown): VmStatus {
+    const vm = this.vm(name);
+    if (typeof ms !== 'number' || !Number.isInteger(ms) || ms < MIN_STATS_INTERVAL_MS || ms > 3_600_000)
+      throw new VballoonError(
+        ErrorCode.CONTROL_BAD_PARAMS,
+        `"ms" must be an integer in ${MIN_STATS_INTERVAL_MS}..3600000 (100 ms..1 h)`,
+      );
+    vm.device.setStatsIntervalMs(ms);
+    vm.config = { ...vm.config, statsIntervalMs: ms };
+    return this.status(name);
+  }
+
+  /** Asks the guest(s) for statistics now and answers with them (`stats --fresh`). */
+  async freshStats(name: string): Promise<VmStats> {
+    await this.vm(name).device.requestStats();
+    return this.stats(name);
+  }
+
   setDiscard(name: string, inhibit: unknown): VmStatus {
     const vm = this.vm(name);
     if (typeof inhibit !== 'boolean')
@@ -633,7 +664,14 @@ export class Daemon {
       ping: () => ({ pong: true, pid: process.pid }),
       list: () => this.list(),
       status: (p) => all(p, (n) => this.status(n)),
-      stats: (p) => all(p, (n) => this.stats(n)),
+      stats: (p) => {
+        if (p['fresh'] !== undefined && typeof p['fresh'] !== 'boolean')
+          throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"fresh" must be true or false');
+        if (p['fresh'] !== true) return all(p, (n) => this.stats(n));
+        const one = all(p, (n) => this.freshStats(n));
+        return Array.isArray(one) ? Promise.all(one) : one;
+      },
+      'set-stats-interval': (p) => this.setStatsInterval(this.vm(p['vm']).config.name, p['ms']),
       'set-target': (p) => this.setTarget(this.vm(p['vm']).config.name, p),
       'set-mode': (p) => this.setMode(this.vm(p['vm']).config.name, p['mode']),
       'set-discard': (p) => this.setDiscard(this.vm(p['vm']).config.name, p['inhibit']),

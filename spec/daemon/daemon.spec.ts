@@ -366,7 +366,7 @@ describe('daemon and CLI (real processes)', function () {
         log: { format: 'json', level: 'info' },
         state: { file: d.stateFile },
         policy: { tick: '2s', guestFloor: '128M' },
-        vms: [VM(d, { messageQueue: false, floor: '8M', socketMode: '0660', target: '4M' })],
+        vms: [VM(d, { messageQueue: false, floor: '8M', socketMode: '0660', target: '4M', statsInterval: '300ms' })],
       }),
     );
     d.signal('SIGHUP');
@@ -379,9 +379,10 @@ describe('daemon and CLI (real processes)', function () {
       'vms[vm0].floor',
       'vms[vm0].socketOwner/socketGroup/socketMode',
       'vms[vm0].target',
+      'vms[vm0].statsInterval',
     ]);
     expect(refused).to.have.members(['control.socket', 'vms[vm0].messageQueue']);
-    expect(done).to.include({ applied: 5, refused: 2 });
+    expect(done).to.include({ applied: 6, refused: 2 });
     const policy = d.logs.find((l) => l.msg === 'reload: applied' && l['setting'] === 'policy')!;
     expect(String(policy['changed']).split(',')).to.have.members(['tickMs', 'guestFloorBytes']);
     expect(fs.statSync(d.vmSocket('vm0')).mode & 0o777).to.equal(0o660);
@@ -432,6 +433,35 @@ describe('daemon and CLI (real processes)', function () {
     for (const e of events) expect(Object.keys(e).slice(0, 3)).to.deep.equal(['event', 'time', 'vm']);
     const bad = d.cli(['watch', '--events', 'nope']);
     expect(bad.code).to.equal(4);
+  });
+
+  it('stats --fresh asks the guest now; stats-interval changes the period at run time', async () => {
+    await d.start({ vms: [VM(d, { statsInterval: '1h' }), { name: 'vm1', socket: d.vmSocket('vm1') }] });
+    guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB });
+    await until(() => JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).updatedAt !== null, 'first stats');
+    const first = JSON.parse(d.cli(['stats', 'vm0', '--json']).stdout).updatedAt as string;
+    // With a 1 h period nothing else asks: a newer update is the on-demand one.
+    // Asynchronously: the guest model answers from this process's event loop.
+    const fresh = await d.cliAsync(['stats', 'vm0', '--fresh', '--json']);
+    expect(fresh.code, fresh.stderr).to.equal(0);
+    expect(Date.parse(JSON.parse(fresh.stdout).updatedAt as string)).to.be.greaterThan(Date.parse(first));
+    const none = d.cli(['stats', 'vm1', '--fresh']);
+    expect(none.code).to.equal(9);
+    expect(none.stderr).to.match(/no running stats queue/);
+
+    const updates = async (): Promise<number> =>
+      Number(
+        parsePrometheus(await metrics(d.metricsPort))
+          .find((f) => f.name === 'vballoon_guest_stats_updates_total')!
+          .metrics.find((m) => m.labels?.vm === 'vm0')!.value,
+      );
+    const before = await updates();
+    const set = d.cli(['stats-interval', 'vm0', '200ms']);
+    expect(set.code, set.stderr).to.equal(0);
+    expect(set.stdout).to.equal('vm0: stats every 200 ms\n');
+    // Polled through /metrics until three more updates came (bounded by the test's timeout).
+    while ((await updates()) < before + 3) await new Promise((r) => setTimeout(r, 50));
+    expect(d.cli(['stats-interval', 'vm0', '10ms']).code).to.equal(2);
   });
 
   it('SIGTERM during an inflate leaves no fd, mapping or socket file behind, and exits 0', async () => {
