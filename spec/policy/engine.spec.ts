@@ -286,6 +286,23 @@ describe('policy engine: scenarios over simulated time', () => {
       expect(targets(tiny.at(1000, { kind: 'tick' }))).to.have.length(0);
     });
 
+    it('splits the host deficit by reclaimable / shares: more shares, less taken; shares 0 exempt', () => {
+      const sim = new Sim({ hostStepBytes: 8 * GiB });
+      for (const name of ['a', 'b', 'c']) sim.add(name, { operatorBytes: 3 * GiB });
+      sim.at(0, { kind: 'limits', vm: 'a', floorPages: 0, shares: 1000 });
+      sim.at(0, { kind: 'limits', vm: 'b', floorPages: 0, shares: 3000 });
+      sim.at(0, { kind: 'limits', vm: 'c', floorPages: 0, shares: 0 });
+      for (const name of ['a', 'b', 'c']) sim.stats(0, name, { availableBytes: 3 * GiB });
+      // Deficit: 15% of 16 GiB - 0.4 GiB = 2 GiB.
+      sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 0.4 * GiB });
+      const r = targets(sim.at(1000, { kind: 'tick' }));
+      expect(r.map((x) => x.vm)).to.deep.equal(['a', 'b']);
+      const [a, b] = r.map((x) => x.pages - x.previous);
+      // Same reclaimable memory, shares 1000 vs 3000: a gives three times what b gives.
+      expect(a! / b!).to.be.closeTo(3, 0.01);
+      expect((a! + b!) * 4096).to.be.closeTo(2 * GiB, 8 * MiB);
+    });
+
     it('PSI counts as host pressure', () => {
       const sim = hostSim();
       sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 2 * GiB, psiSomeAvg10: 35 });
@@ -295,6 +312,42 @@ describe('policy engine: scenarios over simulated time', () => {
       sim.at(300, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 4 * GiB, psiSomeAvg10: 1 });
       expect(sim.state.host.underPressure).to.equal(false);
     });
+  });
+
+  it('a per-VM floor bounds every target: operator, host pressure, and a floor raised later', () => {
+    const sim = new Sim();
+    sim.add('vm0', { ramBytes: 4 * GiB, operatorBytes: 3 * GiB, targetBytes: 3 * GiB });
+    sim.at(0, { kind: 'limits', vm: 'vm0', floorPages: P(2 * GiB), shares: 1000 });
+    // The balloon may hold at most RAM - floor = 2 GiB: lowered at once.
+    expect(sim.vm().targetPages).to.equal(P(2 * GiB));
+    expect(targets(sim.actions).at(-1)!.reason).to.equal('floor');
+    sim.stats(10, 'vm0', { availableBytes: 3.5 * GiB });
+    sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 0.5 * GiB });
+    for (let ms = 1000; ms < 10_000; ms += 1000) {
+      sim.stats(ms - 1, 'vm0', { availableBytes: 3.5 * GiB });
+      sim.at(ms, { kind: 'tick' });
+    }
+    expect(sim.vm().targetPages).to.equal(P(2 * GiB));
+    const manual = new Sim();
+    manual.add('m', { ramBytes: 1 * GiB, mode: 'manual', operatorBytes: 0 });
+    manual.at(0, { kind: 'limits', vm: 'm', floorPages: P(768 * MiB), shares: 1000 });
+    manual.at(1, { kind: 'operator-target', vm: 'm', pages: P(512 * MiB) });
+    expect(manual.state.vms['m']!.targetPages).to.equal(P(256 * MiB));
+  });
+
+  it('manual mode stays quiet: pressure is a suggestion only, and no cooldown or streak escalates', () => {
+    const sim = new Sim();
+    sim.add('vm0', { mode: 'manual', operatorBytes: 2 * GiB, targetBytes: 2 * GiB });
+    for (let i = 0; i < 5; i++) {
+      const r = sim.at(100 * i, { kind: 'pressure', vm: 'vm0' });
+      expect(r.map((a) => a.kind)).to.deep.equal(['report']);
+    }
+    expect(sim.vm()).to.include({ streak: 0, cooldownUntilMs: 0, targetPages: P(2 * GiB) });
+    // Switched to auto afterwards, the first pressure is treated as the first (base cooldown).
+    sim.at(1000, { kind: 'mode', vm: 'vm0', mode: 'auto' });
+    sim.at(1100, { kind: 'pressure', vm: 'vm0' });
+    expect(sim.vm().streak).to.equal(1);
+    expect(sim.vm().cooldownUntilMs).to.equal(1100 + DEFAULT_POLICY.cooldownBaseMs);
   });
 
   it('is pure: the input state is never modified', () => {
