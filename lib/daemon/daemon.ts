@@ -92,6 +92,9 @@ const VM_FILE_KEYS: Record<keyof VmConfig, string> = {
   shares: 'shares',
 };
 
+/** The largest balloon: num_pages is a 32-bit count of 4 KiB pages. */
+const MAX_BALLOON_BYTES = 0xffffffff * BALLOON_PAGE_BYTES;
+
 const same = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b);
 
 /** Gives a listening socket file its configured owner, group and mode. */
@@ -585,6 +588,14 @@ export class Daemon {
         );
       bytes = p.bytes;
     }
+    // virtio-balloon's num_pages is 32 bits of 4 KiB pages: the device refuses more (in pages);
+    // said here in bytes for the operator.
+    if (bytes > MAX_BALLOON_BYTES)
+      throw new VballoonError(
+        ErrorCode.BALLOON_TARGET,
+        `a balloon of ${formatBytes(bytes)} is larger than virtio-balloon can describe ` +
+          `(${formatBytes(MAX_BALLOON_BYTES)})`,
+      );
     if (ram !== undefined && bytes > ram)
       throw new VballoonError(
         ErrorCode.BALLOON_TARGET,

@@ -44,7 +44,7 @@ async function query(port: number, expr: string): Promise<{ status: string; data
       if (d.exitCode === undefined) await d.stop();
     });
 
-    it('every panel query parses and returns data, counters through increase()/rate() over $__rate_interval', async () => {
+    it('every panel query parses and returns data; counters only through increase() or rate()', async () => {
       d = new DaemonProcess();
       await d.start({
         vms: [{ name: 'vm0', socket: d.vmSocket('vm0'), memory: '64M', statsInterval: '200ms', target: '8M' }],

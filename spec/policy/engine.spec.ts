@@ -73,7 +73,7 @@ describe('policy engine: scenarios over simulated time', () => {
     expect(sim.vm().targetPages).to.equal(P(2 * GiB));
   });
 
-  it('auto mode: the operator value is a ceiling; lowering it applies at once, raising it is approached in safe steps', () => {
+  it('auto mode: the operator value is a ceiling; lowering it applies at once, raising it is approached slowly', () => {
     const sim = new Sim();
     sim.add('vm0', { operatorBytes: 1 * GiB, targetBytes: 1 * GiB });
     sim.at(1000, { kind: 'operator-target', vm: 'vm0', pages: P(512 * MiB) });
@@ -129,7 +129,7 @@ describe('policy engine: scenarios over simulated time', () => {
     const cooldowns: number[] = [];
     for (let i = 0; i < 6; i++) {
       const base = sim.vm().targetPages;
-      const a = targets(sim.at(1000 + i * 100, { kind: 'pressure', vm: 'vm0' }))[0];
+      const a = targets(sim.at(1000 + i * 100, { kind: 'pressure', vm: 'vm0' })).at(0);
       if (a === undefined) break;
       // Step = max(64 MiB, 25 % of the balloon), doubled per repeat, at most 3 doublings.
       expect(a.inputs['stepPages']).to.equal(Math.max(P(64 * MiB), Math.ceil(base * 0.25)) * 2 ** Math.min(i, 3));
@@ -208,9 +208,9 @@ describe('policy engine: scenarios over simulated time', () => {
         sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB });
         sim.stats(1000, 'vm0', c.before);
         expect(targets(sim.actions).filter((a) => a.reason !== 'operator')).to.have.length(0);
-        const [a] = targets(sim.stats(1000 + (c.gapMs ?? 5000), 'vm0', c.after));
+        const a = targets(sim.stats(1000 + (c.gapMs ?? 5000), 'vm0', c.after)).at(0);
         expect(a?.reason).to.equal(c.reason);
-        expect(a.pages).to.be.lessThan(P(2 * GiB));
+        expect(a?.pages).to.be.lessThan(P(2 * GiB));
       });
     }
 
@@ -226,7 +226,7 @@ describe('policy engine: scenarios over simulated time', () => {
     it('a deflate the host did not ask for (DEFLATE_ON_OOM)', () => {
       const sim = new Sim();
       sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB });
-      const [a] = targets(sim.at(100, { kind: 'deflate', vm: 'vm0', pages: 256, unrequested: true }));
+      const a = targets(sim.at(100, { kind: 'deflate', vm: 'vm0', pages: 256, unrequested: true })).at(0);
       expect(a?.reason).to.equal('guest_deflate_on_oom');
       expect(targets(sim.at(200, { kind: 'deflate', vm: 'vm0', pages: 256, unrequested: false }))).to.have.length(0);
     });
@@ -297,10 +297,10 @@ describe('policy engine: scenarios over simulated time', () => {
       sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 0.4 * GiB });
       const r = targets(sim.at(1000, { kind: 'tick' }));
       expect(r.map((x) => x.vm)).to.deep.equal(['a', 'b']);
-      const [a, b] = r.map((x) => x.pages - x.previous);
+      const [a, b] = r.map((x) => x.pages - x.previous) as [number, number];
       // Same reclaimable memory, shares 1000 vs 3000: a gives three times what b gives.
-      expect(a! / b!).to.be.closeTo(3, 0.01);
-      expect((a! + b!) * 4096).to.be.closeTo(2 * GiB, 8 * MiB);
+      expect(a / b).to.be.closeTo(3, 0.01);
+      expect((a + b) * 4096).to.be.closeTo(2 * GiB, 8 * MiB);
     });
 
     it('PSI counts as host pressure', () => {
@@ -332,7 +332,7 @@ describe('policy engine: scenarios over simulated time', () => {
     manual.add('m', { ramBytes: 1 * GiB, mode: 'manual', operatorBytes: 0 });
     manual.at(0, { kind: 'limits', vm: 'm', floorPages: P(768 * MiB), shares: 1000 });
     manual.at(1, { kind: 'operator-target', vm: 'm', pages: P(512 * MiB) });
-    expect(manual.state.vms['m']!.targetPages).to.equal(P(256 * MiB));
+    expect(manual.state.vms['m'].targetPages).to.equal(P(256 * MiB));
   });
 
   it('manual mode stays quiet: pressure is a suggestion only, and no cooldown or streak escalates', () => {
@@ -407,7 +407,7 @@ describe('policy engine: invariants (property tests)', () => {
       ),
     });
 
-  it('never above the operator ceiling, never below zero, never an inflate during cooldown, never below the guest floor', () => {
+  it('never above the ceiling, never below zero, never an inflate in cooldown, never below the guest floor', () => {
     const vms = ['a', 'b'];
     fc.assert(
       fc.property(fc.array(event(vms), { maxLength: 120 }), (events) => {
@@ -478,7 +478,6 @@ describe('policy engine: invariants (property tests)', () => {
               if (dir !== 0) lastDirection = dir;
             }
           }
-          for (const a of targets(sim.actions)) a;
           expect(directionChanges).to.be.at.most(2);
         },
       ),
