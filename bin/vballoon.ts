@@ -220,17 +220,6 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
     notifier,
     reconfigureLog: (l) => log.replace(new StreamLogger(process.stderr, l.format, l.level)),
   });
-  try {
-    await daemon.start();
-  } catch (err) {
-    notifier.notify({ STATUS: `failed to start: ${errorMessage(err)}`, ERRNO: 1 });
-    try {
-      await daemon.stop();
-    } catch (stopErr) {
-      log.error('cleanup after a failed start failed', { error: errorMessage(stopErr) });
-    }
-    die(EXIT.CONFIG, errorMessage(err));
-  }
   let stopping = false;
   const shutdown = (signal: string): void => {
     if (stopping) return;
@@ -247,7 +236,14 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
   process.on('SIGTERM', () => shutdown('SIGTERM'));
   process.on('SIGINT', () => shutdown('SIGINT'));
   // A reload is synchronous: a second SIGHUP is handled after the first one finished.
-  process.on('SIGHUP', () => {
+  // Handlers are installed before start-up (a signal then must not kill the process); a SIGHUP
+  // that arrives while starting is applied once started.
+  const state = { started: false, reloadPending: false };
+  const reload = (): void => {
+    if (!state.started) {
+      state.reloadPending = true;
+      return;
+    }
     if (file === undefined) {
       log.warn('SIGHUP: no configuration file to reload (started without --config)');
       return;
@@ -267,7 +263,21 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
     } catch (err) {
       log.error('reload failed', { error: errorMessage(err) });
     }
-  });
+  };
+  process.on('SIGHUP', reload);
+  try {
+    await daemon.start();
+  } catch (err) {
+    notifier.notify({ STATUS: `failed to start: ${errorMessage(err)}`, ERRNO: 1 });
+    try {
+      await daemon.stop();
+    } catch (stopErr) {
+      log.error('cleanup after a failed start failed', { error: errorMessage(stopErr) });
+    }
+    die(EXIT.CONFIG, errorMessage(err));
+  }
+  state.started = true;
+  if (state.reloadPending) reload();
 }
 
 /** Shell-quotes an argument when it needs it. */

@@ -88,14 +88,14 @@ export function defaultControlSocket(): string {
   return process.env['VBALLOON_CONTROL'] ?? path.join(defaultRunDir(), 'control.sock');
 }
 
-/** Default state file: $STATE_DIRECTORY (systemd) or /var/lib/vballoon for root, else XDG. */
-export function defaultStateFile(): string {
-  const dir =
-    process.env['STATE_DIRECTORY']?.split(':')[0] ??
-    (process.getuid?.() === 0
-      ? '/var/lib/vballoon'
-      : path.join(process.env['XDG_STATE_HOME'] ?? path.join(os.homedir(), '.local', 'state'), 'vballoon'));
-  return path.join(dir, 'state.json');
+/**
+ * Default state file: in $STATE_DIRECTORY when systemd gives one (StateDirectory= in the shipped
+ * unit), else none: a daemon started by hand (tests, benchmarks, demos) keeps no state unless
+ * `state.file` says where.
+ */
+export function defaultStateFile(): string | undefined {
+  const dir = process.env['STATE_DIRECTORY']?.split(':')[0];
+  return dir === undefined || dir === '' ? undefined : path.join(dir, 'state.json');
 }
 
 // ---- value types with units ----------------------------------------------------------------------
@@ -411,12 +411,12 @@ const configSchema = z.strictObject({
     .union(
       [
         z.literal(false),
-        z.strictObject({ file: str('State file (default $STATE_DIRECTORY/state.json or /var/lib/vballoon).') }),
+        z.strictObject({ file: str('State file (default $STATE_DIRECTORY/state.json under systemd, else none).') }),
       ],
       { error: 'expected false or a mapping with file' },
     )
     .optional()
-    .meta({ description: 'Keep runtime targets and modes across restarts (default on), or false.' }),
+    .meta({ description: 'Keep runtime targets and modes across restarts (on under systemd), or false.' }),
   vms: z.array(vmSchema, { error: 'expected a list' }).optional(),
 });
 

@@ -317,6 +317,16 @@ export class Daemon {
    */
   reload(next: DaemonConfig): ReloadReport {
     this.notifier?.reloading();
+    try {
+      return this.applyReload(next);
+    } catch (err) {
+      // Never leave the service manager waiting in "reloading".
+      this.notifier?.reloaded(`${this.statusLine()}; reload failed: ${errorMessage(err)}`);
+      throw err;
+    }
+  }
+
+  private applyReload(next: DaemonConfig): ReloadReport {
     const report: ReloadReport = { applied: [], refused: [] };
     const applied = (setting: string, fields: Record<string, unknown> = {}): void => {
       report.applied.push(setting);
@@ -369,9 +379,13 @@ export class Daemon {
     for (const vm of next.vms) {
       const current = this.vms.get(vm.name);
       if (current === undefined) {
-        this.addVm(vm);
-        applied(`vms[${vm.name}]`, { added: true });
-        effective.vms.push(vm);
+        try {
+          this.addVm(vm);
+          applied(`vms[${vm.name}]`, { added: true });
+          effective.vms.push(vm);
+        } catch (err) {
+          refused(`vms[${vm.name}]`, `cannot add it: ${errorMessage(err)}`);
+        }
         continue;
       }
       effective.vms.push(this.reloadVm(current, vm, applied, refused));
@@ -403,9 +417,18 @@ export class Daemon {
     const restartKeys = changed.filter((k) => !(LIVE_VM_KEYS as readonly string[]).includes(k));
     const at = (k: keyof VmConfig): string => `vms[${name}].${VM_FILE_KEYS[k]}`;
     if (restartKeys.length > 0 && !current.device.connected) {
-      // Not connected: restart its back-end with the new settings (nothing to drop).
+      // Not connected: restart its back-end with the new settings (nothing to drop). If the new
+      // settings cannot be served (socket in use...), the old ones are put back.
+      const previous = current.config;
+      const previousFile = current.fileConfig;
       this.removeVm(name);
-      this.addVm(vm);
+      try {
+        this.addVm(vm);
+      } catch (err) {
+        for (const k of changed) refused(at(k), `cannot restart its back-end with it: ${errorMessage(err)}`);
+        this.addVm(previous, previousFile);
+        return previous;
+      }
       for (const k of changed) applied(at(k), { restartedBackend: true });
       return vm;
     }

@@ -369,6 +369,26 @@ describe('daemon and CLI (real processes)', function () {
     d.signal('SIGHUP');
     await d.waitLog((l) => l.msg.startsWith('reload refused'));
     expect(listOf(d)).to.have.length(2);
+    // A VM that cannot be served (its socket path is a regular file) is refused, the rest applies.
+    const file = path.join(d.dir, 'not-a-socket');
+    fs.writeFileSync(file, '');
+    d.logs.length = 0;
+    fs.writeFileSync(
+      path.join(d.dir, 'config.json'),
+      JSON.stringify({
+        control: { socket: d.control },
+        metrics: { host: '127.0.0.1', port: 0 },
+        log: { format: 'json', level: 'debug' },
+        state: { file: d.stateFile },
+        vms: [VM(d), { name: 'vm2', socket: file }],
+      }),
+    );
+    d.signal('SIGHUP');
+    await d.waitLog((l) => l.msg === 'configuration reloaded');
+    const refusedVm = d.logs.find((l) => l.msg === 'reload: refused')!;
+    expect(refusedVm['setting']).to.equal('vms[vm2]');
+    expect(String(refusedVm['reason'])).to.match(/cannot add it/);
+    expect(listOf(d).map((v) => `${v.vm}:${v.mode}`)).to.deep.equal(['vm0:manual']);
   });
 
   it('SIGHUP applies or refuses every changed setting, one log line each; nothing is ignored', async () => {
