@@ -141,6 +141,12 @@ export class DaemonMetrics {
       'Whether giving ballooned memory back to the host is inhibited (1) or not (0).',
       (s) => (s.discardInhibited ? 1 : 0),
     );
+    // Deprecated: an age changes between scrapes; kept while spec/e2e/qemu.spec.ts reads it.
+    gauge(
+      'vballoon_guest_stats_age_seconds',
+      'Deprecated: use time() - vballoon_guest_stats_last_update_timestamp_seconds.',
+      (s) => (s.stats.ageMs === undefined ? undefined : s.stats.ageMs / 1000),
+    );
     gauge(
       'vballoon_guest_stats_last_update_timestamp_seconds',
       'Unix time of the last memory statistics the guest sent (freshness: time() - this).',
