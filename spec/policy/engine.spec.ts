@@ -399,6 +399,12 @@ describe('policy engine: invariants (property tests)', () => {
           unrequested: fc.boolean(),
         }),
         fc.record({
+          kind: fc.constant('limits' as const),
+          vm: fc.constantFrom(...vms),
+          floorPages: fc.integer({ min: 0, max: P(4 * GiB) }),
+          shares: fc.integer({ min: 0, max: 5000 }),
+        }),
+        fc.record({
           kind: fc.constant('host' as const),
           memTotalBytes: fc.constant(16 * GiB),
           memAvailableBytes: fc.integer({ min: 0, max: 16 * GiB }),
@@ -425,6 +431,11 @@ describe('policy engine: invariants (property tests)', () => {
             expect(a.pages).to.be.at.least(0);
             expect(Number.isInteger(a.pages)).to.equal(true);
             expect(a.pages).to.be.at.most(vmAfter.operatorPages);
+            if (a.reason === 'host_pressure') expect(vmBefore.shares, 'host took from shares 0').to.be.greaterThan(0);
+            // The per-VM floor: the guest keeps at least floorPages of its RAM, in both modes.
+            expect(a.pages, 'balloon past the VM floor').to.be.at.most(
+              Math.max(0, vmAfter.guestRamPages - vmAfter.floorPages),
+            );
             if (vmAfter.mode === 'auto' && a.pages > a.previous) {
               expect(now, 'inflate during cooldown').to.be.at.least(vmBefore.cooldownUntilMs);
               // The increase fits in what the guest had above its floor (fresh stats required).
