@@ -2,8 +2,10 @@
   "targets": [
     {
       "target_name": "vballoon",
-      "sources": ["lib/native/vballoon.c"],
-      "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2"],
+      "sources": ["lib/native/vballoon.c", "lib/native/unaccounted.cc"],
+      "cflags": ["-Wall", "-Wextra", "-Werror", "-O2"],
+      "cflags_c": ["-std=gnu11"],
+      "cflags_cc": ["-std=gnu++17"],
       "defines": ["NAPI_VERSION=8", "_GNU_SOURCE"]
     }
   ]

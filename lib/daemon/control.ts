@@ -327,7 +327,7 @@ export function prepareSocketPath(socketPath: string): void {
     fs.unlinkSync(socketPath); // stale: nobody listens
     return;
   }
-  native.close(fd);
+  if (fd >= 0) native.close(fd); // -1: a full backlog, so someone listens there too
   throw new VballoonError(
     ErrorCode.SOCKET,
     `${socketPath} is in use by another process (is a daemon already running?)`,

@@ -40,33 +40,71 @@ export interface FileStatus {
 /** Opaque handle of an fd watcher. */
 export type PollHandle = { readonly __pollHandle: unique symbol };
 
+/** memfd seals (fcntl F_ADD_SEALS / F_GET_SEALS). */
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+export const F_SEAL_WRITE = 0x8;
+
 /** Largest single mmap() (Node's Buffer limit); bigger regions are mapped as windows. */
 export const MAX_MAPPING_BYTES = 2 ** 32;
 
 export const POLL_READABLE = 1;
 export const POLL_WRITABLE = 2;
+/**
+ * pollStart flag: the fd is an eventfd (a kick). The watcher reads the counter itself before
+ * each callback (passed as `count`), so a level-triggered watch can never spin; any error,
+ * hangup or failing read stops the watch and is reported once as status < 0.
+ */
+export const POLL_EVENTFD = 0x100;
+/** libuv's UV_EOF: the status of an eventfd watch whose fd hung up (a pipe, a closed socket). */
+export const POLL_STATUS_HANGUP = -4095;
+
+/** What a descriptor is (fdKind); vhost-user wants an eventfd for kick, call and err. */
+export type FdKind = 'eventfd' | 'pipe' | 'socket' | 'file' | 'directory' | 'char' | 'block' | 'anon' | 'other';
 
 export interface NativeAddon {
   listen(path: string, backlog: number): number;
   /** -1 when no connection is pending. */
   accept(fd: number): number;
+  /** A connected non-blocking socket, or -1 when the listener's backlog is full (retry later).
+   * Never blocks (a blocking unix connect sleeps until the listener accepts). */
   connect(path: string): number;
   socketpair(): [number, number];
+  /** A blocking pipe [readFd, writeFd] (tests use it as a hostile front-end's descriptor). */
+  pipe(): [number, number];
+  /** Sets or clears O_NONBLOCK on the open file description (shared with every holder). */
+  setNonBlocking(fd: number, on: boolean): void;
   /** null when nothing can be read now. */
   recvmsg(fd: number, maxBytes: number): ReceivedMessage | null;
   /** Bytes sent, or -1 when the socket buffer is full. */
   sendmsg(fd: number, data: Uint8Array, fds?: readonly number[]): number;
-  /** Watches `fd`; `callback(status, events)` runs on the event loop; status < 0 is a libuv error. */
-  pollStart(fd: number, events: number, callback: (status: number, events: number) => void): PollHandle;
+  /**
+   * Watches `fd`; `callback(status, events)` runs on the event loop; status < 0 is a libuv error.
+   * With POLL_EVENTFD, `count` is the counter the watcher read; status < 0 (POLL_STATUS_HANGUP for
+   * end of file, else -errno) means the watch has stopped for good: stop using the fd.
+   */
+  pollStart(fd: number, events: number, callback: (status: number, events: number, count?: number) => void): PollHandle;
   pollUpdate(handle: PollHandle, events: number): void;
   /** Idempotent. Always stop watching before closing the fd. */
   pollStop(handle: PollHandle): void;
+  /** Watches libuv is actively polling (stopped and failed ones are not), for tests. */
+  pollCount(): number;
   eventfd(initial: number, nonBlocking: boolean): number;
-  /** The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode;
-   * pass mayBlock=false for a descriptor known to be non-blocking to save a poll() call. */
+  /**
+   * The counter (reset to 0), or null when it was 0. Never blocks, whatever the fd's mode now
+   * or later (the front-end shares it and may flip O_NONBLOCK): RWF_NOWAIT. Throws EPIPE at end
+   * of file and EINVAL on a short read (not an eventfd). `mayBlock` is accepted and ignored.
+   */
   eventfdRead(fd: number, mayBlock?: boolean): number | null;
-  /** false when the counter is full. */
+  /**
+   * false when it would block (the counter is full, or a pipe in its place is full). Never
+   * blocks: poll first, then the write under a 1 ms signal guard (the kernel has no per-call
+   * non-blocking write for eventfds), so a front-end racing us costs at most 1 ms.
+   */
   eventfdWrite(fd: number, value?: number): boolean;
+  /** What the descriptor is, to refuse anything but an eventfd where vhost-user wants one. */
+  fdKind(fd: number): FdKind;
   /** A MAP_SHARED mapping as an ArrayBuffer; offset must be page-aligned, length <= 4 GiB
    * (MAX_MAPPING_BYTES: Node-API external buffers cannot be larger). */
   mmap(fd: number, length: number, offset: number, writable?: boolean): ArrayBuffer;
@@ -74,6 +112,17 @@ export interface NativeAddon {
   munmap(buffer: ArrayBuffer): void;
   /** Mappings made by mmap() and not yet unmapped (for leak checks). */
   mappingCount(): number;
+  /**
+   * True if the file behind the mapping shrank under it: the SIGBUS that touching it raised was
+   * survived by replacing the rest of the mapping with private zero pages. The front-end did it.
+   */
+  mappingFaulted(buffer: ArrayBuffer): boolean;
+  /** SIGBUS faults in mappings survived since the process started. */
+  mappingFaults(): number;
+  /** A memfd's F_SEAL_* bits, or null for a file without seals (not a memfd). */
+  fileSeals(fd: number): number | null;
+  /** F_ADD_SEALS, as QEMU seals its guest memfds. */
+  addSeals(fd: number, seals: number): void;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE). */
   punchHole(fd: number, offset: number, length: number): void;
   memfdCreate(name: string, hugetlb?: boolean): number;

@@ -15,6 +15,8 @@
 #include <linux/falloc.h>
 #include <node_api.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,7 +26,9 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/uio.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -36,6 +40,11 @@
 /* Largest mapping: Node-API external ArrayBuffers are Node Buffers underneath, limited to 4 GiB
  * (buffer.constants.MAX_LENGTH); callers map bigger regions as several windows. */
 #define VB_MAX_MAPPING ((int64_t)1 << 32)
+/* Longest a read or write on a descriptor from a front-end may block the event loop when the
+ * kernel cannot be told "never wait" for that call (eventfd writes): see vb_nowait_io. */
+#define VB_IO_GUARD_NS 1000000L
+/* pollStart flag (outside libuv's event bits): the fd is an eventfd the watcher reads itself. */
+#define VB_POLL_EVENTFD 0x100
 
 #define NAPI_CALL(env, call)                                                                     \
   do {                                                                                           \
@@ -191,13 +200,17 @@ static napi_value vb_accept(napi_env env, napi_callback_info info) {
   }
 }
 
-/* connect(path) -> fd (a blocking connect; on a unix socket it does not wait for the peer). */
+/* connect(path) -> fd, or -1 when the listener's backlog is full (try again later).
+ * Never blocks: a blocking unix connect to a listener whose backlog is full sleeps until the
+ * listener accepts, which would stall the whole event loop. A non-blocking unix connect does
+ * not go "in progress" (no EINPROGRESS, nothing to poll for): it either connects at once or
+ * fails with EAGAIN, so the caller retries the whole connect. The fd is non-blocking. */
 static napi_value vb_connect(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (!vb_get_args(env, info, 1, argv)) return NULL;
   struct sockaddr_un addr;
   if (!vb_fill_sockaddr(env, argv[0], &addr)) return NULL;
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return vb_throw_errno(env, errno, "socket");
   int rc;
   do {
@@ -206,9 +219,41 @@ static napi_value vb_connect(napi_env env, napi_callback_info info) {
   if (rc < 0) {
     int err = errno;
     close(fd);
+    if (err == EAGAIN || err == EWOULDBLOCK) return vb_int(env, -1);
     return vb_throw_errno(env, err, "connect");
   }
   return vb_int(env, fd);
+}
+
+/* pipe() -> [readFd, writeFd], blocking, close-on-exec (tests play hostile front-ends with it). */
+static napi_value vb_pipe(napi_env env, napi_callback_info info) {
+  (void)info;
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) < 0) return vb_throw_errno(env, errno, "pipe2");
+  napi_value arr;
+  if (napi_create_array_with_length(env, 2, &arr) != napi_ok) {
+    close(p[0]);
+    close(p[1]);
+    vb_throw_napi(env, "napi_create_array");
+    return NULL;
+  }
+  napi_set_element(env, arr, 0, vb_int(env, p[0]));
+  napi_set_element(env, arr, 1, vb_int(env, p[1]));
+  return arr;
+}
+
+/* setNonBlocking(fd, on): sets or clears O_NONBLOCK on the open file description (shared with
+ * every process holding it: this is what a hostile front-end can do to our descriptors). */
+static napi_value vb_set_nonblocking(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd;
+  bool on = true;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  napi_get_value_bool(env, argv[1], &on);
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0) return vb_throw_errno(env, errno, "fcntl");
+  if (fcntl(fd, F_SETFL, on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK)) < 0) return vb_throw_errno(env, errno, "fcntl");
+  return NULL;
 }
 
 /* socketpair() -> [fd, fd], unix stream, close-on-exec. */
@@ -361,16 +406,23 @@ static napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
 
 /* ---- fd watching ------------------------------------------------------------------------- */
 
-typedef struct {
+static int vb_eventfd_take(int fd, uint64_t *value);
+
+typedef struct vb_watch {
   uv_poll_t poll;
   napi_env env;
   napi_ref callback;
   napi_async_context async;
   int fd;
+  bool eventfd;     /* VB_POLL_EVENTFD: the watcher reads the counter itself */
+  bool failed;      /* an error or hangup was reported; libuv no longer watches the fd */
   bool stopped;     /* pollStop called: no more callbacks */
   bool closed;      /* uv_close finished */
   bool finalized;   /* the JS handle was collected */
+  struct vb_watch *prev, *next; /* every watch not yet closed, for pollCount() */
 } vb_watch;
+
+static vb_watch *vb_watches = NULL;
 
 static void vb_watch_maybe_free(vb_watch *w) {
   if (w->closed && w->finalized) free(w);
@@ -378,6 +430,10 @@ static void vb_watch_maybe_free(vb_watch *w) {
 
 static void vb_watch_closed(uv_handle_t *h) {
   vb_watch *w = (vb_watch *)h->data;
+  if (w->prev) w->prev->next = w->next;
+  else if (vb_watches == w) vb_watches = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->prev = w->next = NULL;
   w->closed = true;
   vb_watch_maybe_free(w);
 }
@@ -390,19 +446,47 @@ static void vb_watch_finalize(napi_env env, void *data, void *hint) {
   vb_watch_maybe_free(w);
 }
 
+/*
+ * An eventfd watcher (VB_POLL_EVENTFD) consumes the counter before calling back, so every
+ * callback either resets the readiness or ends the watch: a level-triggered watch can never
+ * spin. Anything but a counter -- an error, a hangup (a pipe whose writer is gone, a closed
+ * socket: end of file), a failing read (a listening socket) -- stops the watch and is reported
+ * once as status < 0 (UV_EOF for a hangup, else -errno), events 0. A spurious wakeup (the
+ * front-end, which shares the fd, read the counter first) calls nothing.
+ */
 static void vb_watch_event(uv_poll_t *p, int status, int events) {
   vb_watch *w = (vb_watch *)p->data;
-  if (w->stopped) return;
+  if (w->stopped || w->failed) return;
+  double count = 0;
+  if (w->eventfd) {
+    if (status == 0) {
+      uint64_t value = 0;
+      int rc = vb_eventfd_take(w->fd, &value);
+      if (rc == 0) return;
+      if (rc < 0) {
+        status = errno == EPIPE ? UV_EOF : -errno;
+        events = 0;
+      } else {
+        count = value > 9007199254740991ULL ? 9007199254740991.0 : (double)value;
+        events = UV_READABLE;
+      }
+    }
+    if (status < 0) {
+      w->failed = true;
+      uv_poll_stop(&w->poll);
+    }
+  }
   napi_env env = w->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-  napi_value cb, recv, argv[2], result;
+  napi_value cb, recv, argv[3], result;
   if (napi_get_reference_value(env, w->callback, &cb) == napi_ok && cb != NULL) {
     napi_get_global(env, &recv);
     napi_create_int32(env, status, &argv[0]);
     napi_create_int32(env, events, &argv[1]);
+    napi_create_double(env, count, &argv[2]);
     /* make_callback (not call_function) so that promise jobs run after the callback. */
-    if (napi_make_callback(env, w->async, recv, cb, 2, argv, &result) != napi_ok) {
+    if (napi_make_callback(env, w->async, recv, cb, w->eventfd ? 3 : 2, argv, &result) != napi_ok) {
       bool pending = false;
       napi_is_exception_pending(env, &pending);
       if (pending) {
@@ -415,7 +499,9 @@ static void vb_watch_event(uv_poll_t *p, int status, int events) {
   napi_close_handle_scope(env, scope);
 }
 
-/* pollStart(fd, events, callback(status, events)) -> handle. events: 1 readable, 2 writable. */
+/* pollStart(fd, events, callback(status, events[, count])) -> handle. events: 1 readable,
+ * 2 writable, or VB_POLL_EVENTFD (0x100): watch an eventfd, read its counter on every wakeup and
+ * pass it as `count` (see vb_watch_event). */
 static napi_value vb_poll_start(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int32_t fd, events;
@@ -431,12 +517,17 @@ static napi_value vb_poll_start(napi_env env, napi_callback_info info) {
   if (w == NULL) return vb_throw_errno(env, ENOMEM, "pollStart");
   w->env = env;
   w->fd = fd;
+  w->eventfd = (events & VB_POLL_EVENTFD) != 0;
+  if (w->eventfd) events = UV_READABLE;
   int rc = uv_poll_init(loop, &w->poll, fd);
   if (rc != 0) {
     free(w);
     return vb_throw_errno(env, -rc, "uv_poll_init");
   }
   w->poll.data = w;
+  w->next = vb_watches;
+  if (vb_watches) vb_watches->prev = w;
+  vb_watches = w;
   napi_value handle, name;
   if (napi_create_reference(env, argv[2], 1, &w->callback) != napi_ok ||
       napi_create_string_utf8(env, "vballoon:fdwatch", NAPI_AUTO_LENGTH, &name) != napi_ok ||
@@ -476,6 +567,9 @@ static napi_value vb_poll_update(napi_env env, napi_callback_info info) {
   vb_watch *w = vb_get_watch(env, argv[0]);
   if (w == NULL || !vb_int32(env, argv[1], &events, "events")) return NULL;
   if (w->stopped) return vb_throw_errno(env, EBADF, "uv_poll_start");
+  /* A failed watch stays stopped: restarting it would report the same hangup forever. */
+  if (w->failed) return vb_throw_errno(env, EPIPE, "uv_poll_start");
+  if (w->eventfd) events = UV_READABLE;
   int rc = uv_poll_start(&w->poll, events & (UV_READABLE | UV_WRITABLE), vb_watch_event);
   if (rc != 0) return vb_throw_errno(env, -rc, "uv_poll_start");
   return NULL;
@@ -496,6 +590,135 @@ static napi_value vb_poll_stop(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* ---- I/O on descriptors from a front-end --------------------------------------------------- */
+
+/*
+ * A front-end shares the open file description of every descriptor it sends, so it can switch
+ * O_NONBLOCK off at any time, and poll() followed by read()/write() leaves it a window to make
+ * the call block (drain a pipe, fill an eventfd counter). vb_nowait_io() never waits:
+ *
+ * 1. preadv2/pwritev2 with RWF_NOWAIT, a per-call flag that ignores the file's O_NONBLOCK.
+ *    Linux 6.x honours it for eventfd reads, pipes and sockets: race-free.
+ * 2. Where the kernel refuses it (EOPNOTSUPP: eventfd writes, whose f_op has no write_iter),
+ *    poll() first and give up when the fd is not ready; then do the call under a one-shot
+ *    per-thread timer that interrupts it with a signal (no SA_RESTART) after VB_IO_GUARD_NS.
+ *    A front-end that wins the race between poll and write costs the loop 1 ms, no more.
+ *
+ * Returns bytes transferred, or -1 with errno (EAGAIN: it would have blocked).
+ */
+static int vb_guard_signal = 0;              /* 0: not chosen yet, -1: none available */
+static pthread_once_t vb_guard_once = PTHREAD_ONCE_INIT;
+static __thread volatile sig_atomic_t vb_guard_fired;
+static __thread bool vb_guard_ready;
+static __thread timer_t vb_guard_timer;
+
+static void vb_guard_handler(int sig) {
+  (void)sig;
+  vb_guard_fired = 1;
+}
+
+/* Picks a real-time signal nobody handles (from SIGRTMAX down) and installs the handler. */
+static void vb_guard_install(void) {
+  vb_guard_signal = -1;
+  for (int sig = SIGRTMAX; sig >= SIGRTMIN; sig--) {
+    struct sigaction old;
+    if (sigaction(sig, NULL, &old) < 0) continue;
+    if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) continue;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = vb_guard_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: the blocked call must return EINTR */
+    if (sigaction(sig, &sa, NULL) == 0) {
+      vb_guard_signal = sig;
+      return;
+    }
+  }
+}
+
+/* The calling thread's guard timer; false if none can be had. */
+static bool vb_guard_prepare(void) {
+  if (vb_guard_ready) return true;
+  pthread_once(&vb_guard_once, vb_guard_install);
+  if (vb_guard_signal < 0) return false;
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, vb_guard_signal);
+  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+  struct sigevent sev;
+  memset(&sev, 0, sizeof sev);
+  sev.sigev_notify = SIGEV_THREAD_ID;
+  sev.sigev_signo = vb_guard_signal;
+  sev._sigev_un._tid = gettid();
+  if (timer_create(CLOCK_MONOTONIC, &sev, &vb_guard_timer) < 0) return false;
+  vb_guard_fired = 0; /* touches the TLS slot before the handler may */
+  vb_guard_ready = true;
+  return true;
+}
+
+static ssize_t vb_nowait_io(int fd, void *buf, size_t len, bool write_it) {
+  struct iovec iov = {.iov_base = buf, .iov_len = len};
+  ssize_t n;
+  do {
+    n = write_it ? pwritev2(fd, &iov, 1, -1, RWF_NOWAIT) : preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n >= 0 || errno != EOPNOTSUPP) return n;
+  /* The kernel cannot do this call without waiting on our behalf: poll, then guard. */
+  struct pollfd p = {.fd = fd, .events = write_it ? POLLOUT : POLLIN};
+  int rc;
+  do {
+    rc = poll(&p, 1, 0);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) return -1;
+  if (p.revents & POLLNVAL) {
+    errno = EBADF;
+    return -1;
+  }
+  if ((p.revents & p.events) == 0) {
+    /* Not ready; a hangup or error is for the call itself to report, without waiting. */
+    if ((p.revents & (POLLHUP | POLLERR)) == 0) {
+      errno = EAGAIN;
+      return -1;
+    }
+  }
+  if (!vb_guard_prepare()) {
+    /* No timer: only a descriptor in non-blocking mode is safe to touch (racy, but the best
+     * left; never reached on Linux, where real-time signals and timers always exist). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) return -1;
+    if ((fl & O_NONBLOCK) == 0) {
+      errno = EAGAIN;
+      return -1;
+    }
+    do {
+      n = write_it ? write(fd, buf, len) : read(fd, buf, len);
+    } while (n < 0 && errno == EINTR);
+    return n;
+  }
+  struct itimerspec arm = {.it_interval = {0, 0}, .it_value = {0, VB_IO_GUARD_NS}};
+  struct itimerspec off = {{0, 0}, {0, 0}};
+  vb_guard_fired = 0;
+  timer_settime(vb_guard_timer, 0, &arm, NULL);
+  do {
+    n = write_it ? write(fd, buf, len) : read(fd, buf, len);
+  } while (n < 0 && errno == EINTR && !vb_guard_fired);
+  int err = errno;
+  timer_settime(vb_guard_timer, 0, &off, NULL);
+  if (n < 0 && err == EINTR) err = EAGAIN; /* the guard fired: it would have blocked */
+  errno = err;
+  return n;
+}
+
+/* pollCount() -> watches libuv is actively polling (a failed or stopped one is not): a busy
+ * loop on a dead descriptor is impossible when its watch is not among them. */
+static napi_value vb_poll_count(napi_env env, napi_callback_info info) {
+  (void)info;
+  int64_t n = 0;
+  for (vb_watch *w = vb_watches; w != NULL; w = w->next)
+    if (!w->stopped && uv_is_active((uv_handle_t *)&w->poll)) n++;
+  return vb_int(env, n);
+}
+
 /* ---- eventfd ------------------------------------------------------------------------------ */
 
 /* eventfd(initial, nonBlocking) -> fd */
@@ -510,46 +733,42 @@ static napi_value vb_eventfd(napi_env env, napi_callback_info info) {
   return vb_int(env, fd);
 }
 
-/* eventfdRead(fd, mayBlock = true) -> counter as a number (saturated at 2^53), or null when it
- * is zero. A descriptor from a front-end may be in blocking mode: unless the caller knows it is
- * non-blocking (mayBlock false), a zero-timeout poll first makes sure this never blocks. */
+/* Reads an eventfd counter without ever waiting. 1: value read, 0: counter was zero (EAGAIN),
+ * -1: errno set (EPIPE for end of file: not an eventfd, e.g. a pipe whose writer is gone;
+ * EINVAL for any other short read). */
+static int vb_eventfd_take(int fd, uint64_t *value) {
+  ssize_t n = vb_nowait_io(fd, value, sizeof *value, false);
+  if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+  if (n == 0) {
+    errno = EPIPE;
+    return -1;
+  }
+  if (n != sizeof *value) {
+    errno = EINVAL;
+    return -1;
+  }
+  return 1;
+}
+
+/* eventfdRead(fd) -> counter as a number (saturated at 2^53), or null when it is zero. Never
+ * blocks, whatever the fd's mode now or later (vb_nowait_io). A second argument is accepted
+ * and ignored (it used to skip a poll() for descriptors known to be non-blocking). */
 static napi_value vb_eventfd_read(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
+  napi_value argv[1];
   int32_t fd;
-  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
-  bool may_block = true;
-  napi_valuetype t;
-  napi_typeof(env, argv[1], &t);
-  if (t == napi_boolean) napi_get_value_bool(env, argv[1], &may_block);
-  if (may_block) {
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    int rc;
-    do {
-      rc = poll(&p, 1, 0);
-    } while (rc < 0 && errno == EINTR);
-    if (rc < 0) return vb_throw_errno(env, errno, "poll");
-    if (rc == 0 || (p.revents & POLLIN) == 0) {
-      if (p.revents & POLLNVAL) return vb_throw_errno(env, EBADF, "read");
-      return vb_null(env);
-    }
-  }
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
   uint64_t value;
-  ssize_t n;
-  do {
-    n = read(fd, &value, sizeof value);
-  } while (n < 0 && errno == EINTR);
-  if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return vb_null(env);
-    return vb_throw_errno(env, errno, "read");
-  }
-  if (n != sizeof value) return vb_throw_errno(env, EINVAL, "read");
+  int rc = vb_eventfd_take(fd, &value);
+  if (rc < 0) return vb_throw_errno(env, errno, "read");
+  if (rc == 0) return vb_null(env);
   if (value > 9007199254740991ULL) value = 9007199254740991ULL;
   napi_value out;
   napi_create_double(env, (double)value, &out);
   return out;
 }
 
-/* eventfdWrite(fd, value = 1) -> true, or false if the counter is full (EAGAIN). */
+/* eventfdWrite(fd, value = 1) -> true, or false if it would block (the counter is full, or a
+ * pipe given in its place is full). Never blocks, whatever the fd's mode (vb_nowait_io). */
 static napi_value vb_eventfd_write(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   int32_t fd;
@@ -559,10 +778,7 @@ static napi_value vb_eventfd_write(napi_env env, napi_callback_info info) {
   napi_typeof(env, argv[1], &t);
   if (t != napi_undefined && !vb_int64(env, argv[1], &value, "value")) return NULL;
   uint64_t v = (uint64_t)value;
-  ssize_t n;
-  do {
-    n = write(fd, &v, sizeof v);
-  } while (n < 0 && errno == EINTR);
+  ssize_t n = vb_nowait_io(fd, &v, sizeof v, true);
   napi_value out;
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -571,22 +787,118 @@ static napi_value vb_eventfd_write(napi_env env, napi_callback_info info) {
     }
     return vb_throw_errno(env, errno, "write");
   }
+  if (n != sizeof v) return vb_throw_errno(env, EINVAL, "write");
   napi_get_boolean(env, true, &out);
+  return out;
+}
+
+/* fdKind(fd) -> "eventfd" | "pipe" | "socket" | "file" | "directory" | "char" | "block" |
+ * "anon" (another anonymous inode: epoll, timerfd, ...) | "other". For checking what a
+ * front-end hands over (vhost-user wants eventfds for kick, call and err). The /proc link is
+ * read first: it names anonymous inodes, pipes and sockets without asking their file system
+ * (an fstat on a file of a FUSE mount the front-end serves could wait forever). */
+static napi_value vb_fd_kind(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  if (fcntl(fd, F_GETFD) < 0) return vb_throw_errno(env, errno, "fcntl");
+  const char *kind = NULL;
+  char link[64], target[64];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t n = readlink(link, target, sizeof target - 1);
+  if (n > 0) {
+    target[n] = 0;
+    if (strcmp(target, "anon_inode:[eventfd]") == 0) kind = "eventfd";
+    else if (strncmp(target, "anon_inode:", 11) == 0) kind = "anon";
+    else if (strncmp(target, "pipe:[", 6) == 0) kind = "pipe";
+    else if (strncmp(target, "socket:[", 8) == 0) kind = "socket";
+  }
+  if (kind == NULL) {
+    struct stat st;
+    if (fstat(fd, &st) < 0) return vb_throw_errno(env, errno, "fstat");
+    kind = S_ISFIFO(st.st_mode)  ? "pipe"
+           : S_ISSOCK(st.st_mode) ? "socket"
+           : S_ISREG(st.st_mode)  ? "file"
+           : S_ISDIR(st.st_mode)  ? "directory"
+           : S_ISCHR(st.st_mode)  ? "char"
+           : S_ISBLK(st.st_mode)  ? "block"
+                                  : "other";
+  }
+  napi_value out;
+  NAPI_CALL(env, napi_create_string_utf8(env, kind, NAPI_AUTO_LENGTH, &out));
   return out;
 }
 
 /* ---- shared memory -------------------------------------------------------------------------- */
 
+/*
+ * Guest memory is a file the front-end shares with us, and the front-end can shrink that file
+ * at any time; touching a page past the new end raises SIGBUS, which would end the process for
+ * every VM. Two defences (docs/vhost-user.md, "What a front-end can do to the daemon"):
+ * - The caller refuses memfds not sealed against shrinking (fileSeals): QEMU seals by default.
+ * - For files that cannot be sealed (hugetlbfs or tmpfs files of memory-backend-file), the
+ *   SIGBUS handler below: a fault inside one of our mappings replaces the rest of that mapping
+ *   with private zero pages (MAP_FIXED anonymous) and returns, so the faulting access -- from C
+ *   or from JIT-compiled JavaScript through a DataView -- is retried and reads zeros. The
+ *   mapping is marked faulted (mappingFaulted) so the session can drop that front-end.
+ * Faults outside our mappings, and machine-check errors, go to the previous handler (or the
+ * default action: the process dies as it would have).
+ */
 typedef struct vb_mapping {
   void *addr;
   size_t length;
+  int prot;
   bool unmapped;
+  atomic_bool faulted;
   struct vb_mapping *prev, *next;
 } vb_mapping;
 
-/* Live mappings, so that munmap(buffer) can find the mapping behind an ArrayBuffer. */
+/* Live mappings, so that munmap(buffer) and the SIGBUS handler can find them. */
 static vb_mapping *vb_mappings = NULL;
 static size_t vb_mapping_count = 0;
+static atomic_uint_fast64_t vb_mapping_faults = 0;
+static struct sigaction vb_sigbus_previous;
+static bool vb_sigbus_installed = false;
+
+static void vb_sigbus_handler(int sig, siginfo_t *si, void *uctx) {
+  if (si->si_code == BUS_ADRERR) {
+    uintptr_t at = (uintptr_t)si->si_addr;
+    for (vb_mapping *m = vb_mappings; m != NULL; m = m->next) {
+      uintptr_t start = (uintptr_t)m->addr;
+      if (m->unmapped || at < start || at >= start + m->length) continue;
+      uintptr_t page = at & ~(uintptr_t)4095;
+      /* mmap is a plain system call (not on the async-signal-safe list, but it takes no user
+       * space lock); the rest of the mapping lies past the file's new end as well. */
+      void *r = mmap((void *)page, start + m->length - page, m->prot,
+                     MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (r == MAP_FAILED) break;
+      atomic_store(&m->faulted, true);
+      atomic_fetch_add(&vb_mapping_faults, 1);
+      return;
+    }
+  }
+  /* Not ours: hand over as if we had never been installed. */
+  if (vb_sigbus_previous.sa_flags & SA_SIGINFO) {
+    vb_sigbus_previous.sa_sigaction(sig, si, uctx);
+    return;
+  }
+  if (vb_sigbus_previous.sa_handler != SIG_DFL && vb_sigbus_previous.sa_handler != SIG_IGN) {
+    vb_sigbus_previous.sa_handler(sig);
+    return;
+  }
+  /* Default action: restore it and return, so the faulting access faults again and kills. */
+  sigaction(SIGBUS, &vb_sigbus_previous, NULL);
+}
+
+static void vb_sigbus_install(void) {
+  if (vb_sigbus_installed) return;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = vb_sigbus_handler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  if (sigaction(SIGBUS, &sa, &vb_sigbus_previous) == 0) vb_sigbus_installed = true;
+}
 
 static void vb_mapping_unlink(vb_mapping *m) {
   if (m->prev) m->prev->next = m->next;
@@ -598,14 +910,24 @@ static void vb_mapping_unlink(vb_mapping *m) {
 /* Runs on the JS thread when the ArrayBuffer is collected (never during detach). */
 static void vb_mapping_finalize(napi_env env, void *data, void *hint) {
   (void)env;
-  (void)data;
-  vb_mapping *m = (vb_mapping *)hint;
+  (void)hint;
+  vb_mapping *m = (vb_mapping *)data;
   if (!m->unmapped) munmap(m->addr, m->length);
   vb_mapping_unlink(m);
   free(m);
 }
 
-/* mmap(fd, length, offset, writable = true) -> ArrayBuffer over a MAP_SHARED mapping. */
+/* unaccounted.cc: an ArrayBuffer over `data` that V8 does not count as external memory. */
+napi_status vb_create_unaccounted_arraybuffer(napi_env env, void *data, size_t length,
+                                              napi_value *result);
+
+/*
+ * mmap(fd, length, offset, writable = true) -> ArrayBuffer over a MAP_SHARED mapping.
+ *
+ * The buffer is not counted as V8 external memory (see unaccounted.cc: counting it started a
+ * garbage collection per 1 GiB window). Its mapping is ours: munmap() detaches and unmaps it;
+ * a buffer collected without munmap() is unmapped by the finalizer added here.
+ */
 static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   napi_value argv[4];
   int32_t fd;
@@ -618,8 +940,9 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   napi_typeof(env, argv[3], &t);
   if (t == napi_boolean) napi_get_value_bool(env, argv[3], &writable);
   if (length == 0 || length > VB_MAX_MAPPING) return vb_throw_errno(env, EINVAL, "mmap");
-  void *addr = mmap(NULL, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0),
-                    MAP_SHARED | MAP_NORESERVE, fd, (off_t)offset);
+  vb_sigbus_install();
+  int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+  void *addr = mmap(NULL, (size_t)length, prot, MAP_SHARED | MAP_NORESERVE, fd, (off_t)offset);
   if (addr == MAP_FAILED) return vb_throw_errno(env, errno, "mmap");
   vb_mapping *m = calloc(1, sizeof *m);
   if (m == NULL) {
@@ -628,39 +951,87 @@ static napi_value vb_mmap(napi_env env, napi_callback_info info) {
   }
   m->addr = addr;
   m->length = (size_t)length;
+  m->prot = prot;
+  atomic_init(&m->faulted, false);
+  napi_value buffer;
+  if (vb_create_unaccounted_arraybuffer(env, addr, (size_t)length, &buffer) != napi_ok) {
+    munmap(addr, (size_t)length);
+    free(m);
+    return vb_throw_errno(env, ENOMEM, "mmap");
+  }
+  if (napi_add_finalizer(env, buffer, m, vb_mapping_finalize, NULL, NULL) != napi_ok) {
+    /* Detach so that nothing can reach the memory, then release it. */
+    napi_detach_arraybuffer(env, buffer);
+    munmap(addr, (size_t)length);
+    free(m);
+    vb_throw_napi(env, "napi_add_finalizer");
+    return NULL;
+  }
   m->next = vb_mappings;
   if (vb_mappings) vb_mappings->prev = m;
   vb_mappings = m;
   vb_mapping_count++;
-  napi_value buffer;
-  if (napi_create_external_arraybuffer(env, addr, (size_t)length, vb_mapping_finalize, m,
-                                       &buffer) != napi_ok) {
-    /* Node may already have run (or scheduled) the finalizer, which unmaps and frees `m`:
-     * touching it here could free it twice. Within VB_MAX_MAPPING this path is not taken. */
-    vb_throw_napi(env, "napi_create_external_arraybuffer");
-    return NULL;
-  }
   return buffer;
 }
 
-/* munmap(buffer): unmaps now and detaches the ArrayBuffer, so every view over it reads as
+/* munmap(buffer): detaches the ArrayBuffer, then unmaps, so every view over it reads as
  * length 0 / throws instead of touching unmapped memory. */
 static napi_value vb_munmap(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (!vb_get_args(env, info, 1, argv)) return NULL;
+  vb_mapping *m = NULL;
   bool is_ab = false;
   napi_is_arraybuffer(env, argv[0], &is_ab);
   if (!is_ab) return vb_throw_type(env, "buffer must be an ArrayBuffer from mmap()");
   void *data = NULL;
   size_t len = 0;
   NAPI_CALL(env, napi_get_arraybuffer_info(env, argv[0], &data, &len));
-  vb_mapping *m = vb_mappings;
+  m = vb_mappings;
   while (m != NULL && !(m->addr == data && !m->unmapped)) m = m->next;
   if (m == NULL) return vb_throw_errno(env, EINVAL, "munmap");
+  /* Detach first: if detaching failed after the unmap, views over the buffer would still point
+   * at unmapped memory (a crash on the next access, or another mapping's data). */
+  NAPI_CALL(env, napi_detach_arraybuffer(env, argv[0]));
   if (munmap(m->addr, m->length) < 0) return vb_throw_errno(env, errno, "munmap");
   m->unmapped = true;
-  NAPI_CALL(env, napi_detach_arraybuffer(env, argv[0]));
   return NULL;
+}
+
+static vb_mapping *vb_find_mapping(napi_env env, napi_value v) {
+  bool is_ab = false;
+  napi_is_arraybuffer(env, v, &is_ab);
+  if (!is_ab) {
+    vb_throw_type(env, "buffer must be an ArrayBuffer from mmap()");
+    return NULL;
+  }
+  void *data = NULL;
+  size_t len = 0;
+  if (napi_get_arraybuffer_info(env, v, &data, &len) != napi_ok) {
+    vb_throw_napi(env, "napi_get_arraybuffer_info");
+    return NULL;
+  }
+  vb_mapping *m = vb_mappings;
+  while (m != NULL && !(m->addr == data && !m->unmapped)) m = m->next;
+  if (m == NULL) vb_throw_errno(env, EINVAL, "mappingFaulted");
+  return m;
+}
+
+/* mappingFaulted(buffer) -> true if the file behind the mapping shrank under it (SIGBUS) and
+ * part of it now reads as zeros (see vb_sigbus_handler). */
+static napi_value vb_mapping_faulted(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!vb_get_args(env, info, 1, argv)) return NULL;
+  vb_mapping *m = vb_find_mapping(env, argv[0]);
+  if (m == NULL) return NULL;
+  napi_value out;
+  napi_get_boolean(env, atomic_load(&m->faulted), &out);
+  return out;
+}
+
+/* mappingFaults() -> SIGBUS faults survived since the process started. */
+static napi_value vb_mapping_faults_fn(napi_env env, napi_callback_info info) {
+  (void)info;
+  return vb_int(env, (int64_t)atomic_load(&vb_mapping_faults));
 }
 
 /* mappingCount() -> live (not yet unmapped) mappings, for leak checks in tests. */
@@ -670,6 +1041,31 @@ static napi_value vb_mapping_count_fn(napi_env env, napi_callback_info info) {
   for (vb_mapping *m = vb_mappings; m != NULL; m = m->next)
     if (!m->unmapped) live++;
   return vb_int(env, (int64_t)live);
+}
+
+/* fileSeals(fd) -> the memfd's seals (F_SEAL_* bits), or null for a file that has no seals
+ * (not a memfd: F_GET_SEALS fails with EINVAL). */
+static napi_value vb_file_seals(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    if (errno == EINVAL) return vb_null(env);
+    return vb_throw_errno(env, errno, "fcntl");
+  }
+  return vb_int(env, seals);
+}
+
+/* addSeals(fd, seals): F_ADD_SEALS (what QEMU does to its guest memfds). */
+static napi_value vb_add_seals(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd, seals;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd") ||
+      !vb_int32(env, argv[1], &seals, "seals"))
+    return NULL;
+  if (fcntl(fd, F_ADD_SEALS, seals) < 0) return vb_throw_errno(env, errno, "fcntl");
+  return NULL;
 }
 
 /* punchHole(fd, offset, length): give the pages back to the host, keep the file size. */
@@ -790,17 +1186,25 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"accept", NULL, vb_accept, NULL, NULL, NULL, napi_enumerable, NULL},
       {"connect", NULL, vb_connect, NULL, NULL, NULL, napi_enumerable, NULL},
       {"socketpair", NULL, vb_socketpair, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pipe", NULL, vb_pipe, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setNonBlocking", NULL, vb_set_nonblocking, NULL, NULL, NULL, napi_enumerable, NULL},
       {"recvmsg", NULL, vb_recvmsg, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sendmsg", NULL, vb_sendmsg, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pollStart", NULL, vb_poll_start, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pollUpdate", NULL, vb_poll_update, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pollStop", NULL, vb_poll_stop, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pollCount", NULL, vb_poll_count, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfd", NULL, vb_eventfd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfdRead", NULL, vb_eventfd_read, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfdWrite", NULL, vb_eventfd_write, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fdKind", NULL, vb_fd_kind, NULL, NULL, NULL, napi_enumerable, NULL},
       {"mmap", NULL, vb_mmap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"munmap", NULL, vb_munmap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"mappingCount", NULL, vb_mapping_count_fn, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"mappingFaulted", NULL, vb_mapping_faulted, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"mappingFaults", NULL, vb_mapping_faults_fn, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fileSeals", NULL, vb_file_seals, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"addSeals", NULL, vb_add_seals, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, vb_punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"memfdCreate", NULL, vb_memfd_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ftruncate", NULL, vb_ftruncate, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -146,9 +146,37 @@ export class TestFrontend {
     );
   }
 
-  /** Connects to a back-end listening on `socketPath`. */
+  /** Connects to a back-end listening on `socketPath`; throws EAGAIN if its backlog is full. */
   static connect(socketPath: string, options: FrontendOptions): TestFrontend {
-    return new TestFrontend(native.connect(socketPath), options);
+    const fd = native.connect(socketPath);
+    if (fd < 0) {
+      throw Object.assign(new Error(`connect ${socketPath}: the listen backlog is full (EAGAIN)`), {
+        code: 'EAGAIN',
+        errno: -11,
+        syscall: 'connect',
+      });
+    }
+    return new TestFrontend(fd, options);
+  }
+
+  /**
+   * Connects without blocking the event loop, retrying every `retryMs` while the back-end's
+   * listen backlog is full (a non-blocking unix connect cannot be polled for completion).
+   */
+  static async connectAsync(
+    socketPath: string,
+    options: FrontendOptions,
+    retryMs = 5,
+    timeoutMs = 5000,
+  ): Promise<TestFrontend> {
+    const start = Date.now();
+    for (;;) {
+      const fd = native.connect(socketPath);
+      if (fd >= 0) return new TestFrontend(fd, options);
+      if (Date.now() - start > timeoutMs)
+        throw new Error(`connect ${socketPath}: backlog still full after ${timeoutMs} ms`);
+      await new Promise((resolve) => setTimeout(resolve, retryMs));
+    }
   }
 
   /** Uses an already connected socket (takes ownership). */

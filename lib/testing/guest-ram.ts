@@ -3,7 +3,7 @@
  * below the legacy VGA hole, one from 0xc0000 to the low-memory top, and one above 4 GiB for
  * the rest. Real memfd, really mapped here too so the guest driver model can write rings.
  */
-import { closeQuietly, native } from '../native';
+import { closeQuietly, F_SEAL_GROW, F_SEAL_SHRINK, native } from '../native';
 import { GuestMemory, MemoryRegion } from '../virtio/guest-memory';
 import { RegionPayload } from '../vhost/codec';
 
@@ -39,6 +39,7 @@ export class GuestRam {
     this.fd = native.memfdCreate('vballoon-test-guest');
     try {
       native.ftruncate(this.fd, options.sizeBytes);
+      native.addSeals(this.fd, F_SEAL_SHRINK | F_SEAL_GROW); // as QEMU's memory-backend-memfd (seal=on)
       this.regions = layoutRegions(options.sizeBytes, options.layout ?? 'q35', userBase);
       for (const r of this.regions) {
         const desc = {

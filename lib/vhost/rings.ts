@@ -15,7 +15,7 @@
  */
 import { ErrorCode, errorMessage, VhostProtocolError, VirtqueueError } from '../errors';
 import { Logger } from '../log';
-import { closeQuietly, native, PollHandle, POLL_READABLE } from '../native';
+import { closeQuietly, native, PollHandle, POLL_EVENTFD, POLL_READABLE, POLL_STATUS_HANGUP } from '../native';
 import { GuestMemory } from '../virtio/guest-memory';
 import { ringSizes, SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
 import { VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from './constants';
@@ -29,8 +29,6 @@ class RingState {
   base = 0;
   addr: { desc: number; used: number; avail: number } | undefined;
   kickFd = -1;
-  /** The kick fd is in blocking mode (QEMU's are not): reads must poll first. */
-  kickMayBlock = true;
   kickNoFd = false;
   kickWatch: PollHandle | undefined;
   kickTimer: NodeJS.Timeout | undefined;
@@ -59,6 +57,8 @@ export interface RingSetOptions {
   onError(code: VirtqueueError['code'], detail: string): void;
   /** A ring was started (the device runs now; pending config changes may go out). */
   onStarted(): void;
+  /** Guest memory shrank under a mapping (a SIGBUS the addon survived): the front-end must go. */
+  onMemoryFault(): void;
 }
 
 function protocolError(message: string): VhostProtocolError {
@@ -69,6 +69,8 @@ function protocolError(message: string): VhostProtocolError {
 export class RingSet {
   private readonly rings: RingState[];
   private closed = false;
+  /** The addon's process-wide fault count when this connection last looked. */
+  private faultsSeen = native.mappingFaults();
 
   constructor(private readonly options: RingSetOptions) {
     this.rings = Array.from({ length: options.device.numQueues }, (_, i) => new RingState(i));
@@ -139,11 +141,6 @@ export class RingSet {
     } else {
       ring.kickFd = fd;
       ring.kickNoFd = false;
-      try {
-        ring.kickMayBlock = !native.fstat(fd).nonBlocking;
-      } catch {
-        ring.kickMayBlock = true;
-      }
     }
     ring.started = true;
     ring.broken = false;
@@ -224,7 +221,11 @@ export class RingSet {
       return;
     }
     try {
-      ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE, (status) => this.onKickReadable(ring, status));
+      // POLL_EVENTFD: the watcher drains the counter itself (never blocking, whatever the peer does
+      // to the fd's flags) and reports a hangup or failure once, then stops: no busy loop.
+      ring.kickWatch = native.pollStart(ring.kickFd, POLL_READABLE | POLL_EVENTFD, (status) =>
+        this.onKickReadable(ring, status),
+      );
     } catch (err) {
       // A regular file, a directory, /dev/null...: a kick fd must be an eventfd. The ring keeps
       // the fd (closed with the connection, which this error ends).
@@ -234,13 +235,10 @@ export class RingSet {
 
   private onKickReadable(ring: RingState, status: number): void {
     if (status < 0) {
-      this.failRing(ring, `kick fd of queue ${ring.index} failed (status ${status})`, ErrorCode.VHOST_BAD_VRING);
-      return;
-    }
-    try {
-      native.eventfdRead(ring.kickFd, ring.kickMayBlock);
-    } catch (err) {
-      this.failRing(ring, `kick fd of queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VHOST_BAD_VRING);
+      // The watch has stopped itself; forget it so unwatchKick does not stop it twice.
+      ring.kickWatch = undefined;
+      const why = status === POLL_STATUS_HANGUP ? 'hung up' : `failed (status ${status})`;
+      this.failRing(ring, `kick fd of queue ${ring.index} ${why}`, ErrorCode.VHOST_BAD_VRING);
       return;
     }
     this.onKick(ring);
@@ -272,6 +270,14 @@ export class RingSet {
       // A device must not throw on guest input; if it does, that ring is not trustworthy any more.
       this.failRing(ring, `device failed on queue ${ring.index}: ${errorMessage(err)}`, ErrorCode.VIRTQ_BROKEN_RING);
       return;
+    }
+    const faults = native.mappingFaults();
+    if (faults !== this.faultsSeen) {
+      this.faultsSeen = faults;
+      if (this.options.memory.faulted) {
+        this.options.onMemoryFault();
+        return;
+      }
     }
     if (!more || ring.passScheduled) return;
     ring.passScheduled = true;

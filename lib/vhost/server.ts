@@ -161,7 +161,11 @@ export class VhostUserBackend {
     }
   }
 
-  /** Connects to a listening front-end, retrying; resolves once connected the first time. */
+  /**
+   * Connects to a listening front-end, retrying; resolves once connected the first time. The
+   * connect itself never blocks the event loop (other VMs keep running): a front-end whose
+   * listen backlog is full is retried like one that is not there yet.
+   */
   connect(socketPath: string, opts: ConnectOptions = {}): Promise<void> {
     const interval = opts.retryIntervalMs ?? 1000;
     const maxAttempts = opts.maxAttempts ?? Infinity;
@@ -174,7 +178,9 @@ export class VhostUserBackend {
         attempts++;
         let fd: number;
         try {
+          // Never blocks: -1 means the front-end's listen backlog is full; retry like ENOENT.
           fd = native.connect(socketPath);
+          if (fd < 0) throw new Error("the front-end's listen backlog is full (EAGAIN)");
         } catch (err) {
           if (attempts >= maxAttempts) {
             const error = new VballoonError(

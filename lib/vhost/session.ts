@@ -13,7 +13,7 @@
  */
 import { ErrorCode, ErrorCodeValue, errorMessage, VballoonError, VhostProtocolError } from '../errors';
 import { Logger } from '../log';
-import { closeQuietly, isSystemError } from '../native';
+import { closeQuietly, isSystemError, native } from '../native';
 import { GuestMemory } from '../virtio/guest-memory';
 import { BackendChannel } from './backend-channel';
 import {
@@ -69,9 +69,31 @@ function protocolError(code: ErrorCodeValue, message: string): VhostProtocolErro
 
 /** Takes the descriptor at `i` out of the message (so the error path does not close it). */
 function takeFd(msg: { fds: number[] }, i = 0): number {
-  const fd = msg.fds[i];
+  const fd = msg.fds[i]!;
   msg.fds[i] = -1;
   return fd;
+}
+
+/**
+ * Takes a kick, call or err descriptor, which must be an eventfd: anything else (a pipe, a socket,
+ * a file) could block, spin or never signal, so it is refused (ERR_VHOST_BAD_VRING).
+ */
+function takeEventfd(
+  msg: FrontendMessage<FrontendRequest.SET_VRING_KICK | FrontendRequest.SET_VRING_CALL | FrontendRequest.SET_VRING_ERR>,
+): number {
+  let kind: string;
+  try {
+    kind = native.fdKind(msg.fds[0]!);
+  } catch (err) {
+    kind = `unusable descriptor (${errorMessage(err)})`;
+  }
+  if (kind !== 'eventfd') {
+    throw protocolError(
+      ErrorCode.VHOST_BAD_VRING,
+      `${requestName(msg.request)}: queue ${msg.payload.index}: a ${kind} where an eventfd is required`,
+    );
+  }
+  return takeFd(msg);
 }
 
 /** Serves one front-end connection for `device`. */
@@ -104,6 +126,10 @@ export class Session implements DeviceHost {
       ackedFeatures: () => this.ackedFeatures,
       onError: (code, detail) => options.events.onError(code, detail),
       onStarted: () => this.flushConfigChange(),
+      onMemoryFault: () =>
+        this.close(
+          protocolError(ErrorCode.VHOST_BAD_MEMORY, 'guest memory file shrank under a mapping (SIGBUS survived)'),
+        ),
     });
     this.memoryHooks = { beforeChange: () => this.rings.detachAll(), afterChange: () => this.rings.updateAll() };
     this.conn = new Connection(
@@ -419,9 +445,9 @@ const HANDLERS: HandlerTable = {
     index: m.payload.index,
     num: s.ringSet.stop(m.payload.index),
   }),
-  [R.SET_VRING_KICK]: (s, m) => s.ringSet.setKick(m.payload.index, m.payload.noFd ? undefined : takeFd(m)),
-  [R.SET_VRING_CALL]: (s, m) => s.ringSet.setCall(m.payload.index, m.payload.noFd ? -1 : takeFd(m)),
-  [R.SET_VRING_ERR]: (s, m) => s.ringSet.setErr(m.payload.index, m.payload.noFd ? -1 : takeFd(m)),
+  [R.SET_VRING_KICK]: (s, m) => s.ringSet.setKick(m.payload.index, m.payload.noFd ? undefined : takeEventfd(m)),
+  [R.SET_VRING_CALL]: (s, m) => s.ringSet.setCall(m.payload.index, m.payload.noFd ? -1 : takeEventfd(m)),
+  [R.SET_VRING_ERR]: (s, m) => s.ringSet.setErr(m.payload.index, m.payload.noFd ? -1 : takeEventfd(m)),
   [R.SET_VRING_ENABLE]: (s, m) => {
     s.checkEnableAllowed();
     if (m.payload.num > 1)

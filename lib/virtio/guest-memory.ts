@@ -6,10 +6,17 @@
  * vhost-user spec, "Memory regions description" and "Memory access". Knows nothing of vhost-user
  * messages. Addresses are JS numbers once validated: every region must lie below 2^53, which
  * covers every x86-64 and arm64 physical and user address. Regions are mapped in windows of
- * 1 GiB (see WINDOW_BYTES), so guests larger than 4 GiB work.
+ * 1 GiB (see WINDOW_BYTES), so guests larger than 4 GiB work; a window is mapped the first time
+ * it is touched, so mapping costs the same whatever the guest's size (a 1 TiB region used to
+ * stall the event loop for seconds).
+ *
+ * The file behind a region belongs to the front-end, which can shrink it at any time; touching a
+ * page past its end raises SIGBUS. Memfds must be sealed against shrinking (F_SEAL_SHRINK, what
+ * QEMU does by default); other files cannot be sealed, and a shrink under them is survived by the
+ * addon (the pages read as zeros, `faulted` becomes true): docs/vhost-user.md.
  */
 import { GuestMemoryError } from '../errors';
-import { closeQuietly, native } from '../native';
+import { closeQuietly, F_SEAL_SHRINK, native } from '../native';
 
 /** Highest address + 1 any region may reach (Number.MAX_SAFE_INTEGER + 1). */
 export const MAX_ADDRESS = 2 ** 53;
@@ -61,18 +68,44 @@ export class MemoryRegion {
   readonly pageSizeBytes: number;
   /** Identity of the file ("dev:ino"): regions of one memfd share it. */
   readonly fileId: string;
-  private readonly windows: Window[];
+  /** Mapped windows by index (k * WINDOW_BYTES); sparse: a window is mapped on first use. */
+  private readonly windows = new Map<number, Window>();
   private unmapped = false;
 
-  private constructor(desc: ValidRegion, fd: number, windows: Window[], pageSizeBytes: number, fileId: string) {
+  private constructor(desc: ValidRegion, fd: number, pageSizeBytes: number, fileId: string) {
     this.guestPhysAddr = desc.guestPhysAddr;
     this.sizeBytes = desc.sizeBytes;
     this.userAddr = desc.userAddr;
     this.mmapOffset = desc.mmapOffset;
     this.fd = fd;
-    this.windows = windows;
     this.pageSizeBytes = pageSizeBytes;
     this.fileId = fileId;
+  }
+
+  private get where(): string {
+    return `region gpa=0x${this.guestPhysAddr.toString(16)} size=0x${this.sizeBytes.toString(16)}`;
+  }
+
+  /** Window `k`, mapped now if it was not yet; throws GuestMemoryError if mmap fails. */
+  private window(k: number): Window | undefined {
+    const known = this.windows.get(k);
+    if (known !== undefined) return known;
+    const start = k * WINDOW_BYTES;
+    if (this.unmapped || k < 0 || start >= this.sizeBytes) return undefined;
+    const length = Math.min(this.sizeBytes - start, WINDOW_BYTES + WINDOW_OVERLAP_BYTES);
+    const fileOffset = this.mmapOffset + start;
+    // Map from the offset rounded down to the file's block (huge page) size.
+    const mapOffset = fileOffset - (fileOffset % this.pageSizeBytes);
+    const base = fileOffset - mapOffset;
+    let buffer: ArrayBuffer;
+    try {
+      buffer = native.mmap(this.fd, base + length, mapOffset, true);
+    } catch (err) {
+      throw new GuestMemoryError(`${this.where}: window ${k}: ${(err as Error).message}`);
+    }
+    const w = { buffer, view: new DataView(buffer), base, length };
+    this.windows.set(k, w);
+    return w;
   }
 
   /** Maps `fd` for `desc`. Takes ownership of `fd` only on success. */
@@ -89,30 +122,33 @@ export class MemoryRegion {
     } catch (err) {
       throw new GuestMemoryError(`${where}: fd ${fd} unusable: ${(err as Error).message}`);
     }
-    // Touching a mapping beyond the end of its file raises SIGBUS: refuse such regions. (A
-    // front-end could still shrink the file later; QEMU seals its memfds against that.)
+    // Touching a mapping beyond the end of its file raises SIGBUS: refuse such regions.
     if (fileSize < desc.mmapOffset + desc.sizeBytes) {
       throw new GuestMemoryError(
         `${where}: extends past the end of its file (${fileSize} bytes at offset 0x${desc.mmapOffset.toString(16)})`,
       );
     }
-    const windows: Window[] = [];
+    // ... and one the front-end could shrink later: a memfd must be sealed against it. Other
+    // files (hugetlbfs, tmpfs files of memory-backend-file) have no seals: the addon survives a
+    // shrink under them (SIGBUS handler) and `faulted` tells.
+    let seals: number | null;
     try {
-      // One window per WINDOW_BYTES of the region: a 1 TiB guest needs 1024 of them.
-      for (let start = 0; start < desc.sizeBytes; start += WINDOW_BYTES) {
-        const length = Math.min(desc.sizeBytes - start, WINDOW_BYTES + WINDOW_OVERLAP_BYTES);
-        const fileOffset = desc.mmapOffset + start;
-        // Map from the offset rounded down to the file's block (huge page) size.
-        const mapOffset = fileOffset - (fileOffset % blockSize);
-        const base = fileOffset - mapOffset;
-        const buffer = native.mmap(fd, base + length, mapOffset, true);
-        windows.push({ buffer, view: new DataView(buffer), base, length });
-      }
+      seals = native.fileSeals(fd);
     } catch (err) {
-      for (const w of windows) native.munmap(w.buffer);
-      throw new GuestMemoryError(`${where}: ${(err as Error).message}`);
+      throw new GuestMemoryError(`${where}: fd ${fd} unusable: ${(err as Error).message}`);
     }
-    return new MemoryRegion(desc, fd, windows, blockSize, fileId);
+    if (seals !== null && (seals & F_SEAL_SHRINK) === 0) {
+      throw new GuestMemoryError(`${where}: the memfd is not sealed against shrinking (F_SEAL_SHRINK)`);
+    }
+    const region = new MemoryRegion(desc, fd, blockSize, fileId);
+    // Map the first window now, so that an fd that cannot be mapped is refused here.
+    try {
+      region.window(0);
+    } catch (err) {
+      region.unmapWindows();
+      throw err;
+    }
+    return region;
   }
 
   /** True if [gpa, gpa+len) lies inside this region. */
@@ -120,11 +156,14 @@ export class MemoryRegion {
     return gpa >= this.guestPhysAddr && gpa + len <= this.guestPhysAddr + this.sizeBytes;
   }
 
-  /** The span of region offset `at` if [at, at+len) lies in one window, else undefined. */
+  /**
+   * The span of region offset `at` if [at, at+len) lies in one window, else undefined. Maps the
+   * window on first use (throws GuestMemoryError if that fails).
+   */
   span(at: number, len: number): Span | undefined {
     const k = Math.floor(at / WINDOW_BYTES);
-    const w = this.windows[k];
     const inWindow = at - k * WINDOW_BYTES;
+    const w = this.window(k);
     if (w === undefined || inWindow + len > w.length) return undefined;
     return { buffer: w.buffer, view: w.view, offset: w.base + inWindow };
   }
@@ -132,9 +171,30 @@ export class MemoryRegion {
   /** The longest piece starting at region offset `at`, up to `len`, inside one window. */
   piece(at: number, len: number): Uint8Array {
     const k = Math.floor(at / WINDOW_BYTES);
-    const w = this.windows[k];
+    const w = this.window(k);
+    if (w === undefined) throw new GuestMemoryError(`${this.where}: offset 0x${at.toString(16)} is outside the region`);
     const inWindow = at - k * WINDOW_BYTES;
     return new Uint8Array(w.buffer, w.base + inWindow, Math.min(len, w.length - inWindow));
+  }
+
+  /** Windows mapped so far (they are mapped on first use). */
+  get mappedWindows(): number {
+    return this.windows.size;
+  }
+
+  /**
+   * True if the front-end shrank the file under a mapped window and we touched the lost part:
+   * those pages now read as zeros (the addon survived the SIGBUS). The front-end is broken.
+   */
+  get faulted(): boolean {
+    for (const w of this.windows.values()) if (native.mappingFaulted(w.buffer)) return true;
+    return false;
+  }
+
+  private unmapWindows(): void {
+    const windows = [...this.windows.values()];
+    this.windows.clear();
+    for (const w of windows) native.munmap(w.buffer);
   }
 
   /** Unmaps and closes the fd. Idempotent. */
@@ -142,7 +202,7 @@ export class MemoryRegion {
     if (this.unmapped) return;
     this.unmapped = true;
     try {
-      for (const w of this.windows) native.munmap(w.buffer);
+      this.unmapWindows();
     } finally {
       closeQuietly(this.fd);
     }
@@ -168,6 +228,9 @@ export function validateRegion(r: RegionDescription): ValidRegion {
   if (r.guestPhysAddr % 4096n !== 0n || r.mmapOffset % 4096n !== 0n || r.userAddr % 4096n !== 0n) {
     throw new GuestMemoryError(`${where}: addresses and mmap offset must be 4 KiB aligned`);
   }
+  // Memory is shared in whole pages: a partial last page would be mapped (and readable) past
+  // the region's end, and no front-end describes one.
+  if (r.sizeBytes % 4096n !== 0n) throw new GuestMemoryError(`${where}: size must be a multiple of 4 KiB`);
   const limit = BigInt(MAX_ADDRESS);
   if (r.guestPhysAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: guest range wraps or exceeds 2^53`);
   if (r.userAddr + r.sizeBytes > limit) throw new GuestMemoryError(`${where}: user range wraps or exceeds 2^53`);
@@ -244,6 +307,11 @@ export class GuestMemory {
     const [region] = this.regions.splice(i, 1);
     this.last = undefined;
     return region;
+  }
+
+  /** True if any region's file shrank under us (see MemoryRegion.faulted). */
+  get faulted(): boolean {
+    return this.regions.some((r) => r.faulted);
   }
 
   /** Unmaps every region and closes their fds. */

@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { isSystemError, native, POLL_READABLE, SystemError } from '../../lib/native';
+import { isSystemError, native, POLL_EVENTFD, POLL_READABLE, POLL_STATUS_HANGUP, SystemError } from '../../lib/native';
 import { fdCount, tmpDir } from '../helpers';
 
 function expectSystemError(fn: () => unknown, code: string, syscall: string): void {
@@ -160,6 +160,209 @@ describe('native addon', () => {
     expect(ab.byteLength).to.equal(2 ** 32);
     native.munmap(ab);
     native.close(fd);
+  });
+
+  it("connects without blocking when the listener's backlog is full (-1, then retry)", () => {
+    const dir = tmpDir();
+    const sock = path.join(dir, 's');
+    const l = native.listen(sock, 0);
+    const conns: number[] = [];
+    try {
+      // Nobody accepts: a blocking connect would sleep here until someone did (issue 15).
+      let fd = 0;
+      // Bounded: a backlog of 0 admits one or two pending connections.
+      for (let i = 0; i < 16 && (fd = native.connect(sock)) >= 0; i++) conns.push(fd);
+      expect(fd).to.equal(-1);
+      expect(conns.length).to.be.greaterThan(0);
+      expect(native.fstat(conns[0]).nonBlocking).to.equal(true);
+      const s = native.accept(l);
+      expect(s).to.be.greaterThan(0);
+      conns.push(s);
+      const again = native.connect(sock); // room again
+      expect(again).to.be.greaterThan(0);
+      conns.push(again);
+    } finally {
+      for (const fd of conns) native.close(fd);
+      native.close(l);
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  describe('I/O on descriptors a front-end controls never blocks', () => {
+    /** Brings an eventfd's counter to `target` (< 2^64 - 1) with writes of at most 2^53 - 1. */
+    function fillCounter(efd: number, target: bigint): void {
+      const step = 2n ** 53n - 1n;
+      // Bounded: target / step < 2^11 writes.
+      for (let left = target; left > 0n;) {
+        const v = left < step ? left : step;
+        expect(native.eventfdWrite(efd, Number(v))).to.equal(true);
+        left -= v;
+      }
+    }
+
+    it('a blocking-mode eventfd whose counter is at 2^64-2: a write is refused, not waited for', () => {
+      const efd = native.eventfd(0, false);
+      fillCounter(efd, 2n ** 64n - 2n);
+      expect(native.eventfdWrite(efd, 1)).to.equal(false);
+      native.close(efd);
+    });
+
+    it('a write that poll() says fits but does not: the 1 ms guard interrupts it', () => {
+      // POLLOUT only means "1 fits"; 2^53-1 does not fit above 2^64-2^52. Blocking mode.
+      const efd = native.eventfd(0, false);
+      fillCounter(efd, 2n ** 64n - 2n ** 52n);
+      expect(native.eventfdWrite(efd, 2 ** 53 - 1)).to.equal(false);
+      expect(native.eventfdWrite(efd, 1)).to.equal(true); // still usable
+      native.close(efd);
+    });
+
+    it('an eventfd switched to blocking mode by its other holder: a read of zero returns null', () => {
+      const efd = native.eventfd(0, true);
+      native.setNonBlocking(efd, false); // what the peer that shares the open file can do
+      expect(native.eventfdRead(efd, false)).to.equal(null); // even when told it is non-blocking
+      expect(native.eventfdRead(efd)).to.equal(null);
+      native.eventfdWrite(efd, 4);
+      expect(native.eventfdRead(efd, false)).to.equal(4);
+      native.close(efd);
+    });
+
+    it('a full blocking pipe in place of an eventfd: writes are refused, reads of an empty one too', () => {
+      const [r, w] = native.pipe();
+      expect(native.fstat(w).nonBlocking).to.equal(false);
+      let writes = 0;
+      // Bounded: a pipe holds 64 KiB by default, 8 bytes a write.
+      while (writes < 100000 && native.eventfdWrite(w, 1)) writes++;
+      expect(writes).to.be.greaterThan(0).and.lessThan(100000);
+      expect(native.eventfdWrite(w, 1)).to.equal(false);
+      expect(native.eventfdRead(r)).to.equal(1); // 8 bytes of a pipe read as a counter
+      native.close(w);
+      const [r2, w2] = native.pipe();
+      expect(native.eventfdRead(r2)).to.equal(null);
+      native.close(w2);
+      expectSystemError(() => native.eventfdRead(r2), 'EPIPE', 'read'); // end of file
+      for (const fd of [r, r2]) native.close(fd);
+    });
+
+    it('tells what a descriptor is (fdKind)', () => {
+      const efd = native.eventfd(0, true);
+      const [r, w] = native.pipe();
+      const [a, b] = native.socketpair();
+      const mfd = native.memfdCreate('k');
+      const dir = fs.openSync('/tmp', 'r');
+      const dev = fs.openSync('/dev/null', 'r');
+      try {
+        expect([efd, r, w, a, mfd, dir, dev].map((fd) => native.fdKind(fd))).to.deep.equal([
+          'eventfd',
+          'pipe',
+          'pipe',
+          'socket',
+          'file',
+          'directory',
+          'char',
+        ]);
+      } finally {
+        for (const fd of [efd, r, w, a, b, mfd, dir, dev]) native.close(fd);
+      }
+      expectSystemError(() => native.fdKind(efd), 'EBADF', 'fcntl');
+    });
+  });
+
+  describe('an eventfd watch (POLL_EVENTFD) reports hangups and errors once, never spins', () => {
+    /** Resolves after the event loop went through epoll at least `rounds` more times. */
+    async function loopRounds(rounds = 3): Promise<void> {
+      const efd = native.eventfd(0, true);
+      try {
+        for (let i = 0; i < rounds; i++) {
+          await new Promise<void>((resolve) => {
+            const h = native.pollStart(efd, POLL_READABLE, () => {
+              native.eventfdRead(efd);
+              native.pollStop(h);
+              resolve();
+            });
+            native.eventfdWrite(efd, 1);
+          });
+        }
+      } finally {
+        native.close(efd);
+      }
+    }
+
+    it('delivers kicks with their count', async () => {
+      const efd = native.eventfd(0, true);
+      const counts: number[] = [];
+      const h = native.pollStart(efd, POLL_READABLE | POLL_EVENTFD, (status, events, count) => {
+        expect(status).to.equal(0);
+        expect(events).to.equal(POLL_READABLE);
+        counts.push(count!);
+      });
+      native.eventfdWrite(efd, 3);
+      await loopRounds();
+      native.eventfdWrite(efd, 2);
+      await loopRounds();
+      native.pollStop(h);
+      native.close(efd);
+      expect(counts).to.deep.equal([3, 2]);
+    });
+
+    const hostile: Array<{ name: string; make(): { fd: number; others: number[] }; status: number[] }> = [
+      {
+        name: 'a pipe whose writer is gone',
+        make: () => {
+          const [r, w] = native.pipe();
+          native.close(w);
+          return { fd: r, others: [] };
+        },
+        status: [POLL_STATUS_HANGUP],
+      },
+      {
+        name: 'a socket whose peer closed',
+        make: () => {
+          const [a, b] = native.socketpair();
+          native.close(b);
+          return { fd: a, others: [] };
+        },
+        status: [POLL_STATUS_HANGUP],
+      },
+      {
+        name: 'a listening socket with a pending connection',
+        make: () => {
+          const dir = tmpDir();
+          const sock = path.join(dir, 'l');
+          const l = native.listen(sock, 4);
+          const c = native.connect(sock);
+          fs.rmSync(dir, { recursive: true });
+          return { fd: l, others: [c] };
+        },
+        status: [-22, -107], // EINVAL or ENOTCONN, whichever the kernel says
+      },
+      {
+        name: 'a pipe holding 3 bytes (a short read)',
+        make: () => {
+          const [r, w] = native.pipe();
+          fs.writeSync(w, Buffer.from([1, 2, 3]));
+          return { fd: r, others: [w] };
+        },
+        status: [-22],
+      },
+    ];
+    for (const c of hostile) {
+      it(`${c.name}: one status < 0, then the watch is stopped`, async () => {
+        const { fd, others } = c.make();
+        const seen: Array<[number, number]> = [];
+        const h = native.pollStart(fd, POLL_READABLE | POLL_EVENTFD, (status, events) => seen.push([status, events]));
+        try {
+          await loopRounds();
+          expect(seen).to.have.length(1);
+          expect(c.status).to.include(seen[0][0]);
+          expect(seen[0][1]).to.equal(0);
+          expectSystemError(() => native.pollUpdate(h, POLL_READABLE), 'EPIPE', 'uv_poll_start');
+        } finally {
+          native.pollStop(h);
+          native.close(fd);
+          for (const o of others) native.close(o);
+        }
+      });
+    }
   });
 
   it('rejects bad arguments with type errors', () => {

@@ -1,9 +1,11 @@
 import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { GuestMemoryError } from '../../lib/errors';
-import { native } from '../../lib/native';
+import { F_SEAL_GROW, F_SEAL_SHRINK, native } from '../../lib/native';
 import { GuestRam } from '../../lib/testing/guest-ram';
 import { checkDisjoint, GuestMemory, MemoryRegion, validateRegion, WINDOW_BYTES } from '../../lib/virtio/guest-memory';
-import { fdCount } from '../helpers';
+import { fdCount, tmpDir } from '../helpers';
 
 describe('guest memory', () => {
   it('translates guest-physical and front-end addresses over a q35-like layout', () => {
@@ -35,6 +37,7 @@ describe('guest memory', () => {
   it('copies ranges that span adjacent regions', () => {
     const fd = native.memfdCreate('t');
     native.ftruncate(fd, 2 << 20);
+    native.addSeals(fd, F_SEAL_SHRINK);
     const m = new GuestMemory();
     m.add(
       MemoryRegion.map(
@@ -93,6 +96,8 @@ describe('guest memory', () => {
       { guestPhysAddr: 0n, sizeBytes: 4096n, userAddr: 2n ** 64n - 4096n, mmapOffset: 0n },
       { guestPhysAddr: 0n, sizeBytes: 4096n, userAddr: 0n, mmapOffset: 2n ** 63n },
       { guestPhysAddr: 1n, sizeBytes: 4096n, userAddr: 0n, mmapOffset: 0n },
+      { guestPhysAddr: 0n, sizeBytes: 4097n, userAddr: 0n, mmapOffset: 0n }, // not whole pages
+      { guestPhysAddr: 0n, sizeBytes: 0x1ffn, userAddr: 0n, mmapOffset: 0n },
     ];
     for (const r of bad)
       expect(
@@ -110,6 +115,96 @@ describe('guest memory', () => {
     expect(() => checkDisjoint([a], overlapGpa, 8)).to.throw(/overlaps/);
     expect(() => checkDisjoint([a], overlapUser, 8)).to.throw(/overlaps/);
     expect(() => checkDisjoint([a], a, 1)).to.throw(/too many/);
+  });
+
+  it('maps a 1 TiB region one window at a time, on first use, not counted as V8 memory', () => {
+    const fd = native.memfdCreate('huge');
+    native.ftruncate(fd, 2 ** 40);
+    native.addSeals(fd, F_SEAL_SHRINK | F_SEAL_GROW);
+    const maps = native.mappingCount();
+    const external = process.memoryUsage().external;
+    const region = MemoryRegion.map(
+      validateRegion({ guestPhysAddr: 0n, sizeBytes: 1n << 40n, userAddr: 0n, mmapOffset: 0n }),
+      fd,
+    );
+    try {
+      // Mapping every window at once (1024 of them) stalled the loop for seconds (issue 15).
+      expect(native.mappingCount() - maps).to.equal(1);
+      expect(region.mappedWindows).to.equal(1);
+      // Touch 16 windows across the region: each is mapped then, once.
+      for (let k = 0; k < 1024; k += 64) {
+        const span = region.span(k * WINDOW_BYTES + 8, 8)!;
+        span.view.setUint32(span.offset, k, true);
+        expect(region.span(k * WINDOW_BYTES + 8, 8)!.view.getUint32(span.offset, true)).to.equal(k);
+      }
+      expect(region.mappedWindows).to.equal(16);
+      expect(native.mappingCount() - maps).to.equal(16);
+      // 16 GiB of windows are address space, not memory: V8 must not count them (every 64 MiB
+      // it counts starts a garbage collection).
+      expect(process.memoryUsage().external - external).to.be.lessThan(64 * 2 ** 20);
+      expect(region.span(2 ** 40 - 8, 8)).to.not.equal(undefined); // the last window
+      expect(region.span(2 ** 40, 1)).to.equal(undefined);
+    } finally {
+      region.unmap(); // closes fd
+    }
+    expect(native.mappingCount()).to.equal(maps);
+  });
+
+  it('refuses a memfd that is not sealed against shrinking; other files go without seals', () => {
+    const desc = validateRegion({ guestPhysAddr: 0n, sizeBytes: 65536n, userAddr: 0n, mmapOffset: 0n });
+    const unsealed = native.memfdCreate('unsealed');
+    native.ftruncate(unsealed, 65536);
+    expect(() => MemoryRegion.map(desc, unsealed)).to.throw(GuestMemoryError, /F_SEAL_SHRINK/);
+    native.addSeals(unsealed, F_SEAL_GROW); // sealed, but not against shrinking
+    expect(() => MemoryRegion.map(desc, unsealed)).to.throw(GuestMemoryError, /F_SEAL_SHRINK/);
+    native.close(unsealed);
+    const sealed = native.memfdCreate('sealed');
+    native.ftruncate(sealed, 65536);
+    native.addSeals(sealed, F_SEAL_SHRINK);
+    MemoryRegion.map(desc, sealed).unmap();
+    const dir = tmpDir();
+    try {
+      const file = fs.openSync(path.join(dir, 'ram'), 'w+');
+      fs.ftruncateSync(file, 65536);
+      expect(native.fileSeals(file)).to.equal(null);
+      MemoryRegion.map(desc, file).unmap();
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  it('survives a file shrunk under its mapping (SIGBUS): zeros, `faulted`, the process lives', () => {
+    const dir = tmpDir();
+    const before = fdCount();
+    const maps = native.mappingCount();
+    const faults = native.mappingFaults();
+    try {
+      const file = fs.openSync(path.join(dir, 'ram'), 'w+');
+      fs.ftruncateSync(file, 3 * 65536);
+      const m = new GuestMemory();
+      m.add(
+        MemoryRegion.map(
+          validateRegion({ guestPhysAddr: 0n, sizeBytes: 3n * 65536n, userAddr: 0n, mmapOffset: 0n }),
+          native.dup(file),
+        ),
+      );
+      m.writeU32(0x100, 0xaabbccdd);
+      m.writeU32(2 * 65536 + 0x100, 0x11223344);
+      expect(m.faulted).to.equal(false);
+      fs.ftruncateSync(file, 65536); // what a hostile front-end does after SET_MEM_TABLE
+      expect(m.readU32(0x100)).to.equal(0xaabbccdd); // still inside the file
+      expect(m.readU32(2 * 65536 + 0x100)).to.equal(0); // was SIGBUS: the process died
+      m.writeU32(2 * 65536 + 0x200, 5); // writes land in private zero pages
+      expect(m.readU32(2 * 65536 + 0x200)).to.equal(5);
+      expect(m.faulted).to.equal(true);
+      expect(native.mappingFaults()).to.be.greaterThan(faults);
+      m.clear();
+      fs.closeSync(file);
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+    expect(native.mappingCount()).to.equal(maps);
+    expect(fdCount()).to.equal(before);
   });
 
   it('reports a region whose mmap fails, taking no ownership of the fd', () => {
