@@ -7,11 +7,15 @@
 import yargs, { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { callDaemon, ClientError } from '../lib/daemon/client';
-import { ConfigError } from '../lib/errors';
+import { ConfigError, errorMessage } from '../lib/errors';
 import { defaultControlSocket, loadConfigFile, parseVmFlag, readConfig } from '../lib/daemon/config';
 import { Daemon, VmStats, VmStatus } from '../lib/daemon/daemon';
+import { EVENT_TYPES } from '../lib/daemon/events';
+import { SwitchableLogger } from '../lib/daemon/switchable-logger';
+import { SystemdNotifier } from '../lib/daemon/systemd';
+import { subscribeDaemon } from '../lib/daemon/client';
 import { StreamLogger } from '../lib/log';
-import { formatBytes, parseDuration, parseSize } from '../lib/units';
+import { formatBytes, formatDuration, parseDuration, parseSize } from '../lib/units';
 
 /** Exit codes (docs/cli.md). */
 export const EXIT = {
@@ -24,6 +28,7 @@ export const EXIT = {
   TIMEOUT: 6,
   CONFIG: 7,
   DENIED: 8,
+  STATS: 9,
 } as const;
 
 function die(code: number, message: string): never {
@@ -45,6 +50,8 @@ function exitCodeFor(err: unknown): number {
         return EXIT.DENIED;
       case 'EBADPARAMS':
         return EXIT.USAGE;
+      case 'ESTATS':
+        return EXIT.STATS;
       default:
         return EXIT.INTERNAL;
     }
@@ -93,7 +100,6 @@ export function statusTable(list: VmStatus[]): string {
       'BALLOON ACTUAL',
       'GUEST SIZE',
       'HOST RESIDENT',
-      'RECLAIMED',
       'PRESSURE',
       'STATS AGE',
     ],
@@ -110,7 +116,6 @@ export function statusTable(list: VmStatus[]): string {
       formatBytes(s.actualBytes),
       bytesOrDash(s.guestSizeBytes),
       bytesOrDash(s.hostResidentBytes),
-      formatBytes(s.reclaimedBytes),
       String(s.pressureMessages),
       s.statsAgeSeconds === null ? '-' : `${s.statsAgeSeconds}s${s.statsStale ? ' (stale)' : ''}`,
     ]);
@@ -131,7 +136,9 @@ export function statsTable(list: VmStats[]): string {
   const out: string[] = [];
   for (const s of list) {
     out.push(
-      `${s.vm}: ${s.updatedAt === null ? 'no stats yet' : `updated ${s.updatedAt} (${s.ageSeconds}s ago)${s.stale ? ', STALE' : ''}`}`,
+      s.updatedAt === null
+        ? `${s.vm}: no stats yet`
+        : `${s.vm}: updated ${s.updatedAt} (${s.ageSeconds}s ago)${s.stale ? ', STALE' : ''}`,
     );
     const rows = [['STAT', 'VALUE']];
     for (const [k, v] of Object.entries(s.stats))
@@ -156,7 +163,8 @@ async function waitForTarget(argv: { control: string }, vm: string, timeoutMs: n
     const s = (await call(argv, 'status', { vm })) as VmStatus;
     const total = Math.abs(s.targetBytes - from);
     const done = Math.abs(s.actualBytes - from);
-    const line = `${vm} ${bar(done, total)} actual ${formatBytes(s.actualBytes)} / target ${formatBytes(s.targetBytes)}`;
+    const sizes = `actual ${formatBytes(s.actualBytes)} / target ${formatBytes(s.targetBytes)}`;
+    const line = `${vm} ${bar(done, total)} ${sizes}`;
     if (tty) process.stderr.write(`\r${line}`);
     if (s.actualBytes === s.targetBytes) {
       process.stderr.write(`${tty ? '\r' : ''}${line}\n`);
@@ -166,7 +174,8 @@ async function waitForTarget(argv: { control: string }, vm: string, timeoutMs: n
       if (tty) process.stderr.write('\n');
       die(
         EXIT.TIMEOUT,
-        `${vm} did not reach its target within ${Math.round(timeoutMs / 1000)}s (actual ${formatBytes(s.actualBytes)}, target ${formatBytes(s.targetBytes)})`,
+        `${vm} did not reach its target within ${Math.round(timeoutMs / 1000)}s ` +
+          `(actual ${formatBytes(s.actualBytes)}, target ${formatBytes(s.targetBytes)})`,
       );
     }
     if (!tty && (Date.now() - start) % 5000 < 250) process.stderr.write(`${line}\n`);
@@ -178,7 +187,7 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
   const file = argv['config'] as string | undefined;
   const build = (): ReturnType<typeof readConfig> => {
     const doc = (file === undefined ? {} : loadConfigFile(file)) as Record<string, unknown>;
-    if (typeof doc !== 'object' || doc === null || Array.isArray(doc))
+    if (typeof doc !== 'object' || (doc as unknown) === null || Array.isArray(doc))
       throw new ConfigError(`${file}: the configuration must be a mapping`);
     const control = { ...((doc['control'] as object | undefined) ?? {}) } as Record<string, unknown>;
     if (argv['control'] !== undefined && argv['controlExplicit'] === true) control['socket'] = argv['control'];
@@ -204,14 +213,13 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
   } catch (err) {
     die(err instanceof ConfigError ? EXIT.CONFIG : EXIT.INTERNAL, (err as Error).message);
   }
-  const log = new StreamLogger(process.stderr, config.log.format, config.log.level);
-  const daemon = new Daemon(config, { log });
-  try {
-    await daemon.start();
-  } catch (err) {
-    await daemon.stop().catch(() => undefined);
-    die(EXIT.CONFIG, (err as Error).message);
-  }
+  const log = SwitchableLogger.wrap(new StreamLogger(process.stderr, config.log.format, config.log.level));
+  const notifier = new SystemdNotifier(log.child({ component: 'systemd' }));
+  const daemon = new Daemon(config, {
+    log,
+    notifier,
+    reconfigureLog: (l) => log.replace(new StreamLogger(process.stderr, l.format, l.level)),
+  });
   let stopping = false;
   const shutdown = (signal: string): void => {
     if (stopping) return;
@@ -219,27 +227,62 @@ async function serve(argv: Record<string, unknown>): Promise<void> {
     log.info('shutting down', { signal });
     daemon.stop().then(
       () => process.exit(0),
-      (err: Error) => {
-        log.error('shutdown failed', { error: err.message });
+      (err: unknown) => {
+        log.error('shutdown failed', { error: errorMessage(err) });
         process.exit(1);
       },
     );
   };
   process.on('SIGTERM', () => shutdown('SIGTERM'));
   process.on('SIGINT', () => shutdown('SIGINT'));
-  process.on('SIGHUP', () => {
+  // A reload is synchronous: a second SIGHUP is handled after the first one finished.
+  // Handlers are installed before start-up (a signal then must not kill the process); a SIGHUP
+  // that arrives while starting is applied once started.
+  const state = { started: false, reloadPending: false };
+  const reload = (): void => {
+    if (!state.started) {
+      state.reloadPending = true;
+      return;
+    }
     if (file === undefined) {
       log.warn('SIGHUP: no configuration file to reload (started without --config)');
       return;
     }
+    let next: ReturnType<typeof readConfig>;
     try {
-      daemon.reload(build()).catch((err: Error) => log.error('reload failed', { error: err.message }));
+      next = build();
     } catch (err) {
       log.error('reload refused: the new configuration is invalid; keeping the old one', {
-        error: (err as Error).message,
+        error: errorMessage(err),
       });
+      notifier.status(`${daemon.statusLine()}; last reload refused: invalid configuration`);
+      return;
     }
-  });
+    try {
+      daemon.reload(next);
+    } catch (err) {
+      log.error('reload failed', { error: errorMessage(err) });
+    }
+  };
+  process.on('SIGHUP', reload);
+  try {
+    await daemon.start();
+  } catch (err) {
+    notifier.notify({ STATUS: `failed to start: ${errorMessage(err)}`, ERRNO: 1 });
+    try {
+      await daemon.stop();
+    } catch (stopErr) {
+      log.error('cleanup after a failed start failed', { error: errorMessage(stopErr) });
+    }
+    die(EXIT.CONFIG, errorMessage(err));
+  }
+  state.started = true;
+  if (state.reloadPending) reload();
+}
+
+/** Shell-quotes an argument when it needs it. */
+function shellWord(a: string): string {
+  return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`;
 }
 
 export function cli(args: string[]): Argv {
@@ -310,7 +353,8 @@ export function cli(args: string[]): Argv {
         process.stdout.write(
           argv.json
             ? `${JSON.stringify(final)}\n`
-            : `${final.vm}: balloon target ${formatBytes(final.targetBytes)} (actual ${formatBytes(final.actualBytes)})\n`,
+            : `${final.vm}: balloon target ${formatBytes(final.targetBytes)} ` +
+                `(actual ${formatBytes(final.actualBytes)})\n`,
         );
       },
     )
@@ -327,9 +371,15 @@ export function cli(args: string[]): Argv {
     .command(
       'stats [vm]',
       "show the guests' memory statistics",
-      (y) => y.positional('vm', { type: 'string' }).option('json', { type: 'boolean', default: false }),
+      (y) =>
+        y
+          .positional('vm', { type: 'string' })
+          .option('json', { type: 'boolean', default: false })
+          .option('fresh', { type: 'boolean', default: false, describe: 'ask the guest for statistics now' }),
       async (argv) => {
-        const r = await call(argv, 'stats', argv.vm === undefined ? {} : { vm: argv.vm });
+        const params: Record<string, unknown> = argv.vm === undefined ? {} : { vm: argv.vm };
+        if (argv.fresh) params['fresh'] = true;
+        const r = await call(argv, 'stats', params);
         const list = Array.isArray(r) ? (r as VmStats[]) : [r as VmStats];
         process.stdout.write(argv.json ? `${JSON.stringify(r)}\n` : `${statsTable(list)}\n`);
       },
@@ -342,8 +392,35 @@ export function cli(args: string[]): Argv {
           .positional('vm', { type: 'string' })
           .option('interval', { type: 'string', default: '1s' })
           .option('count', { type: 'number', describe: 'stop after this many refreshes' })
-          .option('json', { type: 'boolean', default: false, describe: 'one JSON line per refresh' }),
+          .option('json', { type: 'boolean', default: false, describe: 'one JSON line per refresh' })
+          .option('events', {
+            type: 'boolean',
+            default: false,
+            describe: 'print events (target, target-reached, pressure, ...) as JSON lines instead',
+          })
+          .option('event', {
+            type: 'string',
+            array: true,
+            choices: EVENT_TYPES,
+            describe: 'with --events: only these types (repeatable)',
+          }),
       async (argv) => {
+        if (argv.events) {
+          const params: Record<string, unknown> = {};
+          if (argv.vm !== undefined) params['vm'] = argv.vm;
+          if (argv.event !== undefined) params['events'] = argv.event;
+          let seen = 0;
+          try {
+            await subscribeDaemon(argv.control, params, (e) => {
+              process.stdout.write(`${JSON.stringify(e)}\n`);
+              seen++;
+              return argv.count === undefined || seen < argv.count;
+            });
+          } catch (err) {
+            die(exitCodeFor(err), errorMessage(err));
+          }
+          return;
+        }
         let intervalMs: number;
         try {
           intervalMs = parseDuration(argv.interval);
@@ -366,11 +443,32 @@ export function cli(args: string[]): Argv {
     )
     .command(
       'qemu-args <vm>',
-      "print the QEMU options that attach this VM's balloon",
-      (y) => y.positional('vm', { type: 'string', demandOption: true }),
+      "print the QEMU options that attach this VM's balloon (--libvirt: the domain XML pieces)",
+      (y) =>
+        y
+          .positional('vm', { type: 'string', demandOption: true })
+          .option('libvirt', { type: 'boolean', default: false, describe: 'print libvirt domain XML instead' }),
       async (argv) => {
-        const r = (await call(argv, 'qemu-args', { vm: argv.vm })) as { args: string[] };
-        process.stdout.write(`${r.args.map((a) => (/[\s<>]/.test(a) ? `'${a}'` : a)).join(' ')}\n`);
+        const r = (await call(argv, 'qemu-args', { vm: argv.vm })) as { args: string[]; libvirtXml: string };
+        process.stdout.write(argv.libvirt ? `${r.libvirtXml}\n` : `${r.args.map(shellWord).join(' ')}\n`);
+      },
+    )
+    .command(
+      'stats-interval <vm> <interval>',
+      'change how often the guest is asked for statistics (until a restart; the file sets it at start)',
+      (y) =>
+        y
+          .positional('vm', { type: 'string', demandOption: true })
+          .positional('interval', { type: 'string', demandOption: true, describe: 'e.g. 500ms, 5s, 1m' }),
+      async (argv) => {
+        let ms: number;
+        try {
+          ms = parseDuration(argv.interval);
+        } catch (err) {
+          die(EXIT.USAGE, `INTERVAL: ${errorMessage(err)}`);
+        }
+        await call(argv, 'set-stats-interval', { vm: argv.vm, ms });
+        process.stdout.write(`${argv.vm}: stats every ${formatDuration(ms)}\n`);
       },
     )
     .command(
@@ -406,10 +504,14 @@ export function cli(args: string[]): Argv {
         if (argv.json) process.stdout.write(`${JSON.stringify(r)}\n`);
         else
           process.stdout.write(
-            `${table([['VM', 'STATE', 'MODE', 'SOCKET'], ...r.map((v) => [v.vm, v.connected ? 'connected' : 'waiting', v.mode, v.socket])])}\n`,
+            `${table([
+              ['VM', 'STATE', 'MODE', 'SOCKET'],
+              ...r.map((v) => [v.vm, v.connected ? 'connected' : 'waiting', v.mode, v.socket]),
+            ])}\n`,
           );
       },
     )
+    .completion('completion', 'print a bash/zsh completion script (eval "$(vballoon completion)")')
     .demandCommand(1, 'a command is required')
     .strict()
     .help()
@@ -418,12 +520,12 @@ export function cli(args: string[]): Argv {
       // A message means a usage problem (yargs validation or a failed check); an error alone
       // comes from a command handler.
       if (msg) die(EXIT.USAGE, `${msg.replace(/\s*\n\s*/g, ' ')} (see vballoon --help)`);
-      die(exitCodeFor(err), err?.message ?? 'failed');
+      die(exitCodeFor(err), errorMessage(err));
     });
 }
 
 if (require.main === module) {
   cli(hideBin(process.argv))
     .parseAsync()
-    .catch((err: Error) => die(exitCodeFor(err), err.message));
+    .catch((err: unknown) => die(exitCodeFor(err), errorMessage(err)));
 }

@@ -4,7 +4,7 @@
  * TiB (binary) or KB, MB, GB, TB (decimal). Durations: ms, s, m, h.
  */
 
-const BINARY: Record<string, number> = {
+const BINARY: Record<string, number | undefined> = {
   k: 2 ** 10,
   m: 2 ** 20,
   g: 2 ** 30,
@@ -14,7 +14,7 @@ const BINARY: Record<string, number> = {
   gib: 2 ** 30,
   tib: 2 ** 40,
 };
-const DECIMAL: Record<string, number> = { kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12 };
+const DECIMAL: Record<string, number | undefined> = { kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12 };
 
 /** Bytes for `text`, or throws an Error saying what is wrong. */
 export function parseSize(text: string): number {
@@ -46,6 +46,15 @@ export function formatBytes(bytes: number): string {
 export function parseDuration(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(text);
   if (m === null) throw new Error(`"${text}" is not a duration (examples: 500ms, 5s, 2m)`);
-  const factor = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h'];
+  const unit = (m[2] as 'ms' | 's' | 'm' | 'h' | undefined) ?? 's';
+  const factor = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[unit];
   return Math.round(Number(m[1]) * factor);
+}
+
+/** "500 ms", "5 s", "1.5 s", "2 min", "1 h" (the largest unit that keeps it readable). */
+export function formatDuration(ms: number): string {
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60_000) return `${Number((ms / 1000).toFixed(3))} s`;
+  if (ms < 3_600_000) return `${Number((ms / 60_000).toFixed(2))} min`;
+  return `${Number((ms / 3_600_000).toFixed(2))} h`;
 }

@@ -19,8 +19,10 @@ function tooLarge(): VballoonError {
 export const MAX_REQUEST_BYTES = 64 * 1024;
 /** Connections served at once. */
 const MAX_CONNECTIONS = 64;
-/** A connection idle this long is closed. */
+/** A connection idle this long is closed (not a subscription: it waits for events). */
 const IDLE_TIMEOUT_MS = 60_000;
+/** A subscriber that lets this much output pile up unread is disconnected (bounded memory). */
+export const MAX_SUBSCRIBER_BACKLOG_BYTES = 1024 * 1024;
 
 /** Stable error codes of the control API. */
 export type ControlErrorCode =
@@ -31,6 +33,7 @@ export type ControlErrorCode =
   | 'EBADPARAMS'
   | 'ENOVM'
   | 'ETARGET'
+  | 'ESTATS'
   | 'EUNAUTHORIZED'
   | 'EINTERNAL';
 
@@ -47,6 +50,7 @@ const WIRE_CODES: Partial<Record<ErrorCodeValue, ControlErrorCode>> = {
   [ErrorCode.CONTROL_NO_VM]: 'ENOVM',
   [ErrorCode.CONTROL_UNAUTHORIZED]: 'EUNAUTHORIZED',
   [ErrorCode.BALLOON_TARGET]: 'ETARGET',
+  [ErrorCode.BALLOON_STATS]: 'ESTATS',
   [ErrorCode.CONFIG]: 'EBADPARAMS',
 };
 
@@ -61,11 +65,24 @@ export function errorCodeForWire(wire: string): ErrorCodeValue {
   return ErrorCode.INTERNAL;
 }
 
-export type Handler = (params: Record<string, unknown>) => unknown | Promise<unknown>;
+export type Handler = (params: Record<string, unknown>) => unknown;
+
+/** A subscription's filter (the `subscribe` method's params). */
+export interface SubscribeFilter {
+  vm?: string;
+  events?: string[];
+}
 
 export interface ControlServerOptions {
   log: Logger;
   handlers: Record<string, Handler>;
+  /**
+   * Event source for the `subscribe` method: called with a sender; returns the unsubscribe
+   * function. Without it `subscribe` is an unknown method.
+   */
+  subscribe?(send: (event: { event: string; vm: string } & Record<string, unknown>) => void): () => void;
+  /** Checks a subscription's params (unknown VM or event type: a VballoonError). */
+  checkSubscription?(filter: SubscribeFilter): void;
   /** Counts rejected requests by code (metrics). */
   onError?(code: ControlErrorCode): void;
 }
@@ -80,6 +97,11 @@ export class ControlServer {
   private socketPath: string | undefined;
 
   constructor(private readonly options: ControlServerOptions) {}
+
+  /** Changes the unix socket's permissions (a reload). */
+  setMode(mode: number): void {
+    if (this.socketPath !== undefined) fs.chmodSync(this.socketPath, mode);
+  }
 
   /**
    * Listens on `socketPath` with `mode`. A stale socket of ours is replaced; a socket owned by
@@ -197,11 +219,15 @@ export class ControlServer {
     if (typeof method !== 'string') return bad(id, '"method" must be a string');
     if (params !== undefined && (typeof params !== 'object' || params === null || Array.isArray(params)))
       return fail(id, new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"params" must be an object'));
+    if (method === 'subscribe' && this.options.subscribe !== undefined)
+      return this.subscribe(socket, id, (params ?? {}) as Record<string, unknown>, fail);
     const handler = Object.prototype.hasOwnProperty.call(this.options.handlers, method)
       ? this.options.handlers[method]
       : undefined;
     if (handler === undefined) {
-      const known = Object.keys(this.options.handlers).join(', ');
+      const known = [...Object.keys(this.options.handlers), ...(this.options.subscribe ? ['subscribe'] : [])].join(
+        ', ',
+      );
       return fail(
         id,
         new VballoonError(ErrorCode.CONTROL_UNKNOWN_METHOD, `unknown method "${method}" (known: ${known})`),
@@ -215,6 +241,50 @@ export class ControlServer {
         this.options.log.error('control request failed', { method, code: errorCodeOf(err), error: errorMessage(err) });
       return fail(id, err instanceof VballoonError ? err : new VballoonError(ErrorCode.INTERNAL, errorMessage(err)));
     }
+  }
+
+  /**
+   * `subscribe`: answers `{ok: true, result: {subscribed: true}}`, then writes one
+   * `{"event": ...}` line per event until the client closes the connection. Params: optional
+   * `vm` and `events` (a list of types) filter what is sent.
+   */
+  private subscribe(
+    socket: net.Socket,
+    id: unknown,
+    params: Record<string, unknown>,
+    fail: (id: unknown, err: VballoonError) => void,
+  ): void {
+    const { vm, events } = params;
+    const bad = (message: string): void => fail(id, new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, message));
+    if (vm !== undefined && typeof vm !== 'string') return bad('"vm" must be a string');
+    if (events !== undefined && (!Array.isArray(events) || !events.every((e) => typeof e === 'string')))
+      return bad('"events" must be a list of event types');
+    const filter: SubscribeFilter = {
+      ...(vm === undefined ? {} : { vm }),
+      ...(events === undefined ? {} : { events }),
+    };
+    try {
+      this.options.checkSubscription?.(filter);
+    } catch (err) {
+      return fail(id, err instanceof VballoonError ? err : new VballoonError(ErrorCode.INTERNAL, errorMessage(err)));
+    }
+    socket.setTimeout(0);
+    respond(socket, { id: id ?? null, ok: true, result: { subscribed: true } });
+    this.options.log.debug('event subscription started', {
+      vm: filter.vm ?? '*',
+      events: filter.events?.join(',') ?? '*',
+    });
+    const unsubscribe = this.options.subscribe!((e) => {
+      if (filter.vm !== undefined && e.vm !== filter.vm) return;
+      if (filter.events !== undefined && !filter.events.includes(e.event)) return;
+      if (socket.writableLength > MAX_SUBSCRIBER_BACKLOG_BYTES) {
+        this.options.log.warn('event subscriber too slow; disconnected', { backlogBytes: socket.writableLength });
+        socket.destroy();
+        return;
+      }
+      respond(socket, e);
+    });
+    socket.once('close', unsubscribe);
   }
 
   async close(): Promise<void> {

@@ -25,7 +25,8 @@ export type Reason =
   | 'guest_deflate_on_oom'
   | 'inflate_stalled'
   | 'host_pressure'
-  | 'reinflate';
+  | 'reinflate'
+  | 'floor';
 
 export interface PolicyConfig {
   /** Deflate on pressure: this fraction of the balloon... */
@@ -119,6 +120,10 @@ export interface VmState {
   /** Progress tracking for stall detection: actual at the start of the window. */
   progressMark: { atMs: number; actualPages: number };
   cooldownUntilMs: number;
+  /** The guest keeps at least this many pages: the balloon never exceeds guest RAM minus this. */
+  floorPages: number;
+  /** Weight in host-pressure arbitration: more shares, less taken; 0 exempts the VM. */
+  shares: number;
   streak: number;
   lastPressureMs: number | undefined;
   /** The latest stats, stamped with the time and the balloon size when they arrived. */
@@ -148,8 +153,11 @@ export type PolicyEvent =
       operatorPages: number;
       targetPages: number;
       actualPages: number;
+      floorPages?: number;
+      shares?: number;
     }
   | { kind: 'vm-removed'; vm: string }
+  | { kind: 'limits'; vm: string; floorPages: number; shares: number }
   | { kind: 'guest-ram'; vm: string; pages: number }
   | { kind: 'operator-target'; vm: string; pages: number }
   | { kind: 'mode'; vm: string; mode: Mode }
@@ -200,14 +208,20 @@ export function inflateFloorBytes(config: PolicyConfig, vm: VmState): number {
   return Math.max(config.guestFloorBytes, config.guestFloorFraction * vm.guestRamPages * PAGE);
 }
 
-/** Bytes the guest could give without going under its floor (0 without fresh stats). */
+/** The largest balloon the VM's floor allows, in pages (unbounded while guest RAM is unknown). */
+export function maxBalloonPages(vm: VmState): number {
+  return vm.guestRamPages > 0 ? Math.max(0, vm.guestRamPages - vm.floorPages) : Number.MAX_SAFE_INTEGER;
+}
+
+/** Bytes the guest could give without going under its floors (0 without fresh stats). */
 export function reclaimableBytes(config: PolicyConfig, vm: VmState, nowMs: number): number {
   const s = vm.sample;
   if (s?.availableBytes === undefined || nowMs - s.atMs > config.statsMaxAgeMs) return 0;
   // Everything ballooned since the sample, or still on its way into the balloon, is no longer
   // available, whatever the (older) sample says.
   const since = Math.max(0, vm.targetPages - s.actualPages) * PAGE;
-  return Math.max(0, s.availableBytes - since - inflateFloorBytes(config, vm));
+  const free = Math.max(0, s.availableBytes - since - inflateFloorBytes(config, vm));
+  return Math.min(free, Math.max(0, maxBalloonPages(vm) - vm.targetPages) * PAGE);
 }
 
 class Step {
@@ -223,12 +237,12 @@ class Step {
 
   /** Sets a VM's target (auto mode) or reports (manual mode, except operator/mode actions). */
   set(vm: VmState, pagesWanted: number, reason: Reason, inputs: Record<string, number | string | boolean>): void {
-    let target = Math.max(0, Math.min(Math.round(pagesWanted), vm.operatorPages));
+    let target = Math.max(0, Math.min(Math.round(pagesWanted), vm.operatorPages, maxBalloonPages(vm)));
     if (vm.mode === 'manual' && reason !== 'operator' && reason !== 'mode_change') {
       this.actions.push({ kind: 'report', vm: vm.name, reason, inputs });
       return;
     }
-    if (vm.mode === 'manual') target = vm.operatorPages;
+    if (vm.mode === 'manual') target = Math.min(vm.operatorPages, maxBalloonPages(vm));
     // Never inflate during a cooldown (only the operator in manual mode can).
     if (vm.mode === 'auto' && target > vm.targetPages && this.now < vm.cooldownUntilMs) return;
     if (target === vm.targetPages) return;
@@ -240,24 +254,32 @@ class Step {
     this.actions.push({ kind: 'set-target', vm: vm.name, pages: target, previous, reason, inputs });
   }
 
-  /** Guest pressure: cancel the inflate in progress and deflate by a step; start a cooldown. */
-  pressure(vm: VmState, reason: Reason, inputs: Record<string, number | string | boolean>): void {
-    const c = this.config;
+  /** One more level of pressure streak, after forgiving the calm time since the last one. */
+  private escalate(vm: VmState): number {
     if (vm.lastPressureMs !== undefined) {
-      const forgiven = Math.floor((this.now - vm.lastPressureMs) / c.streakDecayMs);
+      const forgiven = Math.floor((this.now - vm.lastPressureMs) / this.config.streakDecayMs);
       vm.streak = Math.max(0, vm.streak - forgiven);
     }
     vm.streak = Math.min(vm.streak + 1, 16);
     vm.lastPressureMs = this.now;
-    const doublings = Math.min(vm.streak - 1, c.pressureStepMaxDoublings);
+    return vm.streak;
+  }
+
+  /** Guest pressure: cancel the inflate in progress and deflate by a step; start a cooldown. */
+  pressure(vm: VmState, reason: Reason, inputs: Record<string, number | string | boolean>): void {
+    const c = this.config;
+    // Manual mode only reports: the streak (and so later steps and cooldowns) stays as it is, and
+    // so does the cooldown, so a guest switched to auto is not punished for what it did before.
+    const streak = vm.mode === 'auto' ? this.escalate(vm) : Math.max(1, vm.streak);
+    const doublings = Math.min(streak - 1, c.pressureStepMaxDoublings);
     const base = Math.min(vm.actualPages, vm.targetPages);
     const stepPages =
       Math.max(pages(c.pressureStepMinBytes), Math.ceil(base * c.pressureStepFraction)) * 2 ** doublings;
-    const cooldown = Math.min(c.cooldownBaseMs * 2 ** Math.min(vm.streak - 1, 20), c.cooldownMaxMs);
+    const cooldown = Math.min(c.cooldownBaseMs * 2 ** Math.min(streak - 1, 20), c.cooldownMaxMs);
     if (vm.mode === 'auto') vm.cooldownUntilMs = Math.max(vm.cooldownUntilMs, this.now + cooldown);
     this.set(vm, base - stepPages, reason, {
       ...inputs,
-      streak: vm.streak,
+      streak,
       stepPages,
       cooldownMs: cooldown,
       actualPages: vm.actualPages,
@@ -339,22 +361,27 @@ function tick(step: Step): void {
   );
   const host = step.state.host;
   if (host.underPressure && host.memTotalBytes !== undefined && host.memAvailableBytes !== undefined) {
-    // Take from the guests with the most reclaimable memory first, in bounded steps, until the
-    // host would be back at its recovery level.
-    let deficit = Math.max(0, c.hostRecoverFraction * host.memTotalBytes - host.memAvailableBytes);
+    // Split what the host needs back (up to its recovery level) between the guests in
+    // proportion to reclaimable memory / shares: a guest with more to give gives more, a guest
+    // with more shares gives less, shares 0 exempts a guest. Each take is bounded by hostStep.
+    const deficit = Math.max(0, c.hostRecoverFraction * host.memTotalBytes - host.memAvailableBytes);
     const ranked = autoVms
+      .filter((vm) => vm.shares > 0)
       .map((vm) => ({ vm, reclaimable: reclaimableBytes(c, vm, now) }))
       .filter((x) => x.reclaimable >= c.minChangeBytes)
-      .sort((a, b) => b.reclaimable - a.reclaimable || a.vm.name.localeCompare(b.vm.name));
-    for (const { vm, reclaimable } of ranked) {
-      if (deficit < c.minChangeBytes) break;
-      const take = Math.min(c.hostStepBytes, reclaimable, deficit, (vm.operatorPages - vm.targetPages) * PAGE);
+      .map((x) => ({ ...x, weight: x.reclaimable / x.vm.shares }))
+      .sort((a, b) => b.weight - a.weight || a.vm.name.localeCompare(b.vm.name));
+    const totalWeight = ranked.reduce((sum, x) => sum + x.weight, 0);
+    if (deficit < c.minChangeBytes) return;
+    for (const { vm, reclaimable, weight } of ranked) {
+      const part = Math.ceil((deficit * weight) / totalWeight);
+      const take = Math.min(c.hostStepBytes, reclaimable, part, (vm.operatorPages - vm.targetPages) * PAGE);
       if (take < c.minChangeBytes) continue;
-      deficit -= take;
       step.set(vm, vm.targetPages + pages(take), 'host_pressure', {
         hostAvailableBytes: host.memAvailableBytes,
         hostTotalBytes: host.memTotalBytes,
         reclaimableBytes: reclaimable,
+        shares: vm.shares,
       });
     }
     return;
@@ -393,6 +420,8 @@ export function step(
         actualPages: event.actualPages,
         progressMark: { atMs: nowMs, actualPages: event.actualPages },
         cooldownUntilMs: 0,
+        floorPages: event.floorPages ?? 0,
+        shares: event.shares ?? 1000,
         streak: 0,
         lastPressureMs: undefined,
         sample: undefined,
@@ -405,12 +434,27 @@ export function step(
       break;
     case 'guest-ram': {
       const vm = vmOf(event.vm);
-      if (vm !== undefined) vm.guestRamPages = event.pages;
+      if (vm === undefined) break;
+      vm.guestRamPages = event.pages;
+      if (vm.targetPages > maxBalloonPages(vm))
+        s.set(vm, maxBalloonPages(vm), vm.mode === 'manual' ? 'operator' : 'floor', { floorPages: vm.floorPages });
       break;
     }
     case 'vm-removed':
-      delete next.vms[event.vm];
+      next.vms = Object.fromEntries(Object.entries(next.vms).filter(([k]) => k !== event.vm));
       break;
+    case 'limits': {
+      const vm = vmOf(event.vm);
+      if (vm === undefined) break;
+      vm.floorPages = Math.max(0, Math.round(event.floorPages));
+      vm.shares = Math.max(0, event.shares);
+      // A higher floor applies at once (in both modes): the guest is never left below it.
+      if (vm.targetPages > maxBalloonPages(vm))
+        s.set(vm, maxBalloonPages(vm), vm.mode === 'manual' ? 'operator' : 'floor', {
+          floorPages: vm.floorPages,
+        });
+      break;
+    }
     case 'operator-target': {
       const vm = vmOf(event.vm);
       if (vm === undefined) break;

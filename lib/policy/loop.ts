@@ -18,7 +18,17 @@ import {
 } from '../device/constants';
 import { errorCodeOf, errorMessage } from '../errors';
 import { Logger, NullLogger } from '../log';
-import { GuestSample, initialState, Mode, PolicyAction, PolicyConfig, PolicyEvent, PolicyState, step } from './engine';
+import {
+  GuestSample,
+  initialState,
+  Mode,
+  PolicyAction,
+  PolicyConfig,
+  PolicyEvent,
+  PolicyState,
+  step,
+  VmState,
+} from './engine';
 import { HostMemoryReaders, procReaders, readHostSample } from './host';
 
 export interface PolicyLoopOptions {
@@ -59,13 +69,15 @@ export class PolicyLoop {
   private state: PolicyState;
   private readonly clock: Clock;
   private readonly log: Logger;
-  private readonly tickMs: number;
+  private tickMs: number;
   private readonly host: HostMemoryReaders;
   private readonly attached = new Map<string, Attached>();
   private timer: TimerHandle | undefined;
   private refused = 0;
-  /** Actions applied, by reason. */
+  /** Actions applied (set-target), by reason. */
   readonly actionsByReason = new Map<string, number>();
+  /** Suggestions reported in manual mode and not applied, by reason. */
+  readonly suggestionsByReason = new Map<string, number>();
 
   constructor(private readonly options: PolicyLoopOptions = {}) {
     this.clock = options.clock ?? systemClock;
@@ -106,10 +118,16 @@ export class PolicyLoop {
   }
 
   private apply(action: PolicyAction): void {
-    this.actionsByReason.set(action.reason, (this.actionsByReason.get(action.reason) ?? 0) + 1);
     if (action.kind === 'report') {
-      this.log.info('policy (manual mode, not applied)', { vm: action.vm, reason: action.reason, ...action.inputs });
+      // Manual mode stays quiet: what auto mode would have done is a debug line and a count.
+      this.suggestionsByReason.set(action.reason, (this.suggestionsByReason.get(action.reason) ?? 0) + 1);
+      this.log.debug('policy suggestion (manual mode, not applied)', {
+        vm: action.vm,
+        reason: action.reason,
+        ...action.inputs,
+      });
     } else {
+      this.actionsByReason.set(action.reason, (this.actionsByReason.get(action.reason) ?? 0) + 1);
       const device = this.attached.get(action.vm)?.device;
       try {
         device?.setTargetPages(action.pages, action.reason);
@@ -144,8 +162,35 @@ export class PolicyLoop {
     }
   }
 
+  /**
+   * Replaces the engine's configuration and the tick period (a reload). Validated by the caller
+   * (lib/daemon/config.ts); the next tick runs with the new values.
+   */
+  setConfig(config: PolicyConfig, tickMs: number): void {
+    this.state = { ...this.state, config: { ...config } };
+    if (tickMs !== this.tickMs) {
+      this.tickMs = tickMs;
+      if (this.timer !== undefined) {
+        this.timer.cancel();
+        this.timer = undefined;
+        this.start();
+      }
+    }
+  }
+
+  /** Per-VM floor (pages the guest keeps) and shares (host-pressure weight). */
+  setLimits(name: string, floorPages: number, shares: number): void {
+    this.feed({ kind: 'limits', vm: name, floorPages, shares });
+  }
+
   /** Puts a device under the policy. */
-  addVm(name: string, device: BalloonDevice, mode: Mode, operatorPages = device.target): void {
+  addVm(
+    name: string,
+    device: BalloonDevice,
+    mode: Mode,
+    operatorPages = device.target,
+    limits: { floorPages: number; shares: number } = { floorPages: 0, shares: 1000 },
+  ): void {
     if (this.attached.has(name)) throw new Error(`VM ${name} is already under the policy`);
     const onPressure = (_e: PressureEvent): void => this.feedFromDevice({ kind: 'pressure', vm: name });
     const onStats = (s: GuestStatsSnapshot): void =>
@@ -181,6 +226,8 @@ export class PolicyLoop {
       operatorPages,
       targetPages: device.target,
       actualPages: device.actual,
+      floorPages: limits.floorPages,
+      shares: limits.shares,
     });
   }
 
@@ -218,7 +265,7 @@ export class PolicyLoop {
     // Guest RAM becomes known once a front-end shares memory.
     for (const [name, a] of this.attached) {
       const ram = a.device.guestRamPages;
-      if (ram !== undefined && this.state.vms[name]?.guestRamPages !== ram)
+      if (ram !== undefined && (this.state.vms[name] as VmState | undefined)?.guestRamPages !== ram)
         this.feed({ kind: 'guest-ram', vm: name, pages: ram });
     }
     this.feed({ kind: 'tick' });

@@ -1,5 +1,5 @@
 /**
- * Replays a message trace recorded from a real QEMU 11.1 (../shared/reference/traces/) through
+ * Replays a message trace recorded from a real QEMU 11.1 (spec/fixtures/qemu-traces/) through
  * the test front-end: the same requests, flags, payload sizes and descriptor counts, in the same
  * order, with payloads rebuilt from what the trace recorded (feature values, vring states,
  * memory regions) and from the front-end's own rings. Every reply is checked.
@@ -28,7 +28,7 @@ export function parseTrace(text: string): TraceEntry[] {
     if (t === '' || t.startsWith('#') || t === 'EOF') continue;
     const m = /^([A-Z_]+) flags (0x[0-9a-f]+) size (\d+) fds \[([^\]]*)\]\s*(.*)$/.exec(t);
     if (m === null) throw new Error(`unparsable trace line: ${t}`);
-    const request = FrontendRequest[m[1] as keyof typeof FrontendRequest];
+    const request = (FrontendRequest as unknown as Partial<Record<string, FrontendRequest>>)[m[1]];
     if (request === undefined) throw new Error(`unknown request in trace: ${m[1]}`);
     entries.push({
       request,
@@ -36,7 +36,7 @@ export function parseTrace(text: string): TraceEntry[] {
       flags: Number(m[2]),
       size: Number(m[3]),
       fdCount: m[4].trim() === '' ? 0 : m[4].split(',').length,
-      detail: m[5] ?? '',
+      detail: m[5],
     });
   }
   return entries;

@@ -16,6 +16,7 @@ export interface LogLine {
 export class DaemonProcess {
   readonly dir = tmpDir();
   readonly control = path.join(this.dir, 'control.sock');
+  readonly stateFile = path.join(this.dir, 'state.json');
   readonly logs: LogLine[] = [];
   proc: ChildProcess | undefined;
   metricsPort = 0;
@@ -30,6 +31,7 @@ export class DaemonProcess {
         control: { socket: this.control },
         metrics: { host: '127.0.0.1', port: 0 },
         log: { format: 'json', level: 'debug' },
+        state: { file: this.stateFile },
         ...config,
       }),
     );
@@ -41,10 +43,15 @@ export class DaemonProcess {
   }
 
   /** Starts the daemon and waits for its "started" line. */
-  async start(config: Record<string, unknown>, extraArgs: string[] = []): Promise<void> {
+  async start(
+    config: Record<string, unknown>,
+    extraArgs: string[] = [],
+    env: NodeJS.ProcessEnv = process.env,
+  ): Promise<void> {
     const file = this.configFile(config);
     const proc = spawn(process.execPath, [BIN, 'serve', '--config', file, ...extraArgs], {
       stdio: ['ignore', 'pipe', 'pipe'],
+      env,
     });
     this.proc = proc;
     this.exitCode = undefined;
@@ -106,8 +113,8 @@ export class DaemonProcess {
       });
       let stdout = '';
       let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
+      p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
       p.on('exit', (code) => resolve({ code, stdout, stderr }));
     });
   }

@@ -73,7 +73,7 @@ describe('policy engine: scenarios over simulated time', () => {
     expect(sim.vm().targetPages).to.equal(P(2 * GiB));
   });
 
-  it('auto mode: the operator value is a ceiling; lowering it applies at once, raising it is approached in safe steps', () => {
+  it('auto mode: the operator value is a ceiling; lowering it applies at once, raising it is approached slowly', () => {
     const sim = new Sim();
     sim.add('vm0', { operatorBytes: 1 * GiB, targetBytes: 1 * GiB });
     sim.at(1000, { kind: 'operator-target', vm: 'vm0', pages: P(512 * MiB) });
@@ -129,7 +129,7 @@ describe('policy engine: scenarios over simulated time', () => {
     const cooldowns: number[] = [];
     for (let i = 0; i < 6; i++) {
       const base = sim.vm().targetPages;
-      const a = targets(sim.at(1000 + i * 100, { kind: 'pressure', vm: 'vm0' }))[0];
+      const a = targets(sim.at(1000 + i * 100, { kind: 'pressure', vm: 'vm0' })).at(0);
       if (a === undefined) break;
       // Step = max(64 MiB, 25 % of the balloon), doubled per repeat, at most 3 doublings.
       expect(a.inputs['stepPages']).to.equal(Math.max(P(64 * MiB), Math.ceil(base * 0.25)) * 2 ** Math.min(i, 3));
@@ -208,9 +208,9 @@ describe('policy engine: scenarios over simulated time', () => {
         sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB });
         sim.stats(1000, 'vm0', c.before);
         expect(targets(sim.actions).filter((a) => a.reason !== 'operator')).to.have.length(0);
-        const [a] = targets(sim.stats(1000 + (c.gapMs ?? 5000), 'vm0', c.after));
+        const a = targets(sim.stats(1000 + (c.gapMs ?? 5000), 'vm0', c.after)).at(0);
         expect(a?.reason).to.equal(c.reason);
-        expect(a.pages).to.be.lessThan(P(2 * GiB));
+        expect(a?.pages).to.be.lessThan(P(2 * GiB));
       });
     }
 
@@ -226,7 +226,7 @@ describe('policy engine: scenarios over simulated time', () => {
     it('a deflate the host did not ask for (DEFLATE_ON_OOM)', () => {
       const sim = new Sim();
       sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB });
-      const [a] = targets(sim.at(100, { kind: 'deflate', vm: 'vm0', pages: 256, unrequested: true }));
+      const a = targets(sim.at(100, { kind: 'deflate', vm: 'vm0', pages: 256, unrequested: true })).at(0);
       expect(a?.reason).to.equal('guest_deflate_on_oom');
       expect(targets(sim.at(200, { kind: 'deflate', vm: 'vm0', pages: 256, unrequested: false }))).to.have.length(0);
     });
@@ -286,6 +286,23 @@ describe('policy engine: scenarios over simulated time', () => {
       expect(targets(tiny.at(1000, { kind: 'tick' }))).to.have.length(0);
     });
 
+    it('splits the host deficit by reclaimable / shares: more shares, less taken; shares 0 exempt', () => {
+      const sim = new Sim({ hostStepBytes: 8 * GiB });
+      for (const name of ['a', 'b', 'c']) sim.add(name, { operatorBytes: 3 * GiB });
+      sim.at(0, { kind: 'limits', vm: 'a', floorPages: 0, shares: 1000 });
+      sim.at(0, { kind: 'limits', vm: 'b', floorPages: 0, shares: 3000 });
+      sim.at(0, { kind: 'limits', vm: 'c', floorPages: 0, shares: 0 });
+      for (const name of ['a', 'b', 'c']) sim.stats(0, name, { availableBytes: 3 * GiB });
+      // Deficit: 15% of 16 GiB - 0.4 GiB = 2 GiB.
+      sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 0.4 * GiB });
+      const r = targets(sim.at(1000, { kind: 'tick' }));
+      expect(r.map((x) => x.vm)).to.deep.equal(['a', 'b']);
+      const [a, b] = r.map((x) => x.pages - x.previous) as [number, number];
+      // Same reclaimable memory, shares 1000 vs 3000: a gives three times what b gives.
+      expect(a / b).to.be.closeTo(3, 0.01);
+      expect((a + b) * 4096).to.be.closeTo(2 * GiB, 8 * MiB);
+    });
+
     it('PSI counts as host pressure', () => {
       const sim = hostSim();
       sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 2 * GiB, psiSomeAvg10: 35 });
@@ -295,6 +312,42 @@ describe('policy engine: scenarios over simulated time', () => {
       sim.at(300, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 4 * GiB, psiSomeAvg10: 1 });
       expect(sim.state.host.underPressure).to.equal(false);
     });
+  });
+
+  it('a per-VM floor bounds every target: operator, host pressure, and a floor raised later', () => {
+    const sim = new Sim();
+    sim.add('vm0', { ramBytes: 4 * GiB, operatorBytes: 3 * GiB, targetBytes: 3 * GiB });
+    sim.at(0, { kind: 'limits', vm: 'vm0', floorPages: P(2 * GiB), shares: 1000 });
+    // The balloon may hold at most RAM - floor = 2 GiB: lowered at once.
+    expect(sim.vm().targetPages).to.equal(P(2 * GiB));
+    expect(targets(sim.actions).at(-1)!.reason).to.equal('floor');
+    sim.stats(10, 'vm0', { availableBytes: 3.5 * GiB });
+    sim.at(100, { kind: 'host', memTotalBytes: 16 * GiB, memAvailableBytes: 0.5 * GiB });
+    for (let ms = 1000; ms < 10_000; ms += 1000) {
+      sim.stats(ms - 1, 'vm0', { availableBytes: 3.5 * GiB });
+      sim.at(ms, { kind: 'tick' });
+    }
+    expect(sim.vm().targetPages).to.equal(P(2 * GiB));
+    const manual = new Sim();
+    manual.add('m', { ramBytes: 1 * GiB, mode: 'manual', operatorBytes: 0 });
+    manual.at(0, { kind: 'limits', vm: 'm', floorPages: P(768 * MiB), shares: 1000 });
+    manual.at(1, { kind: 'operator-target', vm: 'm', pages: P(512 * MiB) });
+    expect(manual.state.vms['m'].targetPages).to.equal(P(256 * MiB));
+  });
+
+  it('manual mode stays quiet: pressure is a suggestion only, and no cooldown or streak escalates', () => {
+    const sim = new Sim();
+    sim.add('vm0', { mode: 'manual', operatorBytes: 2 * GiB, targetBytes: 2 * GiB });
+    for (let i = 0; i < 5; i++) {
+      const r = sim.at(100 * i, { kind: 'pressure', vm: 'vm0' });
+      expect(r.map((a) => a.kind)).to.deep.equal(['report']);
+    }
+    expect(sim.vm()).to.include({ streak: 0, cooldownUntilMs: 0, targetPages: P(2 * GiB) });
+    // Switched to auto afterwards, the first pressure is treated as the first (base cooldown).
+    sim.at(1000, { kind: 'mode', vm: 'vm0', mode: 'auto' });
+    sim.at(1100, { kind: 'pressure', vm: 'vm0' });
+    expect(sim.vm().streak).to.equal(1);
+    expect(sim.vm().cooldownUntilMs).to.equal(1100 + DEFAULT_POLICY.cooldownBaseMs);
   });
 
   it('is pure: the input state is never modified', () => {
@@ -346,6 +399,12 @@ describe('policy engine: invariants (property tests)', () => {
           unrequested: fc.boolean(),
         }),
         fc.record({
+          kind: fc.constant('limits' as const),
+          vm: fc.constantFrom(...vms),
+          floorPages: fc.integer({ min: 0, max: P(4 * GiB) }),
+          shares: fc.integer({ min: 0, max: 5000 }),
+        }),
+        fc.record({
           kind: fc.constant('host' as const),
           memTotalBytes: fc.constant(16 * GiB),
           memAvailableBytes: fc.integer({ min: 0, max: 16 * GiB }),
@@ -354,7 +413,7 @@ describe('policy engine: invariants (property tests)', () => {
       ),
     });
 
-  it('never above the operator ceiling, never below zero, never an inflate during cooldown, never below the guest floor', () => {
+  it('never above the ceiling, never below zero, never an inflate in cooldown, never below the guest floor', () => {
     const vms = ['a', 'b'];
     fc.assert(
       fc.property(fc.array(event(vms), { maxLength: 120 }), (events) => {
@@ -372,6 +431,11 @@ describe('policy engine: invariants (property tests)', () => {
             expect(a.pages).to.be.at.least(0);
             expect(Number.isInteger(a.pages)).to.equal(true);
             expect(a.pages).to.be.at.most(vmAfter.operatorPages);
+            if (a.reason === 'host_pressure') expect(vmBefore.shares, 'host took from shares 0').to.be.greaterThan(0);
+            // The per-VM floor: the guest keeps at least floorPages of its RAM, in both modes.
+            expect(a.pages, 'balloon past the VM floor').to.be.at.most(
+              Math.max(0, vmAfter.guestRamPages - vmAfter.floorPages),
+            );
             if (vmAfter.mode === 'auto' && a.pages > a.previous) {
               expect(now, 'inflate during cooldown').to.be.at.least(vmBefore.cooldownUntilMs);
               // The increase fits in what the guest had above its floor (fresh stats required).
@@ -425,7 +489,6 @@ describe('policy engine: invariants (property tests)', () => {
               if (dir !== 0) lastDirection = dir;
             }
           }
-          for (const a of targets(sim.actions)) a;
           expect(directionChanges).to.be.at.most(2);
         },
       ),
