@@ -359,5 +359,55 @@ export const OVERSHOOT_MIB = 150;
         await teardown(r);
       }
     });
+
+    it('5. rmmod / insmod while the balloon is inflated, also with a message outstanding', async () => {
+      const r = await bootGuestDriver({ vm: { reporting: false, deflateOnOom: false } });
+      const pid = r.d.proc!.pid!;
+      let stopped = false;
+      try {
+        const { g, d } = r;
+        const full = (await g.meminfo())['MemTotal'];
+        await inflateThenAuto(d, 300);
+        expect(full - (await g.meminfo())['MemTotal']).to.equal(300 * MiB);
+        const reinflated = async (what: string): Promise<void> => {
+          await until(() => status(d).negotiatedQueues.includes('message'), `${what}: bound again`, 30_000);
+          await until(
+            () => status(d).actualBytes === status(d).targetBytes && status(d).targetBytes > 0,
+            `${what}: the balloon is back at its target`,
+            60_000,
+          );
+          expect(full - (await g.meminfo())['MemTotal']).to.equal(status(d).targetBytes);
+        };
+        // Unload with the balloon inflated: every page goes back to the guest first.
+        const rm = await g.run('rmmod virtio_balloon; echo RC=$?');
+        expect(rm.lines).to.include('RC=0');
+        expect((await g.meminfo())['MemTotal']).to.equal(full);
+        expect((await g.run('insmod /virtio_balloon.ko; echo RC=$?')).lines).to.include('RC=0');
+        await reinflated('first insmod');
+        // Now with a message outstanding: the host stopped, the worker waiting (long timeout).
+        await g.run('echo 60000 > /sys/module/virtio_balloon/parameters/ack_timeout_ms');
+        process.kill(pid, 'SIGSTOP');
+        stopped = true;
+        await g.run(`${TRIGGER}; sleep 0.5`);
+        expect(await pressureCounters(g)).to.include({ sent: 1, outstanding: 1, acked: 0, timed_out: 0 });
+        // rmmod stops the worker at once; giving the pages back then waits for the host.
+        const from = g.output.length;
+        g.spawnInGuest('rmmod virtio_balloon; echo RMMOD_RC=$?');
+        await new Promise((res) => setTimeout(res, 2000));
+        process.kill(pid, 'SIGCONT');
+        stopped = false;
+        const done = await g.waitLine((l) => l.startsWith('RMMOD_RC='), 60_000, from);
+        expect(done).to.equal('RMMOD_RC=0');
+        expect((await g.meminfo())['MemTotal']).to.equal(full);
+        expect((await g.run('lsmod | grep -c virtio_balloon || true')).lines[0]).to.equal('0');
+        expect((await g.run('insmod /virtio_balloon.ko; echo RC=$?')).lines).to.include('RC=0');
+        await reinflated('second insmod');
+        expect(await pressureCounters(g)).to.include({ sent: 0, outstanding: 0 });
+        expect(await kernelProblems(g)).to.deep.equal([]);
+      } finally {
+        if (stopped) process.kill(pid, 'SIGCONT');
+        await teardown(r);
+      }
+    });
   },
 );
