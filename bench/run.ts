@@ -2,16 +2,18 @@
  * `npm run bench`: runs every benchmark, prints one table (figure, reference measured in the same
  * run, ratio) and writes machine-readable results to bench/results/latest.json.
  * `--quick` runs fewer rounds; `--only NAME[,NAME]` picks benchmarks (latency, reclaim,
- * pressure, cost, qemu).
+ * pressure, cost, qemu, guest).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { benchCost } from './cost';
+import { benchGuestPressure, firstDeflateText } from './guest-pressure';
 import { benchKickLatency } from './kick-latency';
 import { benchPressureLatency } from './pressure-latency';
 import { benchQemuCompare } from './qemu-compare';
 import { benchReclaim } from './reclaim';
+import { median } from './stats';
 
 type Row = [string, string, string, string, string];
 
@@ -121,6 +123,39 @@ async function main(): Promise<void> {
         r2(q.vballoon!.releasedMiB / q.builtin!.releasedMiB),
         '>= 1',
       ]);
+    }
+  }
+  if (want('guest')) {
+    const gp = await benchGuestPressure(quick ? { rounds: 1, messages: 50 } : {});
+    results['guestPressure'] = gp;
+    if (gp.skipped !== undefined) rows.push(['real guest, our driver', 'skipped', gp.skipped, '', '']);
+    else {
+      const a = gp.ackLatencyUs!;
+      rows.push(['guest driver: message-to-ack p50 (us)', String(a.p50), `${a.n} messages`, '', '']);
+      rows.push(['guest driver: message-to-ack p99 (us)', String(a.p99), `max ${a.max}`, '', '']);
+      const stats1 = (load: string): number | undefined => {
+        const row = gp.paths!.find((x) => x.path === 'stats 1 s' && x.load === load);
+        const seen = row?.firstDeflateMs.filter((x): x is number => x !== null) ?? [];
+        return seen.length > 0 ? median(seen) : undefined;
+      };
+      for (const row of gp.paths!) {
+        const seen = row.firstDeflateMs.filter((x): x is number => x !== null);
+        const ref = stats1(row.load);
+        rows.push([
+          `${row.load} load, ${row.path}: onset to first deflate (ms)`,
+          firstDeflateText(row),
+          ref === undefined ? 'stats 1 s: none' : `${ref} stats 1 s`,
+          seen.length > 0 && ref !== undefined && median(seen) > 0 ? r2(ref / median(seen)) : '',
+          row.path.startsWith('message') ? '>= 10x shorter' : '',
+        ]);
+        rows.push([
+          `${row.load} load, ${row.path}: OOM kills`,
+          row.oomKills.join('+'),
+          `${row.messages.join('+')} messages`,
+          '',
+          row.path.startsWith('message') ? '0' : '',
+        ]);
+      }
     }
   }
   if (want('cost')) {

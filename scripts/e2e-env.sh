@@ -113,7 +113,7 @@ if [ -n "$CHROOT" ]; then
   DRIVER_MODULE="$CACHE/virtio_balloon-vballoon.ko"
   DSTAMP="$CACHE/initrd-driver.stamp"
   want_dstamp="$KVER $(cat "$ROOT_DIR"/guest/linux/{Makefile,Kbuild,dkms.conf,virtio_balloon-message-vq.patch} \
-    "$ROOT_DIR"/scripts/{guest-init-driver.sh,eater.c} | sha256sum | cut -c1-16)"
+    "$ROOT_DIR"/scripts/{guest-init-driver.sh,eater.c,pressure-watch.c} | sha256sum | cut -c1-16)"
   if [ ! -f "$DRIVER_INITRD" ] || [ ! -f "$DRIVER_MODULE" ] || [ "$(cat "$DSTAMP" 2>/dev/null)" != "$want_dstamp" ]; then
     need=()
     for p in make dkms xz-utils patch "linux-headers-$KVER"; do
@@ -167,6 +167,7 @@ if [ -n "$CHROOT" ]; then
       esac
     done
     gcc -static -O2 -o "$dwork/bin/eater" "$ROOT_DIR/scripts/eater.c" || fail "cannot build the memory eater (gcc -static)"
+    gcc -static -O2 -o "$dwork/bin/pressure-watch" "$ROOT_DIR/scripts/pressure-watch.c" || fail "cannot build pressure-watch"
     cp "$ROOT_DIR/scripts/guest-init-driver.sh" "$dwork/init"
     chmod +x "$dwork/init"
     (cd "$dwork" && find . | cpio -H newc -o --quiet | gzip -1) > "$DRIVER_INITRD.tmp"
