@@ -114,7 +114,8 @@ if [ -n "$CHROOT" ]; then
   DSTAMP="$CACHE/initrd-driver.stamp"
   want_dstamp="$KVER $(cat "$ROOT_DIR"/guest/linux/{Makefile,Kbuild,dkms.conf,virtio_balloon-message-vq.patch} \
     "$ROOT_DIR"/scripts/{guest-init-driver.sh,eater.c,pressure-watch.c} | sha256sum | cut -c1-16)"
-  if [ ! -f "$DRIVER_INITRD" ] || [ ! -f "$DRIVER_MODULE" ] || [ "$(cat "$DSTAMP" 2>/dev/null)" != "$want_dstamp" ]; then
+  if [ ! -f "$DRIVER_INITRD" ] || [ ! -f "$DRIVER_MODULE" ] ||
+     [ "$(cat "$DSTAMP" 2>/dev/null)" != "$want_dstamp" ]; then
     need=()
     for p in make dkms xz-utils patch "linux-headers-$KVER"; do
       chroot "$CHROOT" dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
@@ -124,7 +125,8 @@ if [ -n "$CHROOT" ]; then
       chroot "$CHROOT" apt-get update -qq >&2 || fail "apt-get update in the trixie root failed"
       # pahole (from the headers) needs the libdw matching the root's backports libelf.
       extra=()
-      chroot "$CHROOT" dpkg -s libelf1t64 2>/dev/null | grep -q '^Version:.*bpo' && extra+=("libdw1t64/trixie-backports")
+      chroot "$CHROOT" dpkg -s libelf1t64 2>/dev/null | grep -q '^Version:.*bpo' &&
+        extra+=("libdw1t64/trixie-backports")
       chroot "$CHROOT" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${need[@]}" "${extra[@]}" >&2 || fail "installing ${need[*]} in the trixie root failed"
       chroot "$CHROOT" apt-get clean
@@ -136,13 +138,15 @@ if [ -n "$CHROOT" ]; then
     mkdir -p "$CHROOT$D/src" "$CHROOT$D/dkms/modules/$KVER/kernel/drivers/virtio"
     cp "$ROOT_DIR"/guest/linux/{Makefile,Kbuild,dkms.conf,LICENSE,virtio_balloon-message-vq.patch} "$CHROOT$D/src/"
     # The private install tree holds the stock module, so DKMS installs over it as on a real guest.
-    cp "$CHROOT/lib/modules/$KVER/kernel/drivers/virtio/"virtio_balloon.ko* "$CHROOT$D/dkms/modules/$KVER/kernel/drivers/virtio/"
+    cp "$CHROOT/lib/modules/$KVER/kernel/drivers/virtio/"virtio_balloon.ko* \
+      "$CHROOT$D/dkms/modules/$KVER/kernel/drivers/virtio/"
     cp "$CHROOT/lib/modules/$KVER"/modules.{order,builtin,builtin.modinfo} "$CHROOT$D/dkms/modules/$KVER/"
     T="$D/dkms"
     # BUILD keeps the extracted virtio_balloon.c between runs (the 150 MB fetch happens once).
     chroot "$CHROOT" make -C "$D/src" KVER="$KVER" BUILD="$D/build" DKMS_SRC_TREE="$T/usr-src" \
       DKMS_DIRS="$T/tree $T/modules" \
-      DKMS_FLAGS="--dkmstree $T/tree --sourcetree $T/usr-src --installtree $T/modules --kernelsourcedir /lib/modules/$KVER/build" \
+      DKMS_FLAGS="--dkmstree $T/tree --sourcetree $T/usr-src --installtree $T/modules \
+        --kernelsourcedir /lib/modules/$KVER/build" \
       dkms-install >&2 || fail "building the guest driver failed (guest/linux)"
     built="$(find "$CHROOT$T/modules/$KVER/updates" -name 'virtio_balloon.ko*' | head -1)"
     [ -n "$built" ] || fail "dkms installed no virtio_balloon module"
@@ -166,8 +170,9 @@ if [ -n "$CHROOT" ]; then
         *) cp "$f" "$dwork/$(basename "$m").ko" ;;
       esac
     done
-    gcc -static -O2 -o "$dwork/bin/eater" "$ROOT_DIR/scripts/eater.c" || fail "cannot build the memory eater (gcc -static)"
-    gcc -static -O2 -o "$dwork/bin/pressure-watch" "$ROOT_DIR/scripts/pressure-watch.c" || fail "cannot build pressure-watch"
+    for prog in eater pressure-watch; do
+      gcc -static -O2 -o "$dwork/bin/$prog" "$ROOT_DIR/scripts/$prog.c" || fail "cannot build $prog (gcc -static)"
+    done
     cp "$ROOT_DIR/scripts/guest-init-driver.sh" "$dwork/init"
     chmod +x "$dwork/init"
     (cd "$dwork" && find . | cpio -H newc -o --quiet | gzip -1) > "$DRIVER_INITRD.tmp"
