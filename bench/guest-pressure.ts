@@ -27,8 +27,13 @@ import { median, percentile } from './stats';
 export interface PathResult {
   path: string;
   load: LoadKind;
-  /** Per round: ms from onset to first deflated page (negative: the deflate came first), or null if none. */
-  firstDeflateMs: (number | null)[];
+  /**
+   * Per round: ms from the onset of pressure (first reclaim pass) to the first deflated page;
+   * 'before onset' when the balloon gave back its first page before any reclaim; null without a deflate.
+   */
+  firstDeflateMs: (number | 'before onset' | null)[];
+  /** Per round: ms from the start of the load to the first deflated page (null: none). */
+  loadToDeflateMs: (number | null)[];
   oomKills: number[];
   messages: number[];
 }
@@ -67,7 +72,12 @@ async function ackLatency(messages: number): Promise<GuestPressureResult['ackLat
 async function onePressureRun(
   p: (typeof PATHS)[number],
   load: LoadKind,
-): Promise<{ firstDeflateMs: number | null; oomKills: number; messages: number }> {
+): Promise<{
+  firstDeflateMs: number | 'before onset' | null;
+  loadToDeflateMs: number | null;
+  oomKills: number;
+  messages: number;
+}> {
   const r = await bootGuestDriver({ vm: p.vm, policy: p.policy });
   try {
     const { g, d } = r;
@@ -92,7 +102,13 @@ async function onePressureRun(
     const onset = watched('ONSET');
     const deflated = watched('DEFLATED');
     return {
-      firstDeflateMs: onset !== undefined && deflated !== undefined ? Math.round(deflated - onset) : null,
+      firstDeflateMs:
+        deflated === undefined
+          ? null
+          : onset === undefined || deflated < onset
+            ? 'before onset'
+            : Math.round(deflated - onset),
+      loadToDeflateMs: deflated === undefined ? null : Math.round(deflated),
       oomKills,
       messages,
     };
@@ -111,10 +127,18 @@ export async function benchGuestPressure(
   const result: GuestPressureResult = { ackLatencyUs: await ackLatency(options.messages ?? 200), paths: [] };
   for (const load of ['sudden', 'gradual'] as const) {
     for (const p of PATHS) {
-      const row: PathResult = { path: p.name, load, firstDeflateMs: [], oomKills: [], messages: [] };
+      const row: PathResult = {
+        path: p.name,
+        load,
+        firstDeflateMs: [],
+        loadToDeflateMs: [],
+        oomKills: [],
+        messages: [],
+      };
       for (let i = 0; i < rounds; i++) {
         const one = await onePressureRun(p, load);
         row.firstDeflateMs.push(one.firstDeflateMs);
+        row.loadToDeflateMs.push(one.loadToDeflateMs);
         row.oomKills.push(one.oomKills);
         row.messages.push(one.messages);
       }
@@ -124,12 +148,15 @@ export async function benchGuestPressure(
   return result;
 }
 
-/** The median of the rounds that saw a deflate, as text ('none' when no round did). */
+/** Each round's onset-to-first-deflate, as text. */
 export function firstDeflateText(row: PathResult): string {
-  const seen = row.firstDeflateMs.filter((x): x is number => x !== null);
-  if (seen.length === 0) return 'none';
-  const m = median(seen);
-  return seen.length === row.firstDeflateMs.length ? String(m) : `${m} (${seen.length}/${row.firstDeflateMs.length})`;
+  return row.firstDeflateMs.map((x) => (x === null ? 'none' : String(x))).join(', ');
+}
+
+/** The median onset-to-first-deflate of the rounds that measured one (undefined: none did). */
+export function firstDeflateMedian(row: PathResult): number | undefined {
+  const seen = row.firstDeflateMs.filter((x): x is number => typeof x === 'number');
+  return seen.length === 0 ? undefined : median(seen);
 }
 
 if (require.main === module) {

@@ -8,12 +8,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { benchCost } from './cost';
-import { benchGuestPressure, firstDeflateText } from './guest-pressure';
+import { benchGuestPressure, firstDeflateMedian, firstDeflateText } from './guest-pressure';
 import { benchKickLatency } from './kick-latency';
 import { benchPressureLatency } from './pressure-latency';
 import { benchQemuCompare } from './qemu-compare';
 import { benchReclaim } from './reclaim';
-import { median } from './stats';
 
 type Row = [string, string, string, string, string];
 
@@ -133,20 +132,23 @@ async function main(): Promise<void> {
       const a = gp.ackLatencyUs!;
       rows.push(['guest driver: message-to-ack p50 (us)', String(a.p50), `${a.n} messages`, '', '']);
       rows.push(['guest driver: message-to-ack p99 (us)', String(a.p99), `max ${a.max}`, '', '']);
-      const stats1 = (load: string): number | undefined => {
-        const row = gp.paths!.find((x) => x.path === 'stats 1 s' && x.load === load);
-        const seen = row?.firstDeflateMs.filter((x): x is number => x !== null) ?? [];
-        return seen.length > 0 ? median(seen) : undefined;
-      };
       for (const row of gp.paths!) {
-        const seen = row.firstDeflateMs.filter((x): x is number => x !== null);
-        const ref = stats1(row.load);
+        const m = firstDeflateMedian(row);
+        const ref = gp.paths!.find((x) => x.path === 'stats 1 s' && x.load === row.load);
+        const refM = ref === undefined ? undefined : firstDeflateMedian(ref);
         rows.push([
           `${row.load} load, ${row.path}: onset to first deflate (ms)`,
           firstDeflateText(row),
-          ref === undefined ? 'stats 1 s: none' : `${ref} stats 1 s`,
-          seen.length > 0 && ref !== undefined && median(seen) > 0 ? r2(ref / median(seen)) : '',
+          ref === undefined ? '' : `${firstDeflateText(ref)} stats 1 s`,
+          m !== undefined && refM !== undefined && m > 0 ? `${r2(refM / m)}x` : '',
           row.path.startsWith('message') ? '>= 10x shorter' : '',
+        ]);
+        rows.push([
+          `${row.load} load, ${row.path}: load start to first deflate (ms)`,
+          row.loadToDeflateMs.map((x) => (x === null ? 'none' : String(x))).join(', '),
+          '',
+          '',
+          '',
         ]);
         rows.push([
           `${row.load} load, ${row.path}: OOM kills`,

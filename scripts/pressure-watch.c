@@ -5,7 +5,9 @@
  *   WATCH DEFLATED <ms>  the first rise of MemTotal: the balloon gave back its first page
  *                        (without DEFLATE_ON_OOM, ballooned pages leave MemTotal)
  * Exits once both were seen, or after TIMEOUT_S seconds. Usage: pressure-watch TIMEOUT_S
+ * It runs SCHED_FIFO so that a guest busy allocating does not delay its polls.
  */
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +47,8 @@ int main(int argc, char **argv) {
   double start = now_ms(), onset = -1, deflated = -1;
   long reclaim0 = reclaim_events(), total0 = mem_total_kb();
   struct timespec ms = {0, 1000000};
+  struct sched_param prio = {.sched_priority = 50};
+  if (sched_setscheduler(0, SCHED_FIFO, &prio) != 0) perror("sched_setscheduler");
   printf("WATCH START\n");
   fflush(stdout);
   while ((onset < 0 || deflated < 0) && now_ms() - start < timeout_ms) {
