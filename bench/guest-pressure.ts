@@ -79,6 +79,7 @@ async function ackLatency(messages: number): Promise<GuestPressureResult['ackLat
 async function onePressureRun(
   p: (typeof PATHS)[number],
   load: LoadKind,
+  overMiB: number,
 ): Promise<{
   firstDeflateMs: number | 'before onset' | null;
   loadToDeflateMs: number | null;
@@ -92,7 +93,7 @@ async function onePressureRun(
     const from = g.output.length;
     g.spawnInGuest('/bin/pressure-watch 120');
     await g.waitLine((l) => l === 'WATCH START', 30_000, from);
-    const out = await runLoad(g, load, OVERSHOOT_MIB);
+    const out = await runLoad(g, load, overMiB);
     const watched = (what: string): number | undefined => {
       const l = g.output.slice(from).find((x) => x.startsWith(`WATCH ${what} `));
       return l === undefined ? undefined : Number(l.split(' ')[2]);
@@ -126,7 +127,7 @@ async function onePressureRun(
 }
 
 export async function benchGuestPressure(
-  options: { rounds?: number; messages?: number; paths?: string[] } = {},
+  options: { rounds?: number; messages?: number; paths?: string[]; overMiB?: number } = {},
 ): Promise<GuestPressureResult> {
   if (env === undefined || env.driverInitrd === '')
     return { skipped: 'no guest-driver initramfs (scripts/e2e-env.sh)' };
@@ -148,7 +149,7 @@ export async function benchGuestPressure(
         messages: [],
       };
       for (let i = 0; i < rounds; i++) {
-        const one = await onePressureRun(p, load);
+        const one = await onePressureRun(p, load, options.overMiB ?? OVERSHOOT_MIB);
         row.firstDeflateMs.push(one.firstDeflateMs);
         row.loadToDeflateMs.push(one.loadToDeflateMs);
         row.oomKills.push(one.oomKills);
@@ -172,10 +173,15 @@ export function firstDeflateMedian(row: PathResult): number | undefined {
 }
 
 if (require.main === module) {
-  // node dist/bench/guest-pressure.js [ROUNDS] [MESSAGES] ['PATH;PATH']
+  // node dist/bench/guest-pressure.js [ROUNDS] [MESSAGES] ['PATH;PATH'] [OVERSHOOT_MIB]
   const rounds = Number(process.argv[2] ?? 1);
   const messages = Number(process.argv[3] ?? 200);
-  benchGuestPressure({ rounds, messages, paths: process.argv[4]?.split(';') })
+  benchGuestPressure({
+    rounds,
+    messages,
+    paths: process.argv[4]?.split(';'),
+    overMiB: Number(process.argv[5] ?? OVERSHOOT_MIB),
+  })
     .then((r) => console.log(JSON.stringify(r, null, 2)))
     .catch((err: unknown) => {
       console.error(err);
