@@ -2,12 +2,13 @@
  * `npm run bench`: runs every benchmark, prints one table (figure, reference measured in the same
  * run, ratio) and writes machine-readable results to bench/results/latest.json.
  * `--quick` runs fewer rounds; `--only NAME[,NAME]` picks benchmarks (latency, reclaim,
- * pressure, cost, qemu).
+ * pressure, cost, qemu, guest).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { benchCost } from './cost';
+import { benchGuestPressure, firstDeflateMedian, firstDeflateText } from './guest-pressure';
 import { benchKickLatency } from './kick-latency';
 import { benchPressureLatency } from './pressure-latency';
 import { benchQemuCompare } from './qemu-compare';
@@ -121,6 +122,42 @@ async function main(): Promise<void> {
         r2(q.vballoon!.releasedMiB / q.builtin!.releasedMiB),
         '>= 1',
       ]);
+    }
+  }
+  if (want('guest')) {
+    const gp = await benchGuestPressure(quick ? { rounds: 1, messages: 50 } : {});
+    results['guestPressure'] = gp;
+    if (gp.skipped !== undefined) rows.push(['real guest, our driver', 'skipped', gp.skipped, '', '']);
+    else {
+      const a = gp.ackLatencyUs!;
+      rows.push(['guest driver: message-to-ack p50 (us)', String(a.p50), `${a.n} messages`, '', '']);
+      rows.push(['guest driver: message-to-ack p99 (us)', String(a.p99), `max ${a.max}`, '', '']);
+      for (const row of gp.paths!) {
+        const m = firstDeflateMedian(row);
+        const ref = gp.paths!.find((x) => x.path === 'stats 1 s' && x.load === row.load);
+        const refM = ref === undefined ? undefined : firstDeflateMedian(ref);
+        rows.push([
+          `${row.load} load, ${row.path}: onset to first deflate (ms)`,
+          firstDeflateText(row),
+          ref === undefined ? '' : `${firstDeflateText(ref)} stats 1 s`,
+          m !== undefined && refM !== undefined && m > 0 ? `${r2(refM / m)}x` : '',
+          row.path.startsWith('message') ? '>= 10x shorter' : '',
+        ]);
+        rows.push([
+          `${row.load} load, ${row.path}: load start to first deflate (ms)`,
+          row.loadToDeflateMs.map((x) => (x === null ? 'none' : String(x))).join(', '),
+          '',
+          '',
+          '',
+        ]);
+        rows.push([
+          `${row.load} load, ${row.path}: OOM kills`,
+          row.oomKills.join('+'),
+          `${row.messages.join('+')} messages`,
+          '',
+          row.path.startsWith('message') ? '0' : '',
+        ]);
+      }
     }
   }
   if (want('cost')) {

@@ -15,6 +15,8 @@ export interface E2eEnv {
   root: string;
   kernel: string;
   initrd: string;
+  /** The initramfs with our guest driver (guest/linux) instead of the stock one; '' when not built. */
+  driverInitrd: string;
 }
 
 /** Reads $CACHE/env.sh written by scripts/e2e-env.sh. */
@@ -31,6 +33,7 @@ export function loadE2eEnv(cacheDir: string): E2eEnv | undefined {
     root: vars['E2E_CHROOT'] ?? '',
     kernel: vars['E2E_KERNEL'] ?? '',
     initrd: vars['E2E_INITRD'] ?? '',
+    driverInitrd: vars['E2E_DRIVER_INITRD'] ?? '',
   };
 }
 
@@ -45,6 +48,10 @@ export interface GuestOptions {
   vqSize?: number;
   /** Extra chardev options, e.g. 'reconnect-ms=1000'. */
   chardevExtra?: string;
+  /** Another initramfs than `env.initrd` (e.g. `env.driverInitrd`). */
+  initrd?: string;
+  /** Appended to the kernel command line (e.g. `VBALLOON_MODARGS=message_bit=2` for the driver initramfs). */
+  appendExtra?: string;
 }
 
 /** The argv that runs QEMU from `env` (through the trixie root's loader when needed). */
@@ -118,9 +125,9 @@ export class QemuGuest {
       '-kernel',
       this.env.kernel,
       '-initrd',
-      this.env.initrd,
+      o.initrd ?? this.env.initrd,
       '-append',
-      'console=ttyS0 quiet panic=-1',
+      `console=ttyS0 quiet panic=-1${o.appendExtra ? ` ${o.appendExtra}` : ''}`,
     ];
   }
 
