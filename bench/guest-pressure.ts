@@ -46,8 +46,8 @@ export interface GuestPressureResult {
 
 /** The ways the host can learn of the pressure. */
 const PATHS: { name: string; vm: Record<string, unknown>; policy: Record<string, unknown> }[] = [
-  { name: 'message (step: whole balloon)', vm: PRESSURE_VM, policy: { pressureStepFraction: 1 } },
-  { name: 'message (step: 25 %, default)', vm: PRESSURE_VM, policy: {} },
+  { name: 'message (step: whole balloon, default)', vm: PRESSURE_VM, policy: {} },
+  { name: 'message (step: 25 %)', vm: PRESSURE_VM, policy: { messageStep: 0.25 } },
   { name: 'stats 1 s', vm: { ...PRESSURE_VM, messageQueue: false, statsInterval: '1s' }, policy: {} },
   { name: 'stats 5 s', vm: { ...PRESSURE_VM, messageQueue: false, statsInterval: '5s' }, policy: {} },
   // The default inflate floor (256 MiB) makes the stats rule act at 128 MiB available, before any
@@ -55,7 +55,7 @@ const PATHS: { name: string; vm: Record<string, unknown>; policy: Record<string,
   {
     name: 'stats 1 s, lean floor',
     vm: { ...PRESSURE_VM, messageQueue: false, statsInterval: '1s' },
-    policy: { guestFloorBytes: 32 * 1024 * 1024, guestFloorFraction: 0.03 },
+    policy: { guestFloor: '32M', guestFloorFraction: 0.03 },
   },
 ];
 

@@ -323,7 +323,14 @@ const vmSchema = z.strictObject({
  * Keys ending in a size or duration accept "256M" / "15s".
  */
 const POLICY_FIELDS = {
-  pressureStep: ['pressureStepFraction', num('Deflate on pressure by this fraction of the balloon...', 0.01, 1)],
+  pressureStep: [
+    'pressureStepFraction',
+    num('Deflate on inferred pressure by this fraction of the balloon...', 0.01, 1),
+  ],
+  messageStep: [
+    'messageStepFraction',
+    num("Deflate on the guest's pressure message by this fraction of the balloon (default all).", 0.01, 1),
+  ],
   pressureStepMin: ['pressureStepMinBytes', size('...but at least this much.', { min: 0, max: 64 * GiB })],
   pressureStepMaxDoublings: [
     'pressureStepMaxDoublings',

@@ -29,8 +29,15 @@ export type Reason =
   | 'floor';
 
 export interface PolicyConfig {
-  /** Deflate on pressure: this fraction of the balloon... */
+  /** Deflate on inferred pressure (stats, DEFLATE_ON_OOM, stalls): this fraction of the balloon... */
   pressureStepFraction: number;
+  /**
+   * Deflate on a pressure message from the guest: this fraction of the balloon. The message says
+   * "now", not "how much", and a second one comes only after the guest's next reclaim pass: a
+   * step smaller than the overshoot lets the guest OOM (measured with the real guest driver:
+   * docs/guest-driver.md). Default: the whole balloon.
+   */
+  messageStepFraction: number;
   /** ...but at least this much. */
   pressureStepMinBytes: number;
   /** Each repeated pressure doubles the step, up to this many doublings. */
@@ -75,6 +82,7 @@ export interface PolicyConfig {
 
 export const DEFAULT_POLICY: PolicyConfig = {
   pressureStepFraction: 0.25,
+  messageStepFraction: 1,
   pressureStepMinBytes: 64 * MiB,
   pressureStepMaxDoublings: 3,
   cooldownBaseMs: 15_000,
@@ -273,8 +281,8 @@ class Step {
     const streak = vm.mode === 'auto' ? this.escalate(vm) : Math.max(1, vm.streak);
     const doublings = Math.min(streak - 1, c.pressureStepMaxDoublings);
     const base = Math.min(vm.actualPages, vm.targetPages);
-    const stepPages =
-      Math.max(pages(c.pressureStepMinBytes), Math.ceil(base * c.pressureStepFraction)) * 2 ** doublings;
+    const fraction = reason === 'guest_pressure_message' ? c.messageStepFraction : c.pressureStepFraction;
+    const stepPages = Math.max(pages(c.pressureStepMinBytes), Math.ceil(base * fraction)) * 2 ** doublings;
     const cooldown = Math.min(c.cooldownBaseMs * 2 ** Math.min(streak - 1, 20), c.cooldownMaxMs);
     if (vm.mode === 'auto') vm.cooldownUntilMs = Math.max(vm.cooldownUntilMs, this.now + cooldown);
     this.set(vm, base - stepPages, reason, {

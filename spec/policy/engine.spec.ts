@@ -107,8 +107,17 @@ describe('policy engine: scenarios over simulated time', () => {
     expect(sim.vm().targetPages).to.equal(before);
   });
 
-  it('a pressure message cancels the inflate in progress and deflates by a step', () => {
+  it('a pressure message cancels the inflate in progress and gives back the whole balloon by default', () => {
     const sim = new Sim();
+    sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB, actualBytes: 1 * GiB });
+    const [a] = targets(sim.at(1000, { kind: 'pressure', vm: 'vm0' }));
+    expect(a.pages).to.equal(0);
+    expect(a.reason).to.equal('guest_pressure_message');
+    expect(a.inputs).to.include({ streak: 1, cooldownMs: DEFAULT_POLICY.cooldownBaseMs });
+  });
+
+  it('with a smaller message step, a pressure message cancels the inflate and deflates by that step', () => {
+    const sim = new Sim({ messageStepFraction: 0.25 });
     sim.add('vm0', { operatorBytes: 2 * GiB, targetBytes: 2 * GiB, actualBytes: 1 * GiB });
     const [a] = targets(sim.at(1000, { kind: 'pressure', vm: 'vm0' }));
     // target := actual (1 GiB), minus max(64 MiB, 25% of 1 GiB) = 256 MiB.
@@ -116,14 +125,14 @@ describe('policy engine: scenarios over simulated time', () => {
     expect(a.reason).to.equal('guest_pressure_message');
     expect(a.inputs).to.include({ streak: 1, cooldownMs: DEFAULT_POLICY.cooldownBaseMs });
     // A small balloon deflates by the floor step, never below zero.
-    const small = new Sim();
+    const small = new Sim({ messageStepFraction: 0.25 });
     small.add('vm0', { operatorBytes: 100 * MiB, targetBytes: 100 * MiB });
     expect(targets(small.at(10, { kind: 'pressure', vm: 'vm0' }))[0].pages).to.equal(P(100 * MiB) - P(64 * MiB));
     expect(targets(small.at(20, { kind: 'pressure', vm: 'vm0' }))[0].pages).to.equal(0);
   });
 
   it('repeated pressure grows the step and the cooldown (bounded); calm time decays them', () => {
-    const sim = new Sim();
+    const sim = new Sim({ messageStepFraction: 0.25 });
     sim.add('vm0', { operatorBytes: 4 * GiB, targetBytes: 4 * GiB });
     const steps: number[] = [];
     const cooldowns: number[] = [];
