@@ -5,30 +5,35 @@
  */
 import * as fs from 'node:fs';
 import { Clock, systemClock } from '../clock';
-import { BalloonDevice, BalloonSnapshot, GuestStatsSnapshot } from '../device/balloon';
+import { BalloonDevice } from '../device/balloon';
 import { BALLOON_PAGE_BYTES } from '../device/constants';
 import { ErrorCode, errorMessage, VballoonError } from '../errors';
-import { formatBytes } from '../units';
 import { Logger } from '../log';
 import { native } from '../native';
 import { Mode, PolicyAction, VmState } from '../policy/engine';
 import { HostMemoryReaders } from '../policy/host';
 import { PolicyLoop } from '../policy/loop';
 import { VhostUserBackend } from '../vhost/server';
-import {
-  DaemonConfig,
-  deviceOptions,
-  libvirtXml,
-  MIN_STATS_INTERVAL_MS,
-  qemuArgs,
-  SocketAccess,
-  VmConfig,
-} from './config';
+import { DaemonConfig, deviceOptions, libvirtXml, MIN_STATS_INTERVAL_MS, qemuArgs, VmConfig } from './config';
 import { DaemonEvents, EVENT_TYPES } from './events';
 import { StateStore } from './state';
 import { SystemdNotifier } from './systemd';
 import { ControlServer } from './control';
 import { DaemonMetrics } from './metrics';
+import { applyReload, ReloadHost, ReloadReport } from './reload';
+import {
+  applySocketAccess,
+  guestRamBytes,
+  resolveTargetBytes,
+  statsOf,
+  statusOf,
+  VmRuntime,
+  VmStats,
+  VmStatus,
+} from './vm-runtime';
+
+export type { ReloadReport } from './reload';
+export type { VmStats, VmStatus } from './vm-runtime';
 
 export interface DaemonOptions {
   log: Logger;
@@ -38,103 +43,6 @@ export interface DaemonOptions {
   notifier?: SystemdNotifier;
   /** Applies new log settings (a reload); without it a log change is refused with a log line. */
   reconfigureLog?(log: DaemonConfig['log']): void;
-}
-
-interface VmRuntime {
-  /** What runs (the file's values, less the changes a reload had to refuse). */
-  config: VmConfig;
-  /** The file's values as last read (to tell what a reload changes). */
-  fileConfig: VmConfig;
-  device: BalloonDevice;
-  backend: VhostUserBackend;
-  mode: Mode;
-}
-
-/** What a reload did: every changed setting is in one of the lists, with its reason when refused. */
-export interface ReloadReport {
-  applied: string[];
-  refused: Array<{ setting: string; reason: string }>;
-}
-
-/** VM settings a reload applies in place, whether or not QEMU is connected. */
-const LIVE_VM_KEYS = [
-  'policy',
-  'statsIntervalMs',
-  'targetBytes',
-  'inhibitDiscard',
-  'floorBytes',
-  'shares',
-  'socketAccess',
-  'memoryBytes',
-  'queueSize',
-] as const satisfies ReadonlyArray<keyof VmConfig>;
-
-/** Config file names of VmConfig fields (for log lines that match what the operator wrote). */
-const VM_FILE_KEYS: Record<keyof VmConfig, string> = {
-  name: 'name',
-  socket: 'socket',
-  socketAccess: 'socketOwner/socketGroup/socketMode',
-  connect: 'connect',
-  memoryBytes: 'memory',
-  mustTellHost: 'mustTellHost',
-  statsQueue: 'stats',
-  deflateOnOom: 'deflateOnOom',
-  pageReporting: 'reporting',
-  messageQueue: 'messageQueue',
-  messageBit: 'messageBit',
-  configSize: 'configSize',
-  queueSize: 'queueSize',
-  statsIntervalMs: 'statsInterval',
-  policy: 'policy',
-  targetBytes: 'target',
-  inhibitDiscard: 'inhibitDiscard',
-  floorBytes: 'floor',
-  shares: 'shares',
-};
-
-/** The largest balloon: num_pages is a 32-bit count of 4 KiB pages. */
-const MAX_BALLOON_BYTES = 0xffffffff * BALLOON_PAGE_BYTES;
-
-const same = (a: unknown, b: unknown): boolean => JSON.stringify(a) === JSON.stringify(b);
-
-/** Gives a listening socket file its configured owner, group and mode. */
-function applySocketAccess(socketPath: string, access: SocketAccess): void {
-  if (access.uid !== undefined || access.gid !== undefined)
-    fs.chownSync(socketPath, access.uid ?? -1, access.gid ?? -1);
-  fs.chmodSync(socketPath, access.mode);
-}
-
-/** The stable JSON of `status` (docs/control-api.md). */
-export interface VmStatus {
-  vm: string;
-  connected: boolean;
-  mode: Mode;
-  socket: string;
-  guestRamBytes: number | null;
-  targetBytes: number;
-  actualBytes: number;
-  guestSizeBytes: number | null;
-  balloonedBytes: number;
-  hostResidentBytes: number | null;
-  reclaimedBytes: number;
-  discardInhibited: boolean;
-  negotiatedQueues: string[];
-  pressureMessages: number;
-  policyCooldownSeconds: number;
-  statsAgeSeconds: number | null;
-  statsStale: boolean;
-  /** The guest never goes below this (config `floor`). */
-  floorBytes: number;
-  /** Host-pressure weight (config `shares`). */
-  shares: number;
-}
-
-export interface VmStats {
-  vm: string;
-  updatedAt: string | null;
-  ageSeconds: number | null;
-  stale: boolean;
-  stats: Record<string, number>;
 }
 
 /** Open descriptors of this process, as "fd -> target" (for the shutdown leak check). */
@@ -303,184 +211,45 @@ export class Daemon {
     this.log.info('VM removed', { vm: name });
   }
 
-  /**
-   * Applies a new configuration (SIGHUP). Every changed setting is either applied or refused
-   * with a log line naming it; nothing is silently ignored:
-   * - log and policy settings, the state file and the control socket's mode apply at once;
-   * - the control socket's path, TCP and the metrics endpoint need a restart: refused;
-   * - VMs are added and removed;
-   * - for a VM, mode, target, discard inhibit, floor, shares, socket owner/group/mode, memory and
-   *   queueSize apply in place; the other settings (socket path, features, stats interval) need
-   *   its back-end restarted, which is done while QEMU is not connected and refused while it is.
-   * Mode and target apply only when the file's value changed: a value the operator set at run
-   * time is not overwritten by an unchanged file.
-   */
+  /** Applies a new configuration (SIGHUP): lib/daemon/reload.ts says what applies and what is refused. */
   reload(next: DaemonConfig): ReloadReport {
     this.notifier?.reloading();
+    let report: ReloadReport;
     try {
-      return this.applyReload(next);
+      report = applyReload(this.reloadHost(), next);
     } catch (err) {
       // Never leave the service manager waiting in "reloading".
       this.notifier?.reloaded(`${this.statusLine()}; reload failed: ${errorMessage(err)}`);
       throw err;
     }
-  }
-
-  private applyReload(next: DaemonConfig): ReloadReport {
-    const report: ReloadReport = { applied: [], refused: [] };
-    const applied = (setting: string, fields: Record<string, unknown> = {}): void => {
-      report.applied.push(setting);
-      this.log.info('reload: applied', { setting, ...fields });
-    };
-    const refused = (setting: string, reason: string): void => {
-      report.refused.push({ setting, reason });
-      this.log.warn('reload: refused', { setting, reason });
-    };
-    const cur = this.config;
-    const effective: DaemonConfig = { ...next, control: cur.control, metrics: cur.metrics, vms: [] };
-
-    if (next.control.socket !== cur.control.socket) refused('control.socket', 'takes effect at restart');
-    if (!same(next.control.tcp, cur.control.tcp)) refused('control.tcp', 'takes effect at restart');
-    if (next.control.mode !== cur.control.mode) {
-      this.control?.setMode(next.control.mode);
-      effective.control = { ...cur.control, mode: next.control.mode };
-      applied('control.mode', { mode: `0${next.control.mode.toString(8)}` });
-    }
-    if (!same(next.metrics, cur.metrics)) refused('metrics', 'the metrics endpoint moves at restart');
-    if (!same(next.log, cur.log)) {
-      if (this.options.reconfigureLog === undefined) {
-        refused('log', 'this daemon was started without a reconfigurable logger');
-        effective.log = cur.log;
-      } else {
-        this.options.reconfigureLog(next.log);
-        applied('log', { format: next.log.format, level: next.log.level });
-      }
-    }
-    if (!same(next.policy, cur.policy)) {
-      const { tickMs, ...engine } = next.policy;
-      this.policy.setConfig(engine, tickMs);
-      const changed = Object.keys(next.policy).filter(
-        (k) => !same(next.policy[k as keyof typeof next.policy], cur.policy[k as keyof typeof cur.policy]),
-      );
-      applied('policy', { changed: changed.join(',') });
-    }
-    if (next.stateFile !== cur.stateFile) {
-      this.state.setFile(next.stateFile);
-      applied('state.file', { file: next.stateFile ?? 'off' });
-    }
-
-    const wanted = new Map(next.vms.map((v) => [v.name, v]));
-    for (const name of [...this.vms.keys()]) {
-      if (wanted.has(name)) continue;
-      this.removeVm(name);
-      this.state.delete(name);
-      applied(`vms[${name}]`, { removed: true });
-    }
-    for (const vm of next.vms) {
-      const current = this.vms.get(vm.name);
-      if (current === undefined) {
-        try {
-          this.addVm(vm);
-          applied(`vms[${vm.name}]`, { added: true });
-          effective.vms.push(vm);
-        } catch (err) {
-          refused(`vms[${vm.name}]`, `cannot add it: ${errorMessage(err)}`);
-        }
-        continue;
-      }
-      effective.vms.push(this.reloadVm(current, vm, applied, refused));
-    }
-    this.config = effective;
     const status = this.statusLine();
-    this.log.info('configuration reloaded', {
-      vms: next.vms.map((v) => v.name).join(',') || '(none)',
-      applied: report.applied.length,
-      refused: report.refused.length,
-    });
-    this.notifier?.reloaded(
-      report.refused.length === 0 ? status : `${status}; reload refused ${report.refused.length} change(s), see log`,
-    );
+    const refused = report.refused.length;
+    this.notifier?.reloaded(refused === 0 ? status : `${status}; reload refused ${refused} change(s), see log`);
     return report;
   }
 
-  /** Reloads one VM; returns the configuration it runs with afterwards. */
-  private reloadVm(
-    current: VmRuntime,
-    vm: VmConfig,
-    applied: (setting: string, fields?: Record<string, unknown>) => void,
-    refused: (setting: string, reason: string) => void,
-  ): VmConfig {
-    const name = vm.name;
-    const old = current.fileConfig;
-    const changed = (Object.keys(vm) as Array<keyof VmConfig>).filter((k) => !same(vm[k], old[k]));
-    if (changed.length === 0) return current.config;
-    const restartKeys = changed.filter((k) => !(LIVE_VM_KEYS as readonly string[]).includes(k));
-    const at = (k: keyof VmConfig): string => `vms[${name}].${VM_FILE_KEYS[k]}`;
-    if (restartKeys.length > 0 && !current.device.connected) {
-      // Not connected: restart its back-end with the new settings (nothing to drop). If the new
-      // settings cannot be served (socket in use...), the old ones are put back.
-      const previous = current.config;
-      const previousFile = current.fileConfig;
-      this.removeVm(name);
-      try {
-        this.addVm(vm);
-      } catch (err) {
-        for (const k of changed) refused(at(k), `cannot restart its back-end with it: ${errorMessage(err)}`);
-        this.addVm(previous, previousFile);
-        return previous;
-      }
-      for (const k of changed) applied(at(k), { restartedBackend: true });
-      return vm;
-    }
-    for (const k of restartKeys)
-      refused(at(k), 'needs the back-end restarted, which would drop QEMU; kept the old value while connected');
-    // The live settings apply in place; refused ones keep their running values. The file's
-    // values are recorded first: a target or mode persisted from here records them.
-    current.fileConfig = vm;
-    const running: VmConfig = { ...vm };
-    for (const k of restartKeys) (running as unknown as Record<string, unknown>)[k] = current.config[k];
-    const live = changed.filter((k) => (LIVE_VM_KEYS as readonly string[]).includes(k));
-    for (const k of live) {
-      try {
-        this.applyLive(current, k as (typeof LIVE_VM_KEYS)[number], vm);
-        applied(at(k), { value: JSON.stringify(vm[k]) });
-      } catch (err) {
-        (running as unknown as Record<string, unknown>)[k] = current.config[k];
-        refused(at(k), errorMessage(err));
-      }
-    }
-    current.config = running;
-    return running;
-  }
-
-  private applyLive(vm: VmRuntime, key: (typeof LIVE_VM_KEYS)[number], next: VmConfig): void {
-    const name = next.name;
-    switch (key) {
-      case 'policy':
-        this.setMode(name, next.policy, 'file');
-        break;
-      case 'targetBytes':
-        this.setTarget(name, { bytes: next.targetBytes }, 'file');
-        break;
-      case 'inhibitDiscard':
-        vm.device.setDiscardInhibited(next.inhibitDiscard);
-        break;
-      case 'statsIntervalMs':
-        vm.device.setStatsIntervalMs(next.statsIntervalMs);
-        break;
-      case 'floorBytes':
-      case 'shares':
-        this.policy.setLimits(name, Math.ceil(next.floorBytes / BALLOON_PAGE_BYTES), next.shares);
-        break;
-      case 'socketAccess':
-        if (next.connect) throw new VballoonError(ErrorCode.CONFIG, 'vballoon connects to this VM: no socket of ours');
-        applySocketAccess(vm.config.socket, next.socketAccess);
-        break;
-      case 'memoryBytes':
-      case 'queueSize':
-        // Used for checks before QEMU connects and for qemu-args: the runtime config is enough.
-        break;
-    }
+  /** What reload.ts may use of this daemon. */
+  private reloadHost(): ReloadHost {
+    // eslint-disable-next-line @typescript-eslint/no-this-alias -- the host object forwards to this daemon
+    const daemon = this;
+    return {
+      log: this.log,
+      get config() {
+        return daemon.config;
+      },
+      set config(c: DaemonConfig) {
+        daemon.config = c;
+      },
+      vms: this.vms,
+      policy: this.policy,
+      state: this.state,
+      reconfigureLog: this.options.reconfigureLog?.bind(this.options),
+      setControlMode: (mode) => this.control?.setMode(mode),
+      addVm: (vm, file) => this.addVm(vm, file),
+      removeVm: (name) => this.removeVm(name),
+      setMode: (name, mode, source) => this.setMode(name, mode, source),
+      setTarget: (name, p, source) => this.setTarget(name, p, source),
+    };
   }
 
   /** Graceful stop: stop accepting, close every connection, socket and mapping. */
@@ -516,49 +285,16 @@ export class Daemon {
     return vm;
   }
 
-  private guestRamBytes(vm: VmRuntime): number | undefined {
-    const known = vm.device.guestRamPages;
-    return known !== undefined ? known * BALLOON_PAGE_BYTES : vm.config.memoryBytes;
-  }
-
   status(name: string): VmStatus {
     const vm = this.vm(name);
-    const s: BalloonSnapshot = vm.device.snapshot();
-    const ram = this.guestRamBytes(vm);
     const engine = this.policy.engineState.vms[name] as VmState | undefined;
-    return {
-      vm: name,
-      connected: s.connected,
-      mode: vm.mode,
-      socket: vm.config.socket,
-      guestRamBytes: ram ?? null,
-      targetBytes: s.targetPages * BALLOON_PAGE_BYTES,
-      actualBytes: s.actualPages * BALLOON_PAGE_BYTES,
-      guestSizeBytes: ram === undefined ? null : ram - s.actualPages * BALLOON_PAGE_BYTES,
-      balloonedBytes: s.balloonedPages * BALLOON_PAGE_BYTES,
-      hostResidentBytes: s.hostResidentBytes ?? null,
-      reclaimedBytes: s.reclaimedBytes,
-      discardInhibited: s.discardInhibited,
-      negotiatedQueues: s.layout,
-      pressureMessages: s.messages.pressure,
-      policyCooldownSeconds:
-        engine === undefined ? 0 : Math.max(0, Math.round((engine.cooldownUntilMs - this.clock.now()) / 1000)),
-      statsAgeSeconds: s.stats.ageMs === undefined ? null : Math.round(s.stats.ageMs / 100) / 10,
-      statsStale: s.stats.stale,
-      floorBytes: vm.config.floorBytes,
-      shares: vm.config.shares,
-    };
+    const cooldown =
+      engine === undefined ? 0 : Math.max(0, Math.round((engine.cooldownUntilMs - this.clock.now()) / 1000));
+    return statusOf(vm, vm.device.snapshot(), cooldown);
   }
 
   stats(name: string): VmStats {
-    const s: GuestStatsSnapshot = this.vm(name).device.snapshot().stats;
-    return {
-      vm: name,
-      updatedAt: s.updatedAtMs === undefined ? null : new Date(s.updatedAtMs).toISOString(),
-      ageSeconds: s.ageMs === undefined ? null : Math.round(s.ageMs / 100) / 10,
-      stale: s.stale,
-      stats: s.values,
-    };
+    return statsOf(name, this.vm(name).device.snapshot().stats);
   }
 
   /** Keeps the operator's runtime target and mode for the next start. */
@@ -585,51 +321,7 @@ export class Daemon {
     source: 'operator' | 'file' = 'operator',
   ): VmStatus {
     const vm = this.vm(name);
-    const ram = this.guestRamBytes(vm);
-    let bytes: number;
-    if (p.guestBytes !== undefined && p.bytes !== undefined)
-      throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, 'give "bytes" or "guestBytes", not both');
-    if (p.guestBytes !== undefined) {
-      if (typeof p.guestBytes !== 'number' || !Number.isSafeInteger(p.guestBytes) || p.guestBytes < 0)
-        throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"guestBytes" must be a non-negative integer');
-      if (ram === undefined)
-        throw new VballoonError(
-          ErrorCode.BALLOON_TARGET,
-          `guest RAM of ${name} is unknown (not connected and no "memory" configured)`,
-        );
-      if (p.guestBytes > ram)
-        throw new VballoonError(
-          ErrorCode.BALLOON_TARGET,
-          `guest size ${formatBytes(p.guestBytes)} exceeds guest RAM ${formatBytes(ram)}`,
-        );
-      bytes = ram - p.guestBytes;
-    } else {
-      if (typeof p.bytes !== 'number' || !Number.isSafeInteger(p.bytes) || p.bytes < 0)
-        throw new VballoonError(
-          ErrorCode.CONTROL_BAD_PARAMS,
-          '"bytes" (or "guestBytes") must be a non-negative integer',
-        );
-      bytes = p.bytes;
-    }
-    // virtio-balloon's num_pages is 32 bits of 4 KiB pages: the device refuses more (in pages);
-    // said here in bytes for the operator.
-    if (bytes > MAX_BALLOON_BYTES)
-      throw new VballoonError(
-        ErrorCode.BALLOON_TARGET,
-        `a balloon of ${formatBytes(bytes)} is larger than virtio-balloon can describe ` +
-          `(${formatBytes(MAX_BALLOON_BYTES)})`,
-      );
-    if (ram !== undefined && bytes > ram)
-      throw new VballoonError(
-        ErrorCode.BALLOON_TARGET,
-        `a balloon of ${formatBytes(bytes)} exceeds guest RAM of ${formatBytes(ram)}`,
-      );
-    if (ram !== undefined && ram - bytes < vm.config.floorBytes)
-      throw new VballoonError(
-        ErrorCode.BALLOON_TARGET,
-        `a balloon of ${formatBytes(bytes)} would leave ${name} ${formatBytes(ram - bytes)}, ` +
-          `below its floor of ${formatBytes(vm.config.floorBytes)}`,
-      );
+    const bytes = resolveTargetBytes(vm, p);
     const pages = Math.floor(bytes / BALLOON_PAGE_BYTES);
     this.policy.setOperatorTarget(name, pages);
     this.log.info(source === 'file' ? 'configuration set the balloon' : 'operator set the balloon', {
@@ -711,7 +403,7 @@ export class Daemon {
       'set-discard': (p) => this.setDiscard(this.vm(p['vm']).config.name, p['inhibit']),
       'qemu-args': (p) => {
         const vm = this.vm(p['vm']);
-        const config = { ...vm.config, memoryBytes: this.guestRamBytes(vm) };
+        const config = { ...vm.config, memoryBytes: guestRamBytes(vm) };
         return { args: qemuArgs(config, vm.device), libvirtXml: libvirtXml(config, vm.device) };
       },
     };
