@@ -291,6 +291,10 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
     this.log.info('features negotiated', { acked, layout: this.layout.join(',') });
   }
 
+  queuesFor(acked: bigint): number {
+    return queueLayout(acked, this.messageBit).length;
+  }
+
   private configBytes(): Uint8Array {
     const out = new Uint8Array(16);
     const v = new DataView(out.buffer);

@@ -39,6 +39,8 @@ export interface VhostUserDevice {
   features(): bigint;
   /** The features the driver accepted (bit 30 removed). */
   setFeatures(acked: bigint): void;
+  /** Queues the device uses with these accepted features (defaults to numQueues). */
+  queuesFor?(acked: bigint): number;
   /** `size` bytes of config space at `offset` (the back-end checked the range). */
   readConfig(offset: number, size: number): Uint8Array;
   /** A driver write (or a migration restore): apply only what the driver may write. */

@@ -21,6 +21,15 @@ import { ringSizes, SplitQueue, VIRTQUEUE_MAX_SIZE } from '../virtio/virtqueue';
 import { VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from './constants';
 import { VhostUserDevice, Vring } from './device';
 
+/**
+ * Rings a front-end may set up, even past what the device uses: QEMU's generic device takes
+ * `num_vqs` from its command line and sets up that many, so a generic command line with more
+ * queues than the balloon needs must work. The extra rings are kept (their descriptors owned and
+ * closed like the others) but never given to the device. Bounded so a front-end cannot make us
+ * keep state for thousands of rings.
+ */
+export const MAX_FRONTEND_RINGS = 64;
+
 /** With a "no fd" kick (bit 8 of SET_VRING_KICK) the ring is polled at this interval. */
 const NOFD_KICK_POLL_INTERVAL_MS = 5;
 
@@ -33,6 +42,8 @@ class RingState {
   kickWatch: PollHandle | undefined;
   kickTimer: NodeJS.Timeout | undefined;
   callFd = -1;
+  /** SET_VRING_CALL was received (with an fd or "no fd"). */
+  callSet = false;
   errFd = -1;
   started = false;
   enabled = false;
@@ -73,7 +84,13 @@ export class RingSet {
   private faultsSeen = native.mappingFaults();
 
   constructor(private readonly options: RingSetOptions) {
-    this.rings = Array.from({ length: options.device.numQueues }, (_, i) => new RingState(i));
+    const count = Math.max(options.device.numQueues, MAX_FRONTEND_RINGS);
+    this.rings = Array.from({ length: count }, (_, i) => new RingState(i));
+  }
+
+  /** Rings the front-end gave a call fd (or "no fd") to: QEMU does it for each of its num_vqs at realize. */
+  get setUp(): number {
+    return this.rings.filter((r) => r.callSet).length;
   }
 
   get count(): number {
@@ -154,6 +171,7 @@ export class RingSet {
     const ring = this.ring(index, 'SET_VRING_CALL');
     closeQuietly(ring.callFd);
     ring.callFd = fd;
+    ring.callSet = true;
   }
 
   /** SET_VRING_ERR (`fd` -1 for none). Takes ownership of fd. */
@@ -324,7 +342,8 @@ export class RingSet {
     if (this.closed) return;
     if (ring.started && !ring.broken) this.buildQueue(ring, false);
     const queue = ring.queue;
-    const ready = ring.started && ring.enabled && !ring.broken && queue !== undefined;
+    const used = ring.index < this.options.device.numQueues; // extra rings never reach the device
+    const ready = used && ring.started && ring.enabled && !ring.broken && queue !== undefined;
     if (ready === ring.ready) return;
     if (queue !== undefined && ready) {
       ring.ready = true;

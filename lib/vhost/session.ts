@@ -111,6 +111,7 @@ export class Session implements DeviceHost {
   private configChangePending = false;
   private closed = false;
   private firstMessage = true;
+  private queueCountReported = false;
   private readonly closeListeners: Array<(error: Error | undefined) => void> = [];
 
   constructor(
@@ -272,7 +273,26 @@ export class Session implements DeviceHost {
     this.featuresSet = true;
     // Without bit 30 rings are enabled as soon as they start (vhost-user spec, "Ring states").
     if ((value & VHOST_USER_F_PROTOCOL_FEATURES) === 0n) this.rings.enableAll();
-    this.device.setFeatures(value & ~VHOST_USER_F_PROTOCOL_FEATURES);
+    const acked = value & ~VHOST_USER_F_PROTOCOL_FEATURES;
+    this.device.setFeatures(acked);
+    this.checkQueueCount(acked);
+  }
+
+  /**
+   * QEMU sets up its `num_vqs` rings at realize (a call fd each), before any SET_FEATURES. Fewer
+   * than the negotiated features need means a command line the guest's driver cannot use: say so.
+   */
+  private checkQueueCount(acked: bigint): void {
+    const needed = this.device.queuesFor?.(acked) ?? this.device.numQueues;
+    const setUp = this.rings.setUp;
+    if (setUp === 0 || setUp >= needed || this.queueCountReported) return;
+    this.queueCountReported = true;
+    this.log.error('the front-end has fewer queues than the device needs: start QEMU with a larger num_vqs', {
+      frontendQueues: setUp,
+      neededQueues: needed,
+      hint: `num_vqs=${needed} (vballoon qemu-args prints the whole command line)`,
+    });
+    this.options.events.onError(ErrorCode.VHOST_BAD_VRING, `front-end has ${setUp} queues, ${needed} needed`);
   }
 
   /** @internal SET_PROTOCOL_FEATURES */

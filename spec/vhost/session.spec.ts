@@ -209,6 +209,36 @@ describe('vhost-user session state machine', () => {
     expect(fx.backend.connected).to.equal(true);
   });
 
+  it('accepts more queues than the device has (a generic num_vqs); the extra rings never reach it', async () => {
+    // QEMU's generic device sets up num_vqs rings; this used to fail its realize at SET_VRING_CALL.
+    fe = TestFrontend.connect(fx.socketPath, { numQueues: 7, configSize: 8 });
+    await fe.realize();
+    expect(fe.backendQueueNum).to.equal(4n);
+    const drivers = await fe.start(FEATURES, [0, 5, 6]);
+    await until(() => device.ready.has(0), 'queue 0 ready');
+    const d0 = drivers.get(0)!;
+    d0.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]);
+    d0.kick();
+    await d0.waitUsed(1);
+    const extra = drivers.get(5)!;
+    extra.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]);
+    extra.kick();
+    expect(await fe.requestU64(FrontendRequest.GET_FEATURES)).to.be.a('bigint'); // a barrier
+    expect([...device.ready.keys()]).to.deep.equal([0]);
+    expect(extra.usedIdx).to.equal(0);
+    expect(fx.log.find('fewer queues', 'error')).to.have.length(0);
+  });
+
+  it('fewer queues than the negotiated features need: one clear error in the log', async () => {
+    fe = TestFrontend.connect(fx.socketPath, { numQueues: 2, configSize: 8 });
+    await fe.realize();
+    await fe.start(FEATURES, [0]);
+    const logged = fx.log.find('the front-end has fewer queues than the device needs', 'error');
+    expect(logged).to.have.length(1);
+    expect(logged[0]?.fields).to.include({ frontendQueues: 2, neededQueues: 4 });
+    expect(fx.backend.connected).to.equal(true);
+  });
+
   it('a malformed chain is returned with length 0 and the queue keeps going', async () => {
     fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8 });
     await fe.realize();
