@@ -23,6 +23,13 @@ export default tseslint.config(
       '@typescript-eslint/no-non-null-assertion': 'off',
       // `() => void promise` and short callbacks returning void calls are the house style.
       '@typescript-eslint/no-confusing-void-expression': 'off',
+      // Without noUncheckedIndexedAccess (not on: see tsconfig) this rule calls the bounds checks
+      // on guest- and front-end-controlled indices "unnecessary"; they are the point.
+      '@typescript-eslint/no-unnecessary-condition': 'off',
+      // Wire values (a frame's request id) and typed arrays (page states) are numbers compared with
+      // and cast to enum members on purpose: the enums name the values a wire or array holds.
+      '@typescript-eslint/no-unsafe-enum-comparison': 'off',
+      '@typescript-eslint/no-unsafe-enum-assignment': 'off',
       '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
 
     },

@@ -68,7 +68,8 @@ function runChild(): void {
         : childKick(req.iterations, req.socketPath);
     work.then(
       (samplesNs) => reply({ kind: 'samples', samplesNs }),
-      (err: Error) => reply({ kind: 'error', message: err.stack ?? err.message }),
+      (err: unknown) =>
+        reply({ kind: 'error', message: err instanceof Error ? (err.stack ?? err.message) : String(err) }),
     );
   });
 }

@@ -83,7 +83,8 @@ function runChild(): void {
           : churn(req.socketPath, req.seconds);
     work.then(
       (samples) => process.send!({ ok: true, samples }),
-      (err: Error) => process.send!({ ok: false, message: err.stack ?? err.message }),
+      (err: unknown) =>
+        process.send!({ ok: false, message: err instanceof Error ? (err.stack ?? err.message) : String(err) }),
     );
   });
 }

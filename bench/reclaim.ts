@@ -143,7 +143,8 @@ function runChild(): void {
     if (req === 'ref-release') return void process.send!({ ok: true, released: (releaseReference(), true) });
     childInflate(req.socketPath, req.pattern).then(
       (r) => process.send!({ ok: true, r }),
-      (err: Error) => process.send!({ ok: false, message: err.stack ?? err.message }),
+      (err: unknown) =>
+        process.send!({ ok: false, message: err instanceof Error ? (err.stack ?? err.message) : String(err) }),
     );
   });
 }

@@ -218,7 +218,7 @@ async function main(): Promise<void> {
   console.log(`wrote ${path.join(dir, 'latest.json')}`);
 }
 
-main().catch((err) => {
+main().catch((err: unknown) => {
   console.error(err);
   process.exit(1);
 });

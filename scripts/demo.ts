@@ -34,7 +34,7 @@ async function main(): Promise<void> {
   });
   const daemon = new Daemon(config, { log: new StreamLogger(out, 'text', 'info') });
   await daemon.start();
-  const guest = new QemuGuest(env, { socketPath: config.vms[0]!.socket, memMiB: 1024, numVqs: 5, configSize: 8 });
+  const guest = new QemuGuest(env, { socketPath: config.vms[0].socket, memMiB: 1024, numVqs: 5, configSize: 8 });
   let stopping = false;
   const stop = async (code: number): Promise<void> => {
     if (stopping) return;
@@ -50,16 +50,18 @@ async function main(): Promise<void> {
   process.stdout.write('booting the demo guest (QEMU, TCG, 1 GiB)...\n');
   await guest.boot();
   void guest.exited.then(() => void stop(0));
-  const tty = process.stdout.isTTY === true;
+  const tty = process.stdout.isTTY;
   for (;;) {
     const status = daemon.status('vm0');
-    const mem = await guest.meminfo().catch(() => ({}) as Record<string, number>);
+    const noMeminfo: Record<string, number> = {};
+    const mem = await guest.meminfo().catch(() => noMeminfo);
     const lines = [
       `vballoon demo  (daemon log: ${logFile}; metrics: http://127.0.0.1:9464/metrics)`,
       '',
       statusTable([status]),
       '',
-      `guest /proc/meminfo: MemTotal ${Math.round((mem['MemTotal'] ?? 0) / 2 ** 20)} MiB, MemAvailable ${Math.round((mem['MemAvailable'] ?? 0) / 2 ** 20)} MiB`,
+      `guest /proc/meminfo: MemTotal ${Math.round((mem['MemTotal'] ?? 0) / 2 ** 20)} MiB, ` +
+        `MemAvailable ${Math.round((mem['MemAvailable'] ?? 0) / 2 ** 20)} MiB`,
       '',
       'from another terminal:  npx vballoon set-target vm0 256M     (or: npx vballoon status, stats, watch)',
       'Ctrl-C stops the guest and the daemon.',
@@ -69,7 +71,7 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((err: Error) => {
-  process.stderr.write(`vballoon demo: ${err.message}\n`);
+main().catch((err: unknown) => {
+  process.stderr.write(`vballoon demo: ${err instanceof Error ? err.message : String(err)}\n`);
   process.exit(1);
 });

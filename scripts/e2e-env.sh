@@ -43,14 +43,16 @@ apt_install cpio xz-utils libc6-dev gcc
 
 QEMU=""
 CHROOT=""
-if command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-test-device-pci; then
+if command -v qemu-system-x86_64 >/dev/null \
+  && qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-test-device-pci; then
   QEMU="$(command -v qemu-system-x86_64)"
   log "using the system QEMU ($QEMU)"
 else
   if [ ! -f "$TRIXIE/.complete" ]; then
     apt_install debootstrap
     if command -v curl >/dev/null; then
-      curl -fsS -o /dev/null --max-time 20 "$MIRROR/dists/trixie/Release" || fail "cannot reach the Debian archive at $MIRROR"
+      curl -fsS -o /dev/null --max-time 20 "$MIRROR/dists/trixie/Release" \
+        || fail "cannot reach the Debian archive at $MIRROR"
     fi
     rm -rf "$TRIXIE"
     log "debootstrap trixie into $TRIXIE (once; about a minute)"
@@ -58,10 +60,13 @@ else
     echo "deb $MIRROR trixie-backports main" > "$TRIXIE/etc/apt/sources.list.d/backports.list"
     chroot "$TRIXIE" apt-get update -qq >&2 || fail "apt-get update in the trixie root failed"
     log "installing QEMU from trixie-backports, the guest kernel and busybox"
-    chroot "$TRIXIE" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t trixie-backports qemu-system-x86 >&2 || fail "installing qemu-system-x86 failed"
-    chroot "$TRIXIE" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-image-amd64 busybox-static >&2 || fail "installing the kernel and busybox failed"
+    chroot "$TRIXIE" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      -t trixie-backports qemu-system-x86 >&2 || fail "installing qemu-system-x86 failed"
+    chroot "$TRIXIE" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      linux-image-amd64 busybox-static >&2 || fail "installing the kernel and busybox failed"
     chroot "$TRIXIE" apt-get clean
-    chroot "$TRIXIE" qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-test-device-pci || fail "trixie-backports QEMU lacks vhost-user-test-device-pci"
+    chroot "$TRIXIE" qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-test-device-pci \
+      || fail "trixie-backports QEMU lacks vhost-user-test-device-pci"
     touch "$TRIXIE/.complete"
   fi
   QEMU="/usr/bin/qemu-system-x86_64"
@@ -74,7 +79,8 @@ SRC="${CHROOT:-/}"
 KERNEL="$(ls "$SRC"/boot/vmlinuz-* 2>/dev/null | sort -V | tail -1)"
 [ -n "$KERNEL" ] || fail "no guest kernel in $SRC/boot (install linux-image-amd64 there)"
 KVER="${KERNEL##*/vmlinuz-}"
-MODULE="$(find "$SRC/lib/modules/$KVER" "$SRC/usr/lib/modules/$KVER" -path '*/kernel/drivers/virtio/virtio_balloon.ko*' 2>/dev/null | head -1)"
+MODULE="$(find "$SRC/lib/modules/$KVER" "$SRC/usr/lib/modules/$KVER" \
+  -path '*/kernel/drivers/virtio/virtio_balloon.ko*' 2>/dev/null | head -1)"
 [ -n "$MODULE" ] || fail "no virtio_balloon module for $KVER"
 BUSYBOX="$SRC/bin/busybox"
 [ -x "$BUSYBOX" ] || BUSYBOX="$SRC/usr/bin/busybox"

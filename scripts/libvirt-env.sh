@@ -30,7 +30,8 @@ fi
 if ! chroot "$TRIXIE" getent passwd libvirt-qemu >/dev/null; then
   log "creating the libvirt-qemu user in the trixie root"
   chroot "$TRIXIE" groupadd --system libvirt-qemu 2>/dev/null || true
-  chroot "$TRIXIE" useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+  chroot "$TRIXIE" useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin \
+    libvirt-qemu
 fi
 # libvirt looks the host name up on every define and start; a root without /etc/hosts waits for a
 # DNS timeout each time. scripts/libvirt-sandbox.sh mounts a filled-in copy over this file.

@@ -147,6 +147,7 @@ function loadAddon(): NativeAddon {
   let lastError: unknown;
   for (const candidate of candidates) {
     try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- a .node addon loads only through require
       return require(candidate) as NativeAddon;
     } catch (err) {
       lastError = err;

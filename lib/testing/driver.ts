@@ -239,7 +239,8 @@ export class SplitRingDriver {
       const timer = setTimeout(() => {
         reject(
           new Error(
-            `queue ${this.index}: ${count} used entries not seen within ${timeoutMs} ms (used idx ${this.usedIdx}, seen ${this.lastUsed})`,
+            `queue ${this.index}: ${count} used entries not seen within ${timeoutMs} ms ` +
+              `(used idx ${this.usedIdx}, seen ${this.lastUsed})`,
           ),
         );
       }, timeoutMs);

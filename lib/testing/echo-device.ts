@@ -62,9 +62,8 @@ export class EchoDevice implements VhostUserDevice {
       if (at >= 4 && at < 8) this.config[at] = data[i]!;
     }
   }
-  attach(host: DeviceHost, log: Logger): void {
+  attach(host: DeviceHost, _log: Logger): void {
     this.host = host;
-    log;
     this.events.push('attach');
   }
   detach(): void {

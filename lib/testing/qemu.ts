@@ -119,7 +119,8 @@ export class QemuGuest {
             '-chardev',
             `socket,id=vb,path=${o.socketPath}${o.chardevExtra ? `,${o.chardevExtra}` : ''}`,
             '-device',
-            `vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=${o.numVqs},vq_size=${o.vqSize ?? 128},config_size=${o.configSize}`,
+            `vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=${o.numVqs},` +
+              `vq_size=${o.vqSize ?? 128},config_size=${o.configSize}`,
           ]
         : ['-device', 'virtio-balloon-pci', '-qmp', `unix:${o.builtinBalloonQmp},server=on,wait=off`]),
       '-kernel',

@@ -152,7 +152,7 @@ export class Connection {
       // threw -- still own their descriptors: close them, whatever happened.
       let handed = 0;
       try {
-        while (handed < frames.length && !this.closed) this.handler.onFrame(frames[handed++]!);
+        while (handed < frames.length && !this.closed) this.handler.onFrame(frames[handed++]);
       } finally {
         for (const rest of frames.slice(handed)) for (const fd of rest.fds) closeQuietly(fd);
       }

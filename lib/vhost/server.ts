@@ -60,7 +60,7 @@ function listenedOn(socketPath: string): boolean | undefined {
     const cols = line.trim().split(/\s+/);
     // Num RefCount Protocol Flags Type St Inode Path
     if (cols.length < 8 || cols[7] !== wanted) continue;
-    if ((parseInt(cols[3]!, 16) & SO_ACCEPTCON) !== 0) return true;
+    if ((parseInt(cols[3], 16) & SO_ACCEPTCON) !== 0) return true;
   }
   return false;
 }

@@ -69,7 +69,7 @@ function protocolError(code: ErrorCodeValue, message: string): VhostProtocolErro
 
 /** Takes the descriptor at `i` out of the message (so the error path does not close it). */
 function takeFd(msg: { fds: number[] }, i = 0): number {
-  const fd = msg.fds[i]!;
+  const fd = msg.fds[i];
   msg.fds[i] = -1;
   return fd;
 }
@@ -83,7 +83,7 @@ function takeEventfd(
 ): number {
   let kind: string;
   try {
-    kind = native.fdKind(msg.fds[0]!);
+    kind = native.fdKind(msg.fds[0]);
   } catch (err) {
     kind = `unusable descriptor (${errorMessage(err)})`;
   }

@@ -56,7 +56,7 @@ describe('virtio-balloon device', () => {
     expect(fdCount(), 'descriptors leaked').to.equal(fdsBefore);
   });
 
-  it('inflating N MiB of written memory gives exactly N MiB back to the host; deflating and rewriting takes it again', async () => {
+  it('inflating N MiB of written memory gives N MiB back to the host; deflate + rewrite take it again', async () => {
     r = await rig();
     const { device, guest } = r;
     guest.touchFree();
@@ -129,7 +129,7 @@ describe('virtio-balloon device', () => {
   });
 
   for (const messageBit of ['vballoon', 'seed'] as const) {
-    it(`pressure during an inflate: the target read right after the ack is already num_pages == actual (${messageBit} bit)`, async () => {
+    it(`pressure mid-inflate: the target read after the ack is num_pages == actual (${messageBit} bit)`, async () => {
       r = await rig({ messageBit }, { mode: 'seed', messageBit: messageBit === 'seed' ? 2 : 20, pressureWaitMs: 300 });
       const { device, guest } = r;
       expect(guest.queues.get('message')).to.equal(4); // stats 2, reporting 3, message 4
@@ -153,7 +153,8 @@ describe('virtio-balloon device', () => {
       expect(snap.messages.pressure).to.equal(events.length);
       expect(snap.ackLatency.count).to.equal(events.length);
       expect(snap.ackLatency.lastSeconds).to.be.a('number').and.be.lessThan(1);
-      if (messageBit === 'seed') expect(snap.offeredFeatures & (1n << 2n)).to.equal(1n << 2n); // bit 2 means MESSAGE_VQ here
+      // Bit 2 means MESSAGE_VQ here.
+      if (messageBit === 'seed') expect(snap.offeredFeatures & (1n << 2n)).to.equal(1n << 2n);
     });
   }
 
@@ -499,9 +500,9 @@ describe('virtio-balloon device', () => {
 });
 
 describe('balloon queue layouts (every combination of negotiated optional features)', () => {
-  const optional = ['statsQueue', 'pageReporting', 'messageQueue'] as const;
+  type Optional = 'statsQueue' | 'pageReporting' | 'messageQueue';
   const combos: Array<{
-    offer: Record<(typeof optional)[number], boolean>;
+    offer: Record<Optional, boolean>;
     refuse: number[];
     messageBit: 'vballoon' | 'seed';
   }> = [];

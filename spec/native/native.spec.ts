@@ -59,7 +59,7 @@ describe('native addon', () => {
     expectSystemError(() => native.punchHole(-1, 0, 4096), 'EBADF', 'fallocate');
   });
 
-  it('listens, accepts and connects on a socket path', async () => {
+  it('listens, accepts and connects on a socket path', () => {
     const dir = tmpDir();
     const sock = path.join(dir, 's');
     const l = native.listen(sock, 4);

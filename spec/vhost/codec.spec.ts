@@ -1,3 +1,5 @@
+/* eslint-disable @typescript-eslint/no-unnecessary-type-assertion -- the `as` casts pin each arbitrary to the
+   Payload union and each decoded message to its layout; fc.oneof and the property bodies need them */
 import { expect } from 'chai';
 import fc from 'fast-check';
 import { ErrorCode, VhostProtocolError } from '../../lib/errors';
@@ -50,13 +52,11 @@ const validMessage: fc.Arbitrary<{ request: number; payload: Payload; fds: numbe
       u32,
     )
     .map(([request, index, num]) => ({ request, payload: { kind: 'vring-state', index, num } as Payload, fds: 0 })),
-  fc
-    .record({ index: u32, flags: u32, desc: u64, used: u64, avail: u64, log: u64 })
-    .map((a) => ({
-      request: FrontendRequest.SET_VRING_ADDR,
-      payload: { kind: 'vring-addr', ...a } as Payload,
-      fds: 0,
-    })),
+  fc.record({ index: u32, flags: u32, desc: u64, used: u64, avail: u64, log: u64 }).map((a) => ({
+    request: FrontendRequest.SET_VRING_ADDR,
+    payload: { kind: 'vring-addr', ...a } as Payload,
+    fds: 0,
+  })),
   fc
     .tuple(
       fc.constantFrom(FrontendRequest.SET_VRING_KICK, FrontendRequest.SET_VRING_CALL, FrontendRequest.SET_VRING_ERR),
@@ -68,20 +68,16 @@ const validMessage: fc.Arbitrary<{ request: number; payload: Payload; fds: numbe
       payload: { kind: 'vring-fd', index, noFd } as Payload,
       fds: noFd ? 0 : 1,
     })),
-  fc
-    .array(region, { minLength: 1, maxLength: 8 })
-    .map((regions) => ({
-      request: FrontendRequest.SET_MEM_TABLE,
-      payload: { kind: 'mem-table', regions } as Payload,
-      fds: regions.length,
-    })),
-  fc
-    .tuple(fc.constantFrom(FrontendRequest.ADD_MEM_REG, FrontendRequest.REM_MEM_REG), region)
-    .map(([request, r]) => ({
-      request,
-      payload: { kind: 'mem-region', region: r } as Payload,
-      fds: request === FrontendRequest.ADD_MEM_REG ? 1 : 0,
-    })),
+  fc.array(region, { minLength: 1, maxLength: 8 }).map((regions) => ({
+    request: FrontendRequest.SET_MEM_TABLE,
+    payload: { kind: 'mem-table', regions } as Payload,
+    fds: regions.length,
+  })),
+  fc.tuple(fc.constantFrom(FrontendRequest.ADD_MEM_REG, FrontendRequest.REM_MEM_REG), region).map(([request, r]) => ({
+    request,
+    payload: { kind: 'mem-region', region: r } as Payload,
+    fds: request === FrontendRequest.ADD_MEM_REG ? 1 : 0,
+  })),
   fc
     .tuple(
       fc.constantFrom(FrontendRequest.GET_CONFIG, FrontendRequest.SET_CONFIG),

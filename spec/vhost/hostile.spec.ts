@@ -97,7 +97,7 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     name: 'region past the end of its file',
     code: ErrorCode.VHOST_BAD_MEMORY,
     step: (fe) =>
-      raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x10000000n, 0x10000000n)] }, [
+      void raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x10000000n, 0x10000000n)] }, [
         fe.ram.fd,
       ])(fe),
   },
@@ -106,7 +106,9 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     code: ErrorCode.VHOST_BAD_MEMORY,
     step: (fe) => {
       const efd = native.eventfd(0, true);
-      raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x1000n, 0x10000000n)] }, [efd])(fe);
+      void raw(FrontendRequest.SET_MEM_TABLE, { kind: 'mem-table', regions: [region(0n, 0x1000n, 0x10000000n)] }, [
+        efd,
+      ])(fe);
       native.close(efd);
     },
   },
@@ -116,7 +118,7 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     memory: true,
     step: async (fe) => {
       await fe.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: 0, num: 64 });
-      raw(FrontendRequest.SET_VRING_ADDR, {
+      void raw(FrontendRequest.SET_VRING_ADDR, {
         kind: 'vring-addr',
         index: 0,
         flags: 0,
@@ -174,7 +176,7 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     step: async (fe) => {
       await fe.requestU64(FrontendRequest.GET_FEATURES);
       await fe.request(FrontendRequest.SET_PROTOCOL_FEATURES, { kind: 'u64', value: 1n << 9n }); // CONFIG only
-      raw(FrontendRequest.GET_STATUS, { kind: 'none' })(fe);
+      void raw(FrontendRequest.GET_STATUS, { kind: 'none' })(fe);
     },
   },
   {
@@ -211,7 +213,7 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     realize: true,
     step: (fe: TestFrontend) => {
       const fd = openNonSocket(what);
-      raw(FrontendRequest.SET_BACKEND_REQ_FD, { kind: 'none' }, [fd])(fe);
+      void raw(FrontendRequest.SET_BACKEND_REQ_FD, { kind: 'none' }, [fd])(fe);
       native.close(fd);
     },
   })),
@@ -222,7 +224,7 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     realize: true,
     step: (fe) => {
       const fd = openNonSocket('a regular file');
-      raw(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 0, noFd: false }, [fd])(fe);
+      void raw(FrontendRequest.SET_VRING_KICK, { kind: 'vring-fd', index: 0, noFd: false }, [fd])(fe);
       native.close(fd);
     },
   },

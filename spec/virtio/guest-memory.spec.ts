@@ -102,7 +102,7 @@ describe('guest memory', () => {
     for (const r of bad)
       expect(
         () => validateRegion(r),
-        JSON.stringify(r, (_, v) => (typeof v === 'bigint' ? `${v}` : v)),
+        JSON.stringify(r, (_, v: unknown) => (typeof v === 'bigint' ? `${v}` : v)),
       ).to.throw(GuestMemoryError);
     const a = validateRegion({ guestPhysAddr: 0n, sizeBytes: 8192n, userAddr: 0x1000000n, mmapOffset: 0n });
     const overlapGpa = validateRegion({ guestPhysAddr: 4096n, sizeBytes: 8192n, userAddr: 0x2000000n, mmapOffset: 0n });
