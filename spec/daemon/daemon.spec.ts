@@ -44,10 +44,12 @@ function request(socketPath: string, payload: string | Buffer): Promise<string> 
     s.on('end', () => resolve(out));
     s.on('close', () => resolve(out));
     s.on('error', reject);
-    s.on('connect', () => {
-      s.write(payload);
-      setTimeout(() => s.end(), 300);
+    // One reply line per request line; then this side ends (a refused request ends it earlier).
+    const wanted = typeof payload === 'string' ? payload.split('\n').filter((l) => l !== '').length : 1;
+    s.on('data', () => {
+      if (out.split('\n').length - 1 >= wanted) s.end();
     });
+    s.on('connect', () => s.write(payload));
   });
 }
 

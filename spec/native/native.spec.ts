@@ -93,7 +93,17 @@ describe('native addon', () => {
         resolve(v);
       });
     });
-    await new Promise((r) => setTimeout(r, 20));
+    // A barrier instead of a sleep: once a second watch, armed later, has fired, the loop has
+    // polled the first one too; it must not have fired without a write.
+    const other = native.eventfd(0, true);
+    await new Promise<void>((resolve) => {
+      const h2 = native.pollStart(other, POLL_READABLE, () => {
+        native.pollStop(h2);
+        resolve();
+      });
+      native.eventfdWrite(other, 1);
+    });
+    native.close(other);
     expect(calls).to.equal(0);
     native.eventfdWrite(efd, 3);
     expect(await seen).to.equal(3);
