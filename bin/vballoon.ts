@@ -6,58 +6,15 @@
  */
 import yargs, { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { callDaemon, ClientError } from '../lib/daemon/client';
-import { ConfigError, errorMessage } from '../lib/errors';
-import { defaultControlSocket, loadConfigFile, parseVmFlag, readConfig } from '../lib/daemon/config';
-import { Daemon, VmStats, VmStatus } from '../lib/daemon/daemon';
+import { callDaemon, subscribeDaemon } from '../lib/daemon/client';
+import { errorMessage } from '../lib/errors';
+import { defaultControlSocket } from '../lib/daemon/config';
+import { VmStats, VmStatus } from '../lib/daemon/daemon';
 import { EVENT_TYPES } from '../lib/daemon/events';
-import { SwitchableLogger } from '../lib/daemon/switchable-logger';
-import { SystemdNotifier } from '../lib/daemon/systemd';
-import { subscribeDaemon } from '../lib/daemon/client';
-import { StreamLogger } from '../lib/log';
+import { die, EXIT, exitCodeFor } from './exit';
+import { bar, statsTable, statusTable, table } from './format';
+import { serve } from './serve';
 import { formatBytes, formatDuration, parseDuration, parseSize } from '../lib/units';
-
-/** Exit codes (docs/cli.md). */
-export const EXIT = {
-  OK: 0,
-  INTERNAL: 1,
-  USAGE: 2,
-  NO_DAEMON: 3,
-  NO_VM: 4,
-  TARGET: 5,
-  TIMEOUT: 6,
-  CONFIG: 7,
-  DENIED: 8,
-  STATS: 9,
-} as const;
-
-function die(code: number, message: string): never {
-  process.stderr.write(`vballoon: ${message}\n`);
-  process.exit(code);
-}
-
-function exitCodeFor(err: unknown): number {
-  if (err instanceof ClientError) {
-    switch (err.wireCode) {
-      case 'ENODAEMON':
-        return EXIT.NO_DAEMON;
-      case 'ENOVM':
-        return EXIT.NO_VM;
-      case 'ETARGET':
-        return EXIT.TARGET;
-      case 'EUNAUTHORIZED':
-      case 'EACCES':
-        return EXIT.DENIED;
-      case 'EBADPARAMS':
-        return EXIT.USAGE;
-      case 'ESTATS':
-        return EXIT.STATS;
-      default:
-        return EXIT.INTERNAL;
-    }
-  }
-  return err instanceof ConfigError ? EXIT.CONFIG : EXIT.INTERNAL;
-}
 
 async function call(argv: { control: string }, method: string, params: Record<string, unknown> = {}): Promise<unknown> {
   try {
@@ -73,85 +30,6 @@ function size(text: string, what: string): number {
   } catch (err) {
     die(EXIT.USAGE, `${what}: ${(err as Error).message}`);
   }
-}
-
-function table(rows: string[][]): string {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows
-    .map((r) =>
-      r
-        .map((cell, c) => cell.padEnd(widths[c]))
-        .join('  ')
-        .trimEnd(),
-    )
-    .join('\n');
-}
-
-const bytesOrDash = (b: number | null): string => (b === null ? '-' : formatBytes(b));
-
-export function statusTable(list: VmStatus[]): string {
-  const rows = [
-    [
-      'VM',
-      'STATE',
-      'MODE',
-      'GUEST RAM',
-      'BALLOON TARGET',
-      'BALLOON ACTUAL',
-      'GUEST SIZE',
-      'HOST RESIDENT',
-      'PRESSURE',
-      'STATS AGE',
-    ],
-  ];
-  for (const s of list) {
-    rows.push([
-      s.vm,
-      s.connected ? 'connected' : 'waiting',
-      s.mode +
-        (s.policyCooldownSeconds > 0 ? ` (cooldown ${s.policyCooldownSeconds}s)` : '') +
-        (s.discardInhibited ? ' [no discard]' : ''),
-      bytesOrDash(s.guestRamBytes),
-      formatBytes(s.targetBytes),
-      formatBytes(s.actualBytes),
-      bytesOrDash(s.guestSizeBytes),
-      bytesOrDash(s.hostResidentBytes),
-      String(s.pressureMessages),
-      s.statsAgeSeconds === null ? '-' : `${s.statsAgeSeconds}s${s.statsStale ? ' (stale)' : ''}`,
-    ]);
-  }
-  return table(rows);
-}
-
-const COUNT_STATS = new Set([
-  'major_faults',
-  'minor_faults',
-  'hugetlb_allocations',
-  'hugetlb_failures',
-  'oom_kills',
-  'alloc_stalls',
-]);
-
-export function statsTable(list: VmStats[]): string {
-  const out: string[] = [];
-  for (const s of list) {
-    out.push(
-      s.updatedAt === null
-        ? `${s.vm}: no stats yet`
-        : `${s.vm}: updated ${s.updatedAt} (${s.ageSeconds}s ago)${s.stale ? ', STALE' : ''}`,
-    );
-    const rows = [['STAT', 'VALUE']];
-    for (const [k, v] of Object.entries(s.stats))
-      rows.push([k, COUNT_STATS.has(k) || k.startsWith('tag_') ? String(v) : formatBytes(v)]);
-    if (rows.length > 1) out.push(table(rows));
-  }
-  return out.join('\n\n');
-}
-
-function bar(done: number, total: number, width = 30): string {
-  const f = total === 0 ? 1 : Math.min(1, Math.max(0, done / total));
-  const n = Math.round(f * width);
-  return `[${'#'.repeat(n)}${'.'.repeat(width - n)}] ${Math.round(f * 100)}%`;
 }
 
 async function waitForTarget(argv: { control: string }, vm: string, timeoutMs: number): Promise<void> {
@@ -183,103 +61,6 @@ async function waitForTarget(argv: { control: string }, vm: string, timeoutMs: n
   }
 }
 
-async function serve(argv: Record<string, unknown>): Promise<void> {
-  const file = argv['config'] as string | undefined;
-  const build = (): ReturnType<typeof readConfig> => {
-    const doc = (file === undefined ? {} : loadConfigFile(file)) as Record<string, unknown>;
-    if (typeof doc !== 'object' || (doc as unknown) === null || Array.isArray(doc))
-      throw new ConfigError(`${file}: the configuration must be a mapping`);
-    const control = { ...((doc['control'] as object | undefined) ?? {}) } as Record<string, unknown>;
-    if (argv['control'] !== undefined && argv['controlExplicit'] === true) control['socket'] = argv['control'];
-    if (argv['controlMode'] !== undefined) control['mode'] = argv['controlMode'];
-    doc['control'] = control;
-    if (argv['metrics'] === false) doc['metrics'] = false;
-    else if (typeof argv['metrics'] === 'string') {
-      const m = /^(.*):(\d+)$/.exec(argv['metrics']);
-      if (m === null) throw new ConfigError(`--metrics ${argv['metrics']}: expected HOST:PORT`);
-      doc['metrics'] = { host: m[1], port: Number(m[2]) };
-    }
-    const log = { ...((doc['log'] as object | undefined) ?? {}) } as Record<string, unknown>;
-    if (argv['logFormat'] !== undefined) log['format'] = argv['logFormat'];
-    if (argv['logLevel'] !== undefined) log['level'] = argv['logLevel'];
-    doc['log'] = log;
-    const flagVms = ((argv['vm'] as string[] | undefined) ?? []).map(parseVmFlag);
-    doc['vms'] = [...((doc['vms'] as unknown[] | undefined) ?? []), ...flagVms];
-    return readConfig(doc);
-  };
-  let config: ReturnType<typeof readConfig>;
-  try {
-    config = build();
-  } catch (err) {
-    die(err instanceof ConfigError ? EXIT.CONFIG : EXIT.INTERNAL, (err as Error).message);
-  }
-  const log = SwitchableLogger.wrap(new StreamLogger(process.stderr, config.log.format, config.log.level));
-  const notifier = new SystemdNotifier(log.child({ component: 'systemd' }));
-  const daemon = new Daemon(config, {
-    log,
-    notifier,
-    reconfigureLog: (l) => log.replace(new StreamLogger(process.stderr, l.format, l.level)),
-  });
-  let stopping = false;
-  const shutdown = (signal: string): void => {
-    if (stopping) return;
-    stopping = true;
-    log.info('shutting down', { signal });
-    daemon.stop().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        log.error('shutdown failed', { error: errorMessage(err) });
-        process.exit(1);
-      },
-    );
-  };
-  process.on('SIGTERM', () => shutdown('SIGTERM'));
-  process.on('SIGINT', () => shutdown('SIGINT'));
-  // A reload is synchronous: a second SIGHUP is handled after the first one finished.
-  // Handlers are installed before start-up (a signal then must not kill the process); a SIGHUP
-  // that arrives while starting is applied once started.
-  const state = { started: false, reloadPending: false };
-  const reload = (): void => {
-    if (!state.started) {
-      state.reloadPending = true;
-      return;
-    }
-    if (file === undefined) {
-      log.warn('SIGHUP: no configuration file to reload (started without --config)');
-      return;
-    }
-    let next: ReturnType<typeof readConfig>;
-    try {
-      next = build();
-    } catch (err) {
-      log.error('reload refused: the new configuration is invalid; keeping the old one', {
-        error: errorMessage(err),
-      });
-      notifier.status(`${daemon.statusLine()}; last reload refused: invalid configuration`);
-      return;
-    }
-    try {
-      daemon.reload(next);
-    } catch (err) {
-      log.error('reload failed', { error: errorMessage(err) });
-    }
-  };
-  process.on('SIGHUP', reload);
-  try {
-    await daemon.start();
-  } catch (err) {
-    notifier.notify({ STATUS: `failed to start: ${errorMessage(err)}`, ERRNO: 1 });
-    try {
-      await daemon.stop();
-    } catch (stopErr) {
-      log.error('cleanup after a failed start failed', { error: errorMessage(stopErr) });
-    }
-    die(EXIT.CONFIG, errorMessage(err));
-  }
-  state.started = true;
-  if (state.reloadPending) reload();
-}
-
 /** Shell-quotes an argument when it needs it. */
 function shellWord(a: string): string {
   return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`;
@@ -293,6 +74,8 @@ export function cli(args: string[]): Argv {
     .option('control', {
       type: 'string',
       default: defaultControlSocket(),
+      // Given twice (a wrapper's default, then the user's), the last one wins.
+      coerce: (v: string | string[]) => (Array.isArray(v) ? v[v.length - 1]! : v),
       describe: 'control socket of the daemon (env VBALLOON_CONTROL)',
     })
     .command(

@@ -6,7 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { statusTable } from '../bin/vballoon';
+import { statusTable } from '../bin/format';
 import { defaultControlSocket, defaultRunDir, readConfig } from '../lib/daemon/config';
 import { Daemon } from '../lib/daemon/daemon';
 import { StreamLogger } from '../lib/log';

@@ -303,11 +303,22 @@ describe('daemon and CLI (real processes)', function () {
       expect(fs.existsSync(sock)).to.equal(true);
     });
 
-    it('will not start on a socket another daemon is using', async () => {
+    it("a second daemon with the same VMs leaves the running daemon's sockets alone", async () => {
+      // Same configuration, then the same VMs under another control socket: the second daemon
+      // used to delete the running daemon's VM socket first (new QEMUs then got ENOENT), or,
+      // with another control path, take the VM over silently.
       await d.start({ vms: [VM(d)] });
-      const r = d.cli(['serve', '--config', path.join(d.dir, 'config.json')]);
-      expect(r.code).to.equal(7);
-      expect(r.stderr).to.match(/in use/);
+      const config = path.join(d.dir, 'config.json');
+      const same = d.cli(['serve', '--config', config]);
+      expect(same.code).to.equal(7);
+      expect(same.stderr).to.match(/in use/);
+      const other = d.cli(['serve', '--config', config, '--control', path.join(d.dir, 'other.sock')]);
+      expect(other.code).to.equal(7);
+      expect(other.stderr, other.stderr).to.match(/vm0\.sock is in use by another process/);
+      // The running daemon still serves vm0: its socket is there and a guest can attach.
+      expect(fs.statSync(d.vmSocket('vm0')).isSocket()).to.equal(true);
+      guest = await BalloonGuest.boot(d.vmSocket('vm0'), { mode: 'stock', numQueues: 5, ramBytes: 64 * 1024 * 1024 });
+      await until(() => (JSON.parse(d.cli(['status', 'vm0', '--json']).stdout) as VmStatus).connected, 'vm0 attached');
     });
   });
 
