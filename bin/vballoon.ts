@@ -75,7 +75,7 @@ export function cli(args: string[]): Argv {
       type: 'string',
       default: defaultControlSocket(),
       // Given twice (a wrapper's default, then the user's), the last one wins.
-      coerce: (v: string | string[]) => (Array.isArray(v) ? v[v.length - 1]! : v),
+      coerce: (v: string | string[]) => (Array.isArray(v) ? v[v.length - 1] : v),
       describe: 'control socket of the daemon (env VBALLOON_CONTROL)',
     })
     .command(
