@@ -2,7 +2,15 @@
   "targets": [
     {
       "target_name": "vballoon",
-      "sources": ["lib/native/vballoon.c", "lib/native/unaccounted.cc"],
+      "sources": [
+        "lib/native/vballoon.c",
+        "lib/native/napi-util.c",
+        "lib/native/sockets.c",
+        "lib/native/watch.c",
+        "lib/native/fd-io.c",
+        "lib/native/memory.c",
+        "lib/native/unaccounted.cc"
+      ],
       "cflags": ["-Wall", "-Wextra", "-Werror", "-O2"],
       "cflags_c": ["-std=gnu11"],
       "cflags_cc": ["-std=gnu++17"],

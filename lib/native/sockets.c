@@ -1,0 +1,263 @@
+/*
+ * Unix sockets with SCM_RIGHTS (listen, accept, a connect that never blocks, recvmsg/sendmsg
+ * with MSG_DONTWAIT and MSG_CMSG_CLOEXEC), socketpairs and pipes.
+ */
+#include "vb.h"
+
+static bool vb_fill_sockaddr(napi_env env, napi_value path_value, struct sockaddr_un *addr) {
+  char path[sizeof addr->sun_path + 1];
+  size_t len = 0;
+  if (napi_get_value_string_utf8(env, path_value, path, sizeof path, &len) != napi_ok) {
+    vb_throw_type(env, "path must be a string");
+    return false;
+  }
+  if (len == 0 || len >= sizeof addr->sun_path) {
+    vb_throw_errno(env, ENAMETOOLONG, "bind");
+    return false;
+  }
+  memset(addr, 0, sizeof *addr);
+  addr->sun_family = AF_UNIX;
+  memcpy(addr->sun_path, path, len);
+  return true;
+}
+
+/* listen(path, backlog) -> fd. The listening socket is non-blocking (accept never blocks). */
+napi_value vb_listen(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!vb_get_args(env, info, 2, argv)) return NULL;
+  struct sockaddr_un addr;
+  int32_t backlog;
+  if (!vb_fill_sockaddr(env, argv[0], &addr) || !vb_int32(env, argv[1], &backlog, "backlog"))
+    return NULL;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return vb_throw_errno(env, errno, "socket");
+  if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+    int err = errno;
+    close(fd);
+    return vb_throw_errno(env, err, "bind");
+  }
+  if (listen(fd, backlog) < 0) {
+    int err = errno;
+    close(fd);
+    return vb_throw_errno(env, err, "listen");
+  }
+  return vb_int(env, fd);
+}
+
+/* accept(fd) -> new fd, or -1 when no connection is pending. */
+napi_value vb_accept(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  for (;;) {
+    int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+    if (c >= 0) return vb_int(env, c);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) return vb_int(env, -1);
+    return vb_throw_errno(env, errno, "accept4");
+  }
+}
+
+/* connect(path) -> fd, or -1 when the listener's backlog is full (try again later).
+ * Never blocks: a blocking unix connect to a listener whose backlog is full sleeps until the
+ * listener accepts, which would stall the whole event loop. A non-blocking unix connect does
+ * not go "in progress" (no EINPROGRESS, nothing to poll for): it either connects at once or
+ * fails with EAGAIN, so the caller retries the whole connect. The fd is non-blocking. */
+napi_value vb_connect(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!vb_get_args(env, info, 1, argv)) return NULL;
+  struct sockaddr_un addr;
+  if (!vb_fill_sockaddr(env, argv[0], &addr)) return NULL;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return vb_throw_errno(env, errno, "socket");
+  int rc;
+  do {
+    rc = connect(fd, (struct sockaddr *)&addr, sizeof addr);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) {
+    int err = errno;
+    close(fd);
+    if (err == EAGAIN || err == EWOULDBLOCK) return vb_int(env, -1);
+    return vb_throw_errno(env, err, "connect");
+  }
+  return vb_int(env, fd);
+}
+
+/* pipe() -> [readFd, writeFd], blocking, close-on-exec (tests play hostile front-ends with it). */
+napi_value vb_pipe(napi_env env, napi_callback_info info) {
+  (void)info;
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) < 0) return vb_throw_errno(env, errno, "pipe2");
+  napi_value arr;
+  if (napi_create_array_with_length(env, 2, &arr) != napi_ok) {
+    close(p[0]);
+    close(p[1]);
+    vb_throw_napi(env, "napi_create_array");
+    return NULL;
+  }
+  napi_set_element(env, arr, 0, vb_int(env, p[0]));
+  napi_set_element(env, arr, 1, vb_int(env, p[1]));
+  return arr;
+}
+
+/* setNonBlocking(fd, on): sets or clears O_NONBLOCK on the open file description (shared with
+ * every process holding it: this is what a hostile front-end can do to our descriptors). */
+napi_value vb_set_nonblocking(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd;
+  bool on = true;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  napi_get_value_bool(env, argv[1], &on);
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0) return vb_throw_errno(env, errno, "fcntl");
+  if (fcntl(fd, F_SETFL, on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK)) < 0) return vb_throw_errno(env, errno, "fcntl");
+  return NULL;
+}
+
+/* socketpair() -> [fd, fd], unix stream, close-on-exec. */
+napi_value vb_socketpair(napi_env env, napi_callback_info info) {
+  (void)info;
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    return vb_throw_errno(env, errno, "socketpair");
+  napi_value arr;
+  if (napi_create_array_with_length(env, 2, &arr) != napi_ok) {
+    close(sv[0]);
+    close(sv[1]);
+    vb_throw_napi(env, "napi_create_array");
+    return NULL;
+  }
+  napi_set_element(env, arr, 0, vb_int(env, sv[0]));
+  napi_set_element(env, arr, 1, vb_int(env, sv[1]));
+  return arr;
+}
+
+static void vb_close_fds(const int *fds, size_t n) {
+  for (size_t i = 0; i < n; i++) close(fds[i]);
+}
+
+/*
+ * recvmsg(fd, maxBytes) -> { data: Buffer, fds: number[], truncated: boolean } | null
+ * null: nothing to read now (EAGAIN). data.length === 0: the peer closed the connection.
+ * truncated: the kernel dropped descriptors (MSG_CTRUNC); the ones that did arrive are closed
+ * here and fds is empty, so the caller only has to treat the message as broken.
+ */
+napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd, max_bytes;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd") ||
+      !vb_int32(env, argv[1], &max_bytes, "maxBytes"))
+    return NULL;
+  if (max_bytes <= 0 || max_bytes > VB_MAX_READ) return vb_throw_errno(env, EINVAL, "recvmsg");
+  static uint8_t data[VB_MAX_READ];
+  union {
+    struct cmsghdr align;
+    uint8_t buf[CMSG_SPACE(sizeof(int) * VB_MAX_FDS)];
+  } control;
+  struct iovec iov = {.iov_base = data, .iov_len = (size_t)max_bytes};
+  struct msghdr msg = {0};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.buf;
+  msg.msg_controllen = sizeof control.buf;
+  ssize_t n;
+  do {
+    n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return vb_null(env);
+    return vb_throw_errno(env, errno, "recvmsg");
+  }
+  int fds[VB_MAX_FDS];
+  size_t nfds = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    int *p = (int *)CMSG_DATA(c);
+    for (size_t i = 0; i < count; i++) {
+      if (nfds < VB_MAX_FDS)
+        fds[nfds++] = p[i];
+      else
+        close(p[i]);
+    }
+  }
+  bool truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+  if (truncated) {
+    vb_close_fds(fds, nfds);
+    nfds = 0;
+  }
+  napi_value result, buffer, fd_array, trunc_value;
+  if (napi_create_object(env, &result) != napi_ok ||
+      napi_create_buffer_copy(env, (size_t)n, data, NULL, &buffer) != napi_ok ||
+      napi_create_array_with_length(env, nfds, &fd_array) != napi_ok ||
+      napi_get_boolean(env, truncated, &trunc_value) != napi_ok) {
+    vb_close_fds(fds, nfds);
+    vb_throw_napi(env, "recvmsg result");
+    return NULL;
+  }
+  for (size_t i = 0; i < nfds; i++) napi_set_element(env, fd_array, (uint32_t)i, vb_int(env, fds[i]));
+  napi_set_named_property(env, result, "data", buffer);
+  napi_set_named_property(env, result, "fds", fd_array);
+  napi_set_named_property(env, result, "truncated", trunc_value);
+  return result;
+}
+
+/* sendmsg(fd, data: Uint8Array, fds?: number[]) -> bytes sent, or -1 when the socket is full.
+ * Descriptors go with the first byte; they are not closed (the caller still owns them). */
+napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd;
+  if (!vb_get_args(env, info, 3, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  bool is_typed = false;
+  napi_is_typedarray(env, argv[1], &is_typed);
+  if (!is_typed) return vb_throw_type(env, "data must be a Uint8Array");
+  napi_typedarray_type type;
+  size_t length, byte_offset;
+  void *base;
+  napi_value ab;
+  NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &base, &ab, &byte_offset));
+  if (type != napi_uint8_array) return vb_throw_type(env, "data must be a Uint8Array");
+  int fds[VB_MAX_FDS];
+  uint32_t nfds = 0;
+  napi_valuetype t;
+  napi_typeof(env, argv[2], &t);
+  if (t != napi_undefined && t != napi_null) {
+    bool is_array = false;
+    napi_is_array(env, argv[2], &is_array);
+    if (!is_array) return vb_throw_type(env, "fds must be an array");
+    NAPI_CALL(env, napi_get_array_length(env, argv[2], &nfds));
+    if (nfds > VB_MAX_FDS) return vb_throw_errno(env, EINVAL, "sendmsg");
+    for (uint32_t i = 0; i < nfds; i++) {
+      napi_value v;
+      NAPI_CALL(env, napi_get_element(env, argv[2], i, &v));
+      if (!vb_int32(env, v, &fds[i], "fd")) return NULL;
+    }
+  }
+  union {
+    struct cmsghdr align;
+    uint8_t buf[CMSG_SPACE(sizeof(int) * VB_MAX_FDS)];
+  } control;
+  struct iovec iov = {.iov_base = base, .iov_len = length};
+  struct msghdr msg = {0};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (nfds > 0) {
+    memset(control.buf, 0, sizeof control.buf);
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+  }
+  ssize_t n;
+  do {
+    n = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return vb_int(env, -1);
+    return vb_throw_errno(env, errno, "sendmsg");
+  }
+  return vb_int(env, n);
+}
