@@ -7,7 +7,9 @@
  * these limits.
  */
 import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as http from 'node:http';
 import * as net from 'node:net';
 import parsePrometheus from 'parse-prometheus-text-format';
 import { BalloonGuest } from '../../lib/testing/balloon-guest';
@@ -236,6 +238,102 @@ describe('a hostile local user (real daemon process, a bystander VM)', function 
       expect(
         metricValue(await scrape(d.metricsPort), 'vballoon_control_errors_total', { code: 'EBUSY' }),
       ).to.be.at.least(100);
+    });
+  });
+
+  describe('metrics port', () => {
+    /** A raw TCP connection to the metrics port that sends nothing; records what comes back. */
+    function idleConnection(port: number): { socket: net.Socket; text: () => string; closed: () => boolean } {
+      const socket = net.createConnection(port, '127.0.0.1');
+      let text = '';
+      let closed = false;
+      socket.setEncoding('utf8');
+      socket.on('data', (c: string) => (text += c));
+      socket.on('error', () => socket.destroy());
+      socket.on('close', () => (closed = true));
+      return { socket, text: () => text, closed: () => closed };
+    }
+
+    it('idle connections are capped (503 past 32) and timed out; the descriptors stay with the VMs', async () => {
+      const base = daemonUsage(d).fds;
+      // Room for 200 more descriptors: the 600 idle connections below used to take them all.
+      const r = spawnSync('prlimit', [`--pid=${d.proc!.pid!}`, `--nofile=${base + 200}`], { encoding: 'utf8' });
+      expect(r.status, r.stderr).to.equal(0);
+      const conns = Array.from({ length: 600 }, () => idleConnection(d.metricsPort));
+      // Past the cap each gets a 503 and is closed (before: accepted and held for ever).
+      await until(() => conns.filter((c) => c.closed()).length >= 600 - 32, 'refusals', 30_000);
+      const refused = conns.filter((c) => c.text().startsWith('HTTP/1.1 503'));
+      // (Under this descriptor limit some are closed unanswered: the refusals in flight use fds.)
+      expect(refused.length).to.be.greaterThan(0);
+      expect(refused[0].text()).to.match(/too many metrics connections/);
+      // What stays open is the capped 32 (the refusals are gone once their clients close).
+      await until(() => daemonUsage(d).fds < base + 40, 'refused descriptors closed', 30_000);
+      // A new front-end, the control socket and the bystander are all served meanwhile.
+      const other = new ControlClient(d.control);
+      clients.push(other);
+      expect(await other.request('{"id":1,"method":"ping"}')).to.deep.include({ id: 1, ok: true });
+      const second = await Bystander.boot(d.vmSocket('vm0'));
+      await second.roundTrip();
+      await second.close();
+      await bystander!.roundTrip();
+      // The 32 that were let in but never sent a request are closed by the headers timeout.
+      await until(() => conns.every((c) => c.closed()), 'idle connections closed', 30_000);
+      expect(d.logs.filter((l) => l.msg.startsWith('accept failed'))).to.deep.equal([]);
+      const text = await scrape(d.metricsPort);
+      expect(metricValue(text, 'vballoon_metrics_connections_refused_total', { reason: 'too_many' })).to.equal(
+        refused.length,
+      );
+      expect(daemonUsage(d).fds).to.be.at.most(base + 8);
+    });
+
+    it('1,000 concurrent scrapes share renders; the bystander VM keeps its round trips', async () => {
+      const agent = new http.Agent({ keepAlive: false, maxSockets: Infinity });
+      const bodies: string[] = [];
+      const outcomes: Record<string, number> = {};
+      const count = (k: string): void => void (outcomes[k] = (outcomes[k] ?? 0) + 1);
+      const started = Date.now();
+      const load = { scraping: true };
+      const roundTrips: number[] = [];
+      const bystanderLoop = (async () => {
+        while (load.scraping) roundTrips.push(await bystander!.roundTrip());
+      })();
+      await Promise.all(
+        Array.from(
+          { length: 1000 },
+          () =>
+            new Promise<void>((resolve) => {
+              const req = http.get({ host: '127.0.0.1', port: d.metricsPort, path: '/metrics', agent }, (res) => {
+                let body = '';
+                res.setEncoding('utf8');
+                res.on('data', (c: string) => (body += c));
+                res.on('end', () => {
+                  count(String(res.statusCode));
+                  if (res.statusCode === 200) bodies.push(body);
+                  resolve();
+                });
+              });
+              req.on('error', (err: NodeJS.ErrnoException) => {
+                count(err.code ?? 'error');
+                resolve();
+              });
+            }),
+        ),
+      );
+      const elapsedS = (Date.now() - started) / 1000;
+      load.scraping = false;
+      await bystanderLoop;
+      // Only answers and refusals: 200, 503, or a connection closed past the refusal queue.
+      expect(Object.keys(outcomes), JSON.stringify(outcomes)).to.satisfy((keys: string[]) =>
+        keys.every((k) => ['200', '503', 'ECONNRESET'].includes(k)),
+      );
+      expect(bodies.length).to.be.greaterThan(0);
+      // Every render reads the process CPU time anew: distinct values are distinct renders.
+      const renders = new Set(bodies.map((b) => /^process_cpu_user_seconds_total \S+$/m.exec(b)?.[0]));
+      expect(renders.size, `${renders.size} renders for ${bodies.length} scrapes`).to.be.at.most(
+        Math.ceil(elapsedS) + 2,
+      );
+      expect(roundTrips.length).to.be.greaterThan(0);
+      await bystander!.roundTrip();
     });
   });
 });
