@@ -75,12 +75,17 @@ interface Usage {
   rssBytes: number;
 }
 
+/** The daemon's descriptors and RSS; zeros once it has died (a zombie has neither). */
 function usage(pid: number): Usage {
-  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-  return {
-    fds: fs.readdirSync(`/proc/${pid}/fd`).length,
-    rssBytes: Number(/VmRSS:\s+(\d+) kB/.exec(status)![1]) * 1024,
-  };
+  try {
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    return {
+      fds: fs.readdirSync(`/proc/${pid}/fd`).length,
+      rssBytes: Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1] ?? 0) * 1024,
+    };
+  } catch {
+    return { fds: 0, rssBytes: 0 };
+  }
 }
 
 /** What the daemon's descriptors not in `before` are (socket:[...], anon_inode:[eventfd], /memfd:...). */
@@ -740,8 +745,16 @@ export async function fuzz(total: number, seed: number, progress = false): Promi
     });
   } catch (err) {
     failure = (err as Error).message;
-    if (d.exitCode !== undefined) crashes++;
-    else if (err instanceof FuzzFailure) hangs++;
+    // A connection the daemon dropped may be its death: give its exit a moment to be seen.
+    const deadline = Date.now() + 2000;
+    while (d.exitCode === undefined && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    if (d.exitCode !== undefined) {
+      crashes++;
+      failure = `daemon exited with code ${d.exitCode} (${failure}); last log lines: ${d.logs
+        .slice(-3)
+        .map((l) => l.msg)
+        .join(' | ')}`;
+    } else if (err instanceof FuzzFailure) hangs++;
   }
   const seconds = (Date.now() - t0) / 1000;
   let end: Usage = start;
