@@ -56,6 +56,8 @@ export const ErrorCode = {
   CONTROL_NO_VM: 'ERR_CONTROL_NO_VM',
   /** A control client whose uid may not use the control socket. */
   CONTROL_UNAUTHORIZED: 'ERR_CONTROL_UNAUTHORIZED',
+  /** A control connection refused because the daemon already serves the maximum number. */
+  CONTROL_BUSY: 'ERR_CONTROL_BUSY',
   /** The CLI cannot reach the daemon, or the daemon did not answer (timeout, closed, not JSON). */
   DAEMON_UNREACHABLE: 'ERR_DAEMON_UNREACHABLE',
   /** A failure that is a bug or an unexpected system error, not bad input. */

@@ -1,8 +1,12 @@
 /**
  * The control API server: newline-delimited JSON requests and responses on a unix socket (mode
  * 0600 by default; TCP only if configured). Each request is checked before anything changes:
- * size, JSON, method, parameters, and the caller's credentials (SO_PEERCRED: root or the
- * daemon's own user). docs/control-api.md is the reference.
+ * size, nesting depth, JSON, method, parameters, and the caller's credentials (SO_PEERCRED: root
+ * or the daemon's own user). docs/control-api.md is the reference, docs/security.md the limits.
+ *
+ * A local client shares the daemon with every VM, so nothing it sends may cost unbounded memory,
+ * descriptors, stack or event-loop time: connections, pipelined requests, unread replies and
+ * nesting are all capped, and a refusal is answered, counted and logged (rate-limited).
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -17,8 +21,61 @@ function tooLarge(): VballoonError {
 
 /** Largest request line; a longer one is refused and the connection closed. */
 export const MAX_REQUEST_BYTES = 64 * 1024;
-/** Connections served at once. */
-const MAX_CONNECTIONS = 64;
+/**
+ * Deepest nesting of objects and arrays in a request. A real request needs 3 (request, params,
+ * `events`); the cap keeps JSON.parse, JSON.stringify of a reply echoing the `id`, and logging
+ * far from the stack limit (5,000 levels in 10 KB used to end the daemon).
+ */
+export const MAX_REQUEST_DEPTH = 16;
+/** Connections served at once; one more is answered EBUSY and closed. */
+export const MAX_CONNECTIONS = 64;
+/**
+ * Requests of one connection read but not answered yet. Past it the connection is not read until
+ * answers go out, so a client pipelining requests holds at most this many in the daemon.
+ */
+export const MAX_PIPELINED_REQUESTS = 16;
+/**
+ * Reply bytes queued for one client that does not read them. Past it the connection is not read
+ * (no new requests, so no new replies) until the client drains it: memory per connection stays
+ * bounded (a client that never read grew the daemon by 1 GB in 18 s).
+ */
+export const MAX_CLIENT_OUTPUT_BYTES = 1024 * 1024;
+/**
+ * Refusals are logged at most REFUSAL_LOG_BURST times per this interval (then one line with the
+ * count of those not logged): a client sending bad requests or connections in a loop must not
+ * flood the journal nor spend the event loop on log lines. Every refusal is counted in metrics.
+ */
+export const REFUSAL_LOG_INTERVAL_MS = 60_000;
+/** Refused requests logged per interval (connections refused EBUSY: one line per interval). */
+export const REFUSAL_LOG_BURST = 20;
+
+/** Allows `burst` log lines per `intervalMs`; reports how many were suppressed before a line. */
+export class LogRateLimiter {
+  private windowStartMs: number | undefined;
+  private logged = 0;
+  private suppressed = 0;
+  constructor(
+    private readonly burst: number,
+    private readonly intervalMs: number,
+    private readonly now: () => number,
+  ) {}
+  /** undefined: do not log this one; a number: log it, with that many suppressed before it. */
+  take(): number | undefined {
+    const now = this.now();
+    if (this.windowStartMs === undefined || now - this.windowStartMs >= this.intervalMs) {
+      this.windowStartMs = now;
+      this.logged = 0;
+    }
+    if (this.logged >= this.burst) {
+      this.suppressed++;
+      return undefined;
+    }
+    this.logged++;
+    const s = this.suppressed;
+    this.suppressed = 0;
+    return s;
+  }
+}
 /** A connection idle this long is closed (not a subscription: it waits for events). */
 const IDLE_TIMEOUT_MS = 60_000;
 /** A subscriber that lets this much output pile up unread is disconnected (bounded memory). */
@@ -35,6 +92,7 @@ export type ControlErrorCode =
   | 'ETARGET'
   | 'ESTATS'
   | 'EUNAUTHORIZED'
+  | 'EBUSY'
   | 'EINTERNAL';
 
 /**
@@ -49,6 +107,7 @@ const WIRE_CODES: Partial<Record<ErrorCodeValue, ControlErrorCode>> = {
   [ErrorCode.CONTROL_BAD_PARAMS]: 'EBADPARAMS',
   [ErrorCode.CONTROL_NO_VM]: 'ENOVM',
   [ErrorCode.CONTROL_UNAUTHORIZED]: 'EUNAUTHORIZED',
+  [ErrorCode.CONTROL_BUSY]: 'EBUSY',
   [ErrorCode.BALLOON_TARGET]: 'ETARGET',
   [ErrorCode.BALLOON_STATS]: 'ESTATS',
   [ErrorCode.CONFIG]: 'EBADPARAMS',
@@ -85,6 +144,28 @@ export interface ControlServerOptions {
   checkSubscription?(filter: SubscribeFilter): void;
   /** Counts rejected requests by code (metrics). */
   onError?(code: ControlErrorCode): void;
+  /** Milliseconds clock for rate-limited logging (Date.now by default). */
+  now?: () => number;
+}
+
+/**
+ * Whether `text` nests objects and arrays deeper than `max` (brackets inside strings do not
+ * count). One linear pass without recursion, bounded by the line limit; run before JSON.parse.
+ */
+export function nestingDeeperThan(text: string, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c /* \\ */) i++;
+      else if (c === 0x22 /* " */) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+      if (++depth > max) return true;
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) depth--;
+  }
+  return false;
 }
 
 function respond(socket: net.Socket, body: Record<string, unknown>): void {
@@ -95,8 +176,14 @@ export class ControlServer {
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
   private socketPath: string | undefined;
+  private readonly busyLog: LogRateLimiter;
+  private readonly refusalLog: LogRateLimiter;
 
-  constructor(private readonly options: ControlServerOptions) {}
+  constructor(private readonly options: ControlServerOptions) {
+    const now = options.now ?? ((): number => Date.now());
+    this.busyLog = new LogRateLimiter(1, REFUSAL_LOG_INTERVAL_MS, now);
+    this.refusalLog = new LogRateLimiter(REFUSAL_LOG_BURST, REFUSAL_LOG_INTERVAL_MS, now);
+  }
 
   /** Changes the unix socket's permissions (a reload). */
   setMode(mode: number): void {
@@ -140,9 +227,27 @@ export class ControlServer {
   }
 
   private makeServer(unix: boolean): net.Server {
-    const server = net.createServer((socket) => this.serve(socket, unix));
-    server.maxConnections = MAX_CONNECTIONS;
-    return server;
+    // No server.maxConnections: Node would close the connections past it without a word.
+    return net.createServer((socket) =>
+      this.sockets.size >= MAX_CONNECTIONS ? this.refuseBusy(socket) : this.serve(socket, unix),
+    );
+  }
+
+  /** Answers EBUSY and closes; counted every time, logged once per REFUSAL_LOG_INTERVAL_MS. */
+  private refuseBusy(socket: net.Socket): void {
+    socket.on('error', () => socket.destroy());
+    const message = `the daemon already serves ${MAX_CONNECTIONS} control connections; try again later`;
+    this.options.onError?.('EBUSY');
+    // The reply fits in the socket buffer: end() flushes it and releases the descriptor now.
+    socket.end(`${JSON.stringify({ id: null, ok: false, error: { code: 'EBUSY', message } })}\n`);
+    socket.destroySoon();
+    const suppressed = this.busyLog.take();
+    if (suppressed !== undefined)
+      this.options.log.warn('control connection refused: too many open (logged once a minute)', {
+        code: 'EBUSY',
+        maxConnections: MAX_CONNECTIONS,
+        refusedSinceLastLine: suppressed + 1,
+      });
   }
 
   private serve(socket: net.Socket, unix: boolean): void {
@@ -154,7 +259,13 @@ export class ControlServer {
       const code = wireCodeOf(err);
       const message = err.message;
       this.options.onError?.(code);
-      this.options.log.warn('control request refused', { code, error: message });
+      const suppressed = this.refusalLog.take();
+      if (suppressed !== undefined)
+        this.options.log.warn('control request refused', {
+          code,
+          error: message,
+          ...(suppressed > 0 ? { notLogged: suppressed } : {}),
+        });
       respond(socket, { id: id ?? null, ok: false, error: { code, message } });
     };
     if (unix) {
@@ -181,21 +292,62 @@ export class ControlServer {
     }
     let buffered = '';
     let chain = Promise.resolve();
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => {
-      buffered += chunk;
-      // Each iteration consumes one line; the buffer is bounded by MAX_REQUEST_BYTES below.
-      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+    /** Requests read and not answered yet (bounded by MAX_PIPELINED_REQUESTS). */
+    let pending = 0;
+    let tooLargeSent = false;
+    let saidSlow = false;
+    // Takes complete lines while this connection may have more in flight, then reads on only if
+    // there is room for more requests and its unread replies are under MAX_CLIENT_OUTPUT_BYTES.
+    const pump = (): void => {
+      if (socket.destroyed || tooLargeSent) return;
+      // Bounded by MAX_PIPELINED_REQUESTS; lines left over wait in `buffered` (reading is paused).
+      while (pending < MAX_PIPELINED_REQUESTS && socket.writableLength <= MAX_CLIENT_OUTPUT_BYTES) {
+        const nl = buffered.indexOf('\n');
+        if (nl < 0) break;
         const line = buffered.slice(0, nl);
         buffered = buffered.slice(nl + 1);
         if (line.trim() === '') continue;
-        chain = chain.then(() => this.handleLine(socket, line, fail));
+        pending++;
+        chain = chain
+          .then(() => this.handleLine(socket, line, fail))
+          .catch((err: unknown) => {
+            // A bug, not bad input (handleLine answers every refusal): say so and drop the client.
+            this.options.log.error('control request handling failed', { error: errorMessage(err) });
+            socket.destroy();
+          })
+          .finally(() => {
+            pending--;
+            pump();
+          });
       }
-      if (Buffer.byteLength(buffered) > MAX_REQUEST_BYTES) {
+      // A line with no end yet: `length` is a cheap lower bound of its bytes, exact check after.
+      if (
+        buffered.indexOf('\n') < 0 &&
+        buffered.length * 3 > MAX_REQUEST_BYTES &&
+        Buffer.byteLength(buffered) > MAX_REQUEST_BYTES
+      ) {
         buffered = '';
+        tooLargeSent = true;
         fail(null, tooLarge());
         socket.end();
+        return;
       }
+      const outputFull = socket.writableLength > MAX_CLIENT_OUTPUT_BYTES;
+      if (outputFull && !saidSlow) {
+        saidSlow = true; // once per connection
+        this.options.log.debug('control client does not read its replies; not reading its requests', {
+          backlogBytes: socket.writableLength,
+        });
+      }
+      const full = outputFull || buffered.indexOf('\n') >= 0;
+      if (full && !socket.isPaused()) socket.pause();
+      else if (!full && socket.isPaused()) socket.resume();
+    };
+    socket.setEncoding('utf8');
+    socket.on('drain', pump);
+    socket.on('data', (chunk: string) => {
+      buffered += chunk;
+      pump();
     });
   }
 
@@ -205,6 +357,11 @@ export class ControlServer {
     fail: (id: unknown, err: VballoonError) => void,
   ): Promise<void> {
     if (Buffer.byteLength(line) > MAX_REQUEST_BYTES) return fail(null, tooLarge());
+    if (nestingDeeperThan(line, MAX_REQUEST_DEPTH))
+      return fail(
+        null,
+        new VballoonError(ErrorCode.CONTROL_BAD_REQUEST, `nested deeper than ${MAX_REQUEST_DEPTH} levels`),
+      );
     let request: unknown;
     try {
       request = JSON.parse(line);

@@ -1,18 +1,68 @@
 /**
  * Prometheus metrics of one daemon, in its own prom-client Registry (never the global one), and
  * the HTTP endpoint that serves them at /metrics. Every metric is documented in docs/metrics.md.
- * State gauges and snapshot-derived counters are computed once per scrape from the devices'
+ * State gauges and snapshot-derived counters are computed once per render from the devices'
  * snapshots; event counters (policy actions, errors, pressure acknowledgement latency) are
  * incremented as the events happen.
+ *
+ * Anyone who can reach the port shares the daemon's event loop and descriptors with every VM, so
+ * the endpoint is bounded: connections are capped (more get a 503 and are closed at once), idle
+ * and slow connections time out, and scrapes within RENDER_CACHE_MS share one render.
  */
 import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { AddressInfo } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { BalloonDevice, BalloonSnapshot } from '../device/balloon';
 import { errorMessage } from '../errors';
+import { Logger, NullLogger } from '../log';
 import { Mode } from '../policy/engine';
+
+/**
+ * Scrapes within this long of a render get that render's text: 1,000 concurrent scrapes cost one
+ * render, not 1,000 (they delayed a bystander VM by 1.7 s). Prometheus scrapes every 15 s or so.
+ */
+export const RENDER_CACHE_MS = 1000;
+/**
+ * Metrics connections open at once (Prometheus uses one per server). One more is answered 503
+ * and closed at once, so a connection flood cannot take the descriptors the VMs need.
+ */
+export const MAX_METRICS_CONNECTIONS = 32;
+/**
+ * Refused connections whose 503 is still being delivered (until the client closes its end, at
+ * most REFUSED_LINGER_MS). A burst accepted at once is at most the listen backlog (511), so this
+ * answers every one of a burst; past it a connection is closed unanswered (a flood faster than
+ * refusals drain holds at most this many descriptors).
+ */
+export const MAX_REFUSING_CONNECTIONS = 512;
+/** A refused connection is destroyed after this even if the client does not close its end. */
+export const REFUSED_LINGER_MS = 1000;
+/** The request headers must arrive within this of the connection (slowloris). */
+export const METRICS_HEADERS_TIMEOUT_MS = 5000;
+/** The whole request must arrive within this. */
+export const METRICS_REQUEST_TIMEOUT_MS = 10_000;
+/** A kept-alive connection with no new request is closed after this. */
+export const METRICS_KEEP_ALIVE_TIMEOUT_MS = 5000;
+/** A connection with no traffic either way for this long is closed. */
+export const METRICS_IDLE_TIMEOUT_MS = 10_000;
+/** How often Node checks the headers and request timeouts (its default, 30 s, is too coarse). */
+const TIMEOUT_CHECK_INTERVAL_MS = 1000;
+/** Refused metrics connections are logged once per this interval, with a count. */
+const REFUSAL_LOG_INTERVAL_MS = 60_000;
+
+const REFUSAL_BODY = 'too many metrics connections; try again later\n';
+const REFUSAL_RESPONSE =
+  'HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 1\r\nconnection: close\r\n' +
+  `content-length: ${Buffer.byteLength(REFUSAL_BODY)}\r\n\r\n${REFUSAL_BODY}`;
+
+export interface DaemonMetricsOptions {
+  /** Where refused metrics connections are logged (rate-limited); nothing is logged without it. */
+  log?: Logger;
+  /** Milliseconds clock (the render cache and rate-limited logging). */
+  now?: () => number;
+}
 
 /** The package version (from package.json, two levels above dist/lib/daemon and lib/daemon). */
 const VERSION = ((): string => {
@@ -57,9 +107,24 @@ export class DaemonMetrics {
   private readonly errors: Counter<'vm' | 'kind'>;
   private readonly controlErrors: Counter<'code'>;
   private readonly ackSeconds: Histogram<'vm'>;
+  private readonly refused: Counter<'reason'>;
   private server: http.Server | undefined;
+  private front: net.Server | undefined;
+  private readonly open = new Set<net.Socket>();
+  private readonly refusing = new Set<net.Socket>();
+  private readonly log: Logger;
+  private readonly now: () => number;
+  /** The last render and when it started; a render in progress is shared by every scrape. */
+  private cached: { atMs: number; text: Promise<string> } | undefined;
+  private refusedSinceLog = 0;
+  private lastRefusalLogMs: number | undefined;
 
-  constructor(private readonly vms: () => MetricsVm[]) {
+  constructor(
+    private readonly vms: () => MetricsVm[],
+    options: DaemonMetricsOptions = {},
+  ) {
+    this.log = options.log ?? new NullLogger();
+    this.now = options.now ?? ((): number => Date.now());
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry });
     // prom-client's *_total gauges break the naming rule (`promtool check metrics`: a gauge must
@@ -262,6 +327,12 @@ export class DaemonMetrics {
       buckets: [0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1],
       registers,
     });
+    this.refused = new Counter({
+      name: 'vballoon_metrics_connections_refused_total',
+      help: 'Metrics connections refused, by reason (too_many: answered 503; flood: closed unanswered).',
+      labelNames: ['reason'],
+      registers,
+    });
   }
 
   policyAction(vm: string, reason: string, applied: boolean): void {
@@ -280,36 +351,106 @@ export class DaemonMetrics {
     this.ackSeconds.observe({ vm }, seconds);
   }
 
-  /** The exposition text (snapshots taken once for the whole scrape). */
+  /** The exposition text, rendered now (snapshots taken once for the whole render). */
   async render(): Promise<string> {
     this.snapshots = new Map(this.vms().map((vm) => [vm.name, vm.device.snapshot()]));
     return this.registry.metrics();
   }
 
+  /**
+   * The exposition text for a scrape: the render started less than RENDER_CACHE_MS ago (or still
+   * running), else a new one. A failed render is not kept.
+   */
+  scrape(): Promise<string> {
+    const now = this.now();
+    if (this.cached !== undefined && now - this.cached.atMs < RENDER_CACHE_MS) return this.cached.text;
+    const entry = { atMs: now, text: this.render() };
+    this.cached = entry;
+    entry.text.catch(() => {
+      if (this.cached === entry) this.cached = undefined; // the scrape that asked reports the error
+    });
+    return entry.text;
+  }
+
   /** Serves GET /metrics; resolves with the bound address. */
   listen(host: string, port: number): Promise<AddressInfo> {
-    const server = http.createServer((req, res) => {
-      if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
-        res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
-        return;
-      }
-      this.render().then(
-        (text) => res.writeHead(200, { 'content-type': this.registry.contentType }).end(text),
-        (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${errorMessage(err)}\n`),
-      );
-    });
+    const server = http.createServer(
+      {
+        headersTimeout: METRICS_HEADERS_TIMEOUT_MS,
+        requestTimeout: METRICS_REQUEST_TIMEOUT_MS,
+        keepAliveTimeout: METRICS_KEEP_ALIVE_TIMEOUT_MS,
+        connectionsCheckingInterval: TIMEOUT_CHECK_INTERVAL_MS,
+      },
+      (req, res) => {
+        if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+          res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
+          return;
+        }
+        this.scrape().then(
+          (text) => res.writeHead(200, { 'content-type': this.registry.contentType }).end(text),
+          (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${errorMessage(err)}\n`),
+        );
+      },
+    );
+    // No socket 'timeout' listener: Node destroys a connection idle this long.
+    server.timeout = METRICS_IDLE_TIMEOUT_MS;
     this.server = server;
+    // Connections are accepted here, counted, and handed to the HTTP server only under the cap.
+    const front = net.createServer((socket) => this.accept(socket));
+    this.front = front;
     return new Promise((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, host, () => resolve(server.address() as AddressInfo));
+      front.once('error', reject);
+      front.listen(port, host, () => {
+        // The HTTP server never listens itself; 'listening' starts its connection tracking, which
+        // enforces the headers and request timeouts.
+        server.emit('listening');
+        resolve(front.address() as AddressInfo);
+      });
     });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.open.size < MAX_METRICS_CONNECTIONS) {
+      this.open.add(socket);
+      socket.once('close', () => this.open.delete(socket));
+      this.server!.emit('connection', socket);
+      return;
+    }
+    socket.on('error', () => socket.destroy());
+    if (this.refusing.size >= MAX_REFUSING_CONNECTIONS) {
+      this.refused.inc({ reason: 'flood' });
+      socket.destroy();
+    } else {
+      this.refused.inc({ reason: 'too_many' });
+      this.refusing.add(socket);
+      const timer = setTimeout(() => socket.destroy(), REFUSED_LINGER_MS);
+      socket.once('close', () => {
+        clearTimeout(timer);
+        this.refusing.delete(socket);
+      });
+      socket.resume(); // the request is read and dropped, so closing does not reset the answer
+      socket.end(REFUSAL_RESPONSE);
+    }
+    this.refusedSinceLog++;
+    const now = this.now();
+    if (this.lastRefusalLogMs === undefined || now - this.lastRefusalLogMs >= REFUSAL_LOG_INTERVAL_MS) {
+      this.log.warn('metrics connections refused: too many open (logged once a minute)', {
+        maxConnections: MAX_METRICS_CONNECTIONS,
+        refusedSinceLastLine: this.refusedSinceLog,
+      });
+      this.refusedSinceLog = 0;
+      this.lastRefusalLogMs = now;
+    }
   }
 
   close(): Promise<void> {
     const s = this.server;
+    const front = this.front;
     this.server = undefined;
-    if (s === undefined) return Promise.resolve();
+    this.front = undefined;
+    if (s === undefined || front === undefined) return Promise.resolve();
     s.closeAllConnections();
-    return new Promise((resolve) => s.close(() => resolve()));
+    for (const socket of [...this.open, ...this.refusing]) socket.destroy();
+    return new Promise((resolve) => front.close(() => s.close(() => resolve())));
   }
 }
