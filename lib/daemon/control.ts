@@ -199,12 +199,15 @@ export class ControlServer {
     const server = this.makeServer(true);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      // Create the socket file with no access for others, then set the configured mode.
+      // Create the socket file with no access for others, then set the configured mode. Node binds
+      // a unix path inside listen() itself, so the umask is restored right after it, whatever
+      // happens (it used to stay 0177 for the whole process when listening failed).
       const oldMask = process.umask(0o177);
-      server.listen(socketPath, () => {
+      try {
+        server.listen(socketPath, () => resolve());
+      } finally {
         process.umask(oldMask);
-        resolve();
-      });
+      }
     });
     fs.chmodSync(socketPath, mode);
     this.socketPath = socketPath;

@@ -83,13 +83,15 @@ export class Daemon {
     this.clock = options.clock ?? systemClock;
     this.notifier = options.notifier;
     this.state = new StateStore(config.stateFile);
-    this.metrics = new DaemonMetrics(() =>
-      [...this.vms.values()].map((v) => ({
-        name: v.config.name,
-        device: v.device,
-        mode: v.mode,
-        connections: () => v.backend.counters.connections,
-      })),
+    this.metrics = new DaemonMetrics(
+      () =>
+        [...this.vms.values()].map((v) => ({
+          name: v.config.name,
+          device: v.device,
+          mode: v.mode,
+          connections: () => v.backend.counters.connections,
+        })),
+      { log: this.log.child({ component: 'metrics' }), now: () => this.clock.now() },
     );
     this.policy = new PolicyLoop({
       clock: this.clock,

@@ -149,9 +149,22 @@ export class RingSet {
     return ring.base;
   }
 
-  /** SET_VRING_KICK: `fd` undefined for "no fd" (polled). Starts the ring. Takes ownership of fd. */
+  /** The ring at `index`; `fd` (handed over with the request) is closed if there is none. */
+  private ringTaking(index: number, name: string, fd: number | undefined): RingState {
+    try {
+      return this.ring(index, name);
+    } catch (err) {
+      if (fd !== undefined) closeQuietly(fd);
+      throw err;
+    }
+  }
+
+  /**
+   * SET_VRING_KICK: `fd` undefined for "no fd" (polled). Starts the ring. Takes ownership of fd,
+   * also when it throws.
+   */
   setKick(index: number, fd: number | undefined): void {
-    const ring = this.ring(index, 'SET_VRING_KICK');
+    const ring = this.ringTaking(index, 'SET_VRING_KICK', fd);
     this.unwatchKick(ring);
     if (fd === undefined) {
       ring.kickNoFd = true;
@@ -166,17 +179,17 @@ export class RingSet {
     this.options.onStarted();
   }
 
-  /** SET_VRING_CALL (`fd` -1 for none). Takes ownership of fd. */
+  /** SET_VRING_CALL (`fd` -1 for none). Takes ownership of fd, also when it throws. */
   setCall(index: number, fd: number): void {
-    const ring = this.ring(index, 'SET_VRING_CALL');
+    const ring = this.ringTaking(index, 'SET_VRING_CALL', fd);
     closeQuietly(ring.callFd);
     ring.callFd = fd;
     ring.callSet = true;
   }
 
-  /** SET_VRING_ERR (`fd` -1 for none). Takes ownership of fd. */
+  /** SET_VRING_ERR (`fd` -1 for none). Takes ownership of fd, also when it throws. */
   setErr(index: number, fd: number): void {
-    const ring = this.ring(index, 'SET_VRING_ERR');
+    const ring = this.ringTaking(index, 'SET_VRING_ERR', fd);
     closeQuietly(ring.errFd);
     ring.errFd = fd;
   }

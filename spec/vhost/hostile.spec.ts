@@ -139,6 +139,23 @@ const cases: Array<{ name: string; code: string; realize?: boolean; memory?: boo
     code: ErrorCode.VHOST_BAD_VRING,
     step: raw(FrontendRequest.SET_VRING_ERR, { kind: 'vring-fd', index: 200, noFd: true }),
   },
+  ...(
+    [
+      ['kick', FrontendRequest.SET_VRING_KICK],
+      ['call', FrontendRequest.SET_VRING_CALL],
+      ['err', FrontendRequest.SET_VRING_ERR],
+    ] as const
+  ).map(([role, request]) => ({
+    // The eventfd used to leak: taken from the message before the index was checked (found by
+    // npm run fuzz).
+    name: `${role} eventfd for a queue index out of range`,
+    code: ErrorCode.VHOST_BAD_VRING,
+    step: (fe: TestFrontend) => {
+      const efd = native.eventfd(0, true);
+      void raw(request, { kind: 'vring-fd', index: 200, noFd: false }, [efd])(fe);
+      native.close(efd);
+    },
+  })),
   {
     name: 'vring size not a power of two',
     code: ErrorCode.VHOST_BAD_VRING,
