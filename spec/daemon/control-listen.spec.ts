@@ -13,7 +13,7 @@ import { rejectionOf, tmpDir } from '../helpers';
 function currentUmask(): number {
   const line = /^Umask:\s*([0-7]+)$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'));
   if (line === null) throw new Error('no Umask line in /proc/self/status');
-  return parseInt(line[1]!, 8);
+  return parseInt(line[1], 8);
 }
 
 describe('control socket listening', () => {
