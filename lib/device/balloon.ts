@@ -369,9 +369,11 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
 
   queueStopped(index: number): void {
     // Before QEMU gets its GET_VRING_BASE reply (a stop, a reset, a reboot): nothing may remain
-    // pending once the guest can run without the balloon.
+    // pending once the guest can run without the balloon. Everything else is kept: a stop is
+    // resumed where it was; a reset is only known when the rings restart (the session then calls
+    // reset()).
     this.pages.flush();
-    if (this.layout[index] === 'stats') this.statsQueue.stop();
+    if (this.layout[index] === 'stats') this.statsQueue.pause();
   }
 
   reset(): void {

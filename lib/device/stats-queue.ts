@@ -107,13 +107,32 @@ export class StatsQueue {
     return { ...this.counters };
   }
 
-  /** The stats ring runs: requests start after one interval. */
+  /**
+   * The stats ring runs (again): requests start after one interval. After a pause the buffer held
+   * over it goes back to the guest then; a request still unanswered gets its timeout again.
+   */
   start(vring: Vring): void {
     this.vring = vring;
     this.schedule();
+    if (this.outstanding && this.timeout === undefined)
+      this.timeout = this.clock.setTimer(this.timeoutMs, () => this.onAnswerTimeout());
   }
 
-  /** The ring stopped (or the front-end left): timers stop, the held buffer is gone with it. */
+  /**
+   * The ring stopped but the device did not reset (QMP stop, a memory table change): timers stop,
+   * and the held buffer stays ours. The guest's driver sends its buffer once, at probe, and waits
+   * for it: dropping it here means no statistics ever again after the resume.
+   */
+  pause(): void {
+    this.vring = undefined;
+    this.timer?.cancel();
+    this.timer = undefined;
+    this.timeout?.cancel();
+    this.timeout = undefined;
+    this.rejectWaiters('the stats queue stopped');
+  }
+
+  /** The front-end left (or the device reset): timers stop, the held buffer is gone with it. */
   stop(): void {
     this.vring = undefined;
     this.timer?.cancel();

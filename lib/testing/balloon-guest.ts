@@ -519,6 +519,20 @@ export class BalloonGuest {
     }
   }
 
+  /**
+   * QMP `stop` then `cont` as QEMU 11.1 sends them (TestFrontend.pause/resume): the driver is not
+   * told and keeps going; whatever it adds or kicks meanwhile is served after the resume, as a
+   * paused guest's pending buffers are. `whilePaused` runs between the two (e.g. a new target).
+   * Deliberately not under the balloon lock: a pause lands in the middle of an inflate.
+   * `sendStatus`: SET_STATUS 0 after the stop, as QEMUs before 11.1 do.
+   */
+  async pauseResume(whilePaused?: () => Promise<void> | void, sendStatus = false): Promise<Map<number, number>> {
+    const bases = await this.fe.stop(sendStatus);
+    await whilePaused?.();
+    await this.fe.resume(this.acked, bases);
+    return bases;
+  }
+
   /** From now on the guest does not answer stats requests (a hung stats handler). */
   muteStats(): void {
     this.statsMuted = true;

@@ -341,14 +341,19 @@ export class TestFrontend {
    * What QEMU does when the guest sets DRIVER_OK: SET_FEATURES, memory, then for each queue the
    * driver set up NUM/BASE/ADDR/KICK(+kick)/CALL, then ENABLE for every queue, then CALL again.
    */
-  async start(ackedFeatures: bigint, queues: readonly number[]): Promise<Map<number, SplitRingDriver>> {
+  async start(
+    ackedFeatures: bigint,
+    queues: readonly number[],
+    bases?: ReadonlyMap<number, number>,
+  ): Promise<Map<number, SplitRingDriver>> {
     const bit30 = this.backendFeatures & VHOST_USER_F_PROTOCOL_FEATURES;
     await this.request(FrontendRequest.SET_FEATURES, { kind: 'u64', value: ackedFeatures | bit30 });
+    // A restart (bases given) sends neither memory (unchanged) nor a status (already DRIVER_OK).
     if (this.has(ProtocolFeature.STATUS)) {
       await this.requestU64(FrontendRequest.GET_STATUS);
-      await this.request(FrontendRequest.SET_STATUS, { kind: 'u64', value: 0x8n });
+      if (bases === undefined) await this.request(FrontendRequest.SET_STATUS, { kind: 'u64', value: 0x8n });
     }
-    await this.sendMemory();
+    if (bases === undefined) await this.sendMemory();
     for (const q of queues) {
       let driver = this.drivers.get(q);
       if (driver === undefined) {
@@ -361,7 +366,8 @@ export class TestFrontend {
         this.drivers.set(q, driver);
       }
       await this.request(FrontendRequest.SET_VRING_NUM, { kind: 'vring-state', index: q, num: driver.size });
-      await this.request(FrontendRequest.SET_VRING_BASE, { kind: 'vring-state', index: q, num: 0 });
+      const base = bases?.get(q) ?? 0;
+      await this.request(FrontendRequest.SET_VRING_BASE, { kind: 'vring-state', index: q, num: base });
       const a = driver.userAddrs;
       await this.request(FrontendRequest.SET_VRING_ADDR, {
         kind: 'vring-addr',
@@ -395,8 +401,27 @@ export class TestFrontend {
     return this.drivers;
   }
 
-  /** What QEMU does on guest reset or shutdown: disable every queue, then GET_VRING_BASE. */
-  async stop(): Promise<Map<number, number>> {
+  /**
+   * What QEMU 11.1 does on QMP `stop` (and, identically, first on a guest reset): disable every
+   * queue, then GET_VRING_BASE on each started one; no SET_STATUS. Returns the bases.
+   */
+  async pause(): Promise<Map<number, number>> {
+    return this.stop(false);
+  }
+
+  /**
+   * What QEMU 11.1 does on QMP `cont`: start again (features, GET_STATUS, each ring; no memory
+   * table) with each ring at the base GET_VRING_BASE returned (docs/qemu.md).
+   */
+  async resume(ackedFeatures: bigint, bases: ReadonlyMap<number, number>): Promise<Map<number, SplitRingDriver>> {
+    return this.start(ackedFeatures, [...bases.keys()], bases);
+  }
+
+  /**
+   * What a front-end does on guest reset or shutdown: disable every queue, then GET_VRING_BASE,
+   * then SET_STATUS 0 if negotiated (older QEMUs send it on every stop; `sendStatus` false: not).
+   */
+  async stop(sendStatus = true): Promise<Map<number, number>> {
     const bases = new Map<number, number>();
     if (this.backendFeatures & VHOST_USER_F_PROTOCOL_FEATURES) {
       for (let q = 0; q < this.options.numQueues; q++) {
@@ -409,7 +434,8 @@ export class TestFrontend {
       const v = new DataView(frame.payload.buffer, frame.payload.byteOffset, 8);
       bases.set(q, v.getUint32(4, true));
     }
-    if (this.has(ProtocolFeature.STATUS)) await this.request(FrontendRequest.SET_STATUS, { kind: 'u64', value: 0n });
+    if (sendStatus && this.has(ProtocolFeature.STATUS))
+      await this.request(FrontendRequest.SET_STATUS, { kind: 'u64', value: 0n });
     return bases;
   }
 

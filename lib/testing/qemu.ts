@@ -7,6 +7,7 @@
  */
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as path from 'node:path';
 
 export interface E2eEnv {
@@ -52,6 +53,10 @@ export interface GuestOptions {
   initrd?: string;
   /** Appended to the kernel command line (e.g. `VBALLOON_MODARGS=message_bit=2` for the driver initramfs). */
   appendExtra?: string;
+  /** A QMP monitor on this unix socket (stop, cont, system_reset: see Qmp below). */
+  qmpSocket?: string;
+  /** Let a guest reboot (or QMP system_reset) restart the guest instead of ending QEMU. */
+  allowReboot?: boolean;
 }
 
 /** The argv that runs QEMU from `env` (through the trixie root's loader when needed). */
@@ -109,7 +114,10 @@ export class QemuGuest {
       `${o.memMiB}M`,
       '-smp',
       '1',
-      '-no-reboot',
+      ...(o.allowReboot === true ? [] : ['-no-reboot']),
+      ...(o.qmpSocket !== undefined && o.builtinBalloonQmp === undefined
+        ? ['-qmp', `unix:${o.qmpSocket},server=on,wait=off`]
+        : []),
       '-object',
       `memory-backend-memfd,id=mem,size=${o.memMiB}M,share=on`,
       '-machine',
@@ -216,5 +224,81 @@ export class QemuGuest {
     const t = setTimeout(() => this.kill('SIGKILL'), timeoutMs);
     await this.exited;
     clearTimeout(t);
+  }
+}
+
+/**
+ * A minimal QMP client (one command at a time): connects, negotiates capabilities, then
+ * `execute` sends a command and resolves with its `return` (rejects on `error`). Events are
+ * collected in `events`.
+ */
+export class Qmp {
+  readonly events: Array<{ event: string; data?: unknown }> = [];
+  private buffered = '';
+  private pending: { resolve(v: unknown): void; reject(e: Error): void } | undefined;
+  private greeted: (() => void) | undefined;
+
+  private constructor(private readonly sock: net.Socket) {
+    sock.setEncoding('utf8');
+    sock.on('data', (chunk: string) => this.onData(chunk));
+    sock.on('error', (err) => this.pending?.reject(err));
+  }
+
+  /** Connects to QEMU's QMP socket (retrying until QEMU has created it) and enters command mode. */
+  static async connect(socketPath: string, timeoutMs = 30_000): Promise<Qmp> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const sock = await new Promise<net.Socket>((resolve, reject) => {
+          const s = net.connect(socketPath, () => resolve(s));
+          s.once('error', reject);
+        });
+        const qmp = new Qmp(sock);
+        await new Promise<void>((resolve) => (qmp.greeted = resolve));
+        await qmp.execute('qmp_capabilities');
+        return qmp;
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  }
+
+  execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
+    if (this.pending !== undefined) return Promise.reject(new Error('QMP: one command at a time'));
+    return new Promise((resolve, reject) => {
+      this.pending = { resolve, reject };
+      this.sock.write(
+        JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args }),
+      );
+    });
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+
+  private onData(chunk: string): void {
+    this.buffered += chunk;
+    const lines = this.buffered.split('\n');
+    this.buffered = lines.pop() ?? '';
+    for (const line of lines) {
+      if (line.trim() === '') continue;
+      const msg = JSON.parse(line) as {
+        QMP?: unknown;
+        event?: string;
+        data?: unknown;
+        return?: unknown;
+        error?: { desc: string };
+      };
+      if (msg.QMP !== undefined) this.greeted?.();
+      else if (msg.event !== undefined) this.events.push({ event: msg.event, data: msg.data });
+      else {
+        const p = this.pending;
+        this.pending = undefined;
+        if (msg.error !== undefined) p?.reject(new Error(`QMP: ${msg.error.desc}`));
+        else p?.resolve(msg.return);
+      }
+    }
   }
 }

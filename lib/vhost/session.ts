@@ -96,6 +96,15 @@ function takeEventfd(
   return takeFd(msg);
 }
 
+/** The small payloads (a value, a ring's index and number) for the debug log of each message. */
+function brief(msg: FrontendMessage): Record<string, unknown> {
+  const p = msg.payload;
+  if (p.kind === 'u64') return { value: `0x${p.value.toString(16)}` };
+  if (p.kind === 'vring-state' || p.kind === 'vring-fd')
+    return { queue: p.index, ...(p.kind === 'vring-state' ? { num: p.num } : {}) };
+  return {};
+}
+
 /** Serves one front-end connection for `device`. */
 export class Session implements DeviceHost {
   readonly memory = new GuestMemory();
@@ -112,6 +121,11 @@ export class Session implements DeviceHost {
   private closed = false;
   private firstMessage = true;
   private queueCountReported = false;
+  /**
+   * The base each ring stopped at (our GET_VRING_BASE answers) until its next SET_VRING_BASE: a
+   * restart at the same base is a resume (QMP stop/cont), anywhere else a device reset.
+   */
+  private readonly stoppedBases = new Map<number, number>();
   private readonly closeListeners: Array<(error: Error | undefined) => void> = [];
 
   constructor(
@@ -195,7 +209,7 @@ export class Session implements DeviceHost {
     const name = requestName(msg.request);
     if (this.firstMessage) this.onFirstMessage(msg.request, name);
     this.options.events.onMessage(name);
-    this.log.debug('front-end message', { request: name, flags: msg.flags, fds: msg.fds.length });
+    this.log.debug('front-end message', { request: name, flags: msg.flags, fds: msg.fds.length, ...brief(msg) });
     let reply: Reply;
     try {
       reply = this.dispatch(msg);
@@ -368,13 +382,47 @@ export class Session implements DeviceHost {
     return undefined;
   }
 
-  /** @internal SET_STATUS */
+  /** @internal GET_VRING_BASE: stops the ring; remembers where, to tell a resume from a reset. */
+  stopRing(index: number): number {
+    const base = this.rings.stop(index);
+    this.stoppedBases.set(index, base);
+    return base;
+  }
+
+  /**
+   * @internal SET_VRING_BASE. A device stop (QMP `stop`, `virsh suspend`) and a guest reset look
+   * the same until here: QEMU disables and stops every ring either way (GET_VRING_BASE), and
+   * sends no SET_STATUS 0 (QEMU 11.1; older ones send it on every stop). What differs is the
+   * restart: after a stop QEMU resumes each ring at the base we returned; after a reset the guest
+   * set its rings up anew and they start at 0. So a ring restarting elsewhere than it stopped
+   * means a reset: the balloon of the previous guest is emptied once, before any ring runs again
+   * (QEMU sets every ring's base before enabling any, docs/qemu.md). A ring that stopped at 0
+   * holds nothing, so restarting it at 0 decides nothing.
+   */
+  setVringBase(index: number, base: number): void {
+    this.rings.setBase(index, base);
+    const stoppedAt = this.stoppedBases.get(index);
+    if (stoppedAt === undefined) return;
+    this.stoppedBases.delete(index);
+    if (stoppedAt === base) {
+      this.log.debug('ring resumes where it stopped', { queue: index, base });
+      return;
+    }
+    this.stoppedBases.clear();
+    this.log.info('ring restarts elsewhere than it stopped: the guest reset the device', {
+      queue: index,
+      stoppedAt,
+      base,
+    });
+    this.device.reset();
+  }
+
+  /** @internal SET_STATUS. Status 0 alone resets nothing: the ring bases tell (setVringBase). */
   setStatus(value: bigint): void {
     this.requireProtocol(ProtocolFeature.STATUS, 'SET_STATUS');
     if (value > 0xffn)
       throw protocolError(ErrorCode.VHOST_BAD_MESSAGE, `SET_STATUS: status 0x${value.toString(16)} > 0xff`);
     this.status = Number(value);
-    if (this.status === 0) this.device.reset();
   }
 
   /** @internal GET_STATUS */
@@ -387,6 +435,7 @@ export class Session implements DeviceHost {
   resetDevice(): void {
     this.requireProtocol(ProtocolFeature.RESET_DEVICE, 'RESET_DEVICE');
     this.rings.resetAll();
+    this.stoppedBases.clear();
     this.status = 0;
     this.device.reset();
   }
@@ -454,7 +503,7 @@ const HANDLERS: HandlerTable = {
     removeMemRegion(s.memory, m.payload.region, m.fds, s.memoryChangeHooks);
   },
   [R.SET_VRING_NUM]: (s, m) => s.ringSet.setNum(m.payload.index, m.payload.num),
-  [R.SET_VRING_BASE]: (s, m) => s.ringSet.setBase(m.payload.index, m.payload.num),
+  [R.SET_VRING_BASE]: (s, m) => s.setVringBase(m.payload.index, m.payload.num),
   [R.SET_VRING_ADDR]: (s, m) => {
     if (m.payload.flags & VHOST_VRING_F_LOG)
       throw protocolError(ErrorCode.VHOST_NOT_NEGOTIATED, 'SET_VRING_ADDR: used-ring logging is not supported');
@@ -463,7 +512,7 @@ const HANDLERS: HandlerTable = {
   [R.GET_VRING_BASE]: (s, m) => ({
     kind: 'vring-state',
     index: m.payload.index,
-    num: s.ringSet.stop(m.payload.index),
+    num: s.stopRing(m.payload.index),
   }),
   [R.SET_VRING_KICK]: (s, m) => s.ringSet.setKick(m.payload.index, m.payload.noFd ? undefined : takeEventfd(m)),
   [R.SET_VRING_CALL]: (s, m) => s.ringSet.setCall(m.payload.index, m.payload.noFd ? -1 : takeEventfd(m)),

@@ -147,12 +147,37 @@ describe('vhost-user session state machine', () => {
     expect(bases.get(0)).to.equal(3);
     expect(device.ready.size).to.equal(0);
     await fe.requestU64(FrontendRequest.GET_FEATURES); // SET_STATUS has no reply: sync
-    expect(device.resets).to.equal(1); // SET_STATUS(0)
+    // SET_STATUS(0) alone is no reset (QEMUs before 11.1 send it on every QMP stop too).
+    expect(device.resets).to.equal(0);
     // A kick while stopped is ignored.
     d.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]);
     d.kick();
     await tick(20);
     expect(d.usedIdx).to.equal(3);
+    // Resumed at the base we returned (QMP cont): still no reset, and the pending buffer is served.
+    await fe.resume(FEATURES, bases);
+    await d.waitUsed(1);
+    expect(d.usedIdx).to.equal(4);
+    expect(device.resets).to.equal(0);
+  });
+
+  it('a ring restarting elsewhere than it stopped is a device reset (once); at its base it is a resume', async () => {
+    fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8 });
+    await fe.realize();
+    const d = (await fe.start(FEATURES, [0, 1])).get(0)!;
+    for (let i = 0; i < 2; i++) d.addBuffer([{ addr: fe.ram.alloc(8), len: 8 }]);
+    d.kick();
+    await d.waitUsed(2);
+    const bases = await fe.pause();
+    expect([...bases]).to.deep.equal([
+      [0, 2],
+      [1, 0],
+    ]);
+    // What QEMU 11.1 sends after a guest reset: the same messages as a resume, every base 0.
+    await fe.request(FrontendRequest.SET_VRING_BASE, { kind: 'vring-state', index: 0, num: 0 });
+    await fe.request(FrontendRequest.SET_VRING_BASE, { kind: 'vring-state', index: 1, num: 0 });
+    await fe.requestU64(FrontendRequest.GET_FEATURES); // sync
+    expect(device.resets).to.equal(1);
   });
 
   it('a broken guest ring stops only that queue and signals its error fd', async () => {
