@@ -148,10 +148,12 @@ async function setTarget(d: DaemonProcess, size: string): Promise<void> {
     let s = status(d);
     expect(s.actualBytes).to.equal(768 * MiB);
     expect(memTotal0 - (await g.meminfo())['MemTotal']).to.equal(768 * MiB);
-    // Given back to the host: all of it but what the balloon took of the 48M the eater never
-    // touched (those pages were not resident to begin with).
+    // Given back to the host: nearly all of it. The balloon may take some of the 48M the eater
+    // never touched (not resident to begin with), and the guest's own activity meanwhile (page
+    // cache, slab) makes other pages resident: 717 to 757 MiB were seen, so the bound is 90 % of
+    // the 720M that were surely resident. Without the fix no inflate after cont is served at all.
     const released = resident0 - s.hostResidentBytes!;
-    expect(released, `released ${released} of ${768 * MiB}`).to.be.at.least((768 - 48) * MiB);
+    expect(released, `released ${released} of ${768 * MiB}`).to.be.at.least((768 - 48) * MiB * 0.9);
 
     // Deflate back to 0 is exact: MemTotal whole again, actual and the tracker 0, and the guest
     // can use the pages again: touching its free memory takes the 768M back from the host (less
