@@ -21,7 +21,7 @@ import * as path from 'node:path';
 import { closeQuietly, native } from '../lib/native';
 import { BalloonGuest } from '../lib/testing/balloon-guest';
 import { GuestRam } from '../lib/testing/guest-ram';
-import { parseTrace, TraceEntry } from '../lib/testing/trace';
+import { pair, parseTrace, traceCallIndex, TraceEntry } from '../lib/testing/trace';
 import { encodeMessage, Payload } from '../lib/vhost/codec';
 import { FrontendRequest } from '../lib/vhost/constants';
 import { DaemonProcess } from '../spec/daemon/harness';
@@ -195,11 +195,6 @@ const MINIMAL_PROTOCOL = 0x200n; // CONFIG
 function ringGpa(q: number): { desc: number; avail: number; used: number } {
   const base = 0x200000 + (q & 7) * 0x10000;
   return { desc: base, avail: base + 0x2000, used: base + 0x4000 };
-}
-
-function pair(detail: string): { index: number; num: number } {
-  const m = /\((\d+), (\d+)\)/.exec(detail);
-  return m === null ? { index: 0, num: 0 } : { index: Number(m[1]), num: Number(m[2]) };
 }
 
 /** The fuzzer. */
@@ -377,14 +372,7 @@ class Fuzzer {
       }
       case FrontendRequest.SET_VRING_CALL:
       case FrontendRequest.SET_VRING_ERR: {
-        let index: number;
-        if (e.request === FrontendRequest.SET_VRING_ERR) index = Math.max(0, state.callCursor - 1);
-        else if (state.prev === FrontendRequest.SET_VRING_KICK) index = state.lastRing;
-        else {
-          if (state.prev !== FrontendRequest.SET_VRING_CALL && state.prev !== FrontendRequest.SET_VRING_ERR)
-            state.callCursor = 0;
-          index = state.callCursor++;
-        }
+        const index = traceCallIndex(e.request, state.prev, state.lastRing, state);
         payload = { kind: 'vring-fd', index, noFd: false };
         fds = [eventfd()];
         break;

@@ -119,3 +119,36 @@ export class NullLogger extends BaseLogger {
     return this;
   }
 }
+
+/**
+ * Repeated warnings of one kind (refused connections, failed accepts) must not flood the journal
+ * nor spend the event loop on log lines: every one is counted elsewhere, this decides which are
+ * logged.
+ */
+/** Allows `burst` log lines per `intervalMs`; reports how many were suppressed before a line. */
+export class LogRateLimiter {
+  private windowStartMs: number | undefined;
+  private logged = 0;
+  private suppressed = 0;
+  constructor(
+    private readonly burst: number,
+    private readonly intervalMs: number,
+    private readonly now: () => number,
+  ) {}
+  /** undefined: do not log this one; a number: log it, with that many suppressed before it. */
+  take(): number | undefined {
+    const now = this.now();
+    if (this.windowStartMs === undefined || now - this.windowStartMs >= this.intervalMs) {
+      this.windowStartMs = now;
+      this.logged = 0;
+    }
+    if (this.logged >= this.burst) {
+      this.suppressed++;
+      return undefined;
+    }
+    this.logged++;
+    const s = this.suppressed;
+    this.suppressed = 0;
+    return s;
+  }
+}

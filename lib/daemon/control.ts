@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { ErrorCode, errorCodeOf, ErrorCodeValue, errorMessage, VballoonError } from '../errors';
-import { Logger } from '../log';
+import { LogRateLimiter, Logger } from '../log';
 import { isSystemError, native } from '../native';
 
 function tooLarge(): VballoonError {
@@ -49,33 +49,6 @@ export const REFUSAL_LOG_INTERVAL_MS = 60_000;
 /** Refused requests logged per interval (connections refused EBUSY: one line per interval). */
 export const REFUSAL_LOG_BURST = 20;
 
-/** Allows `burst` log lines per `intervalMs`; reports how many were suppressed before a line. */
-export class LogRateLimiter {
-  private windowStartMs: number | undefined;
-  private logged = 0;
-  private suppressed = 0;
-  constructor(
-    private readonly burst: number,
-    private readonly intervalMs: number,
-    private readonly now: () => number,
-  ) {}
-  /** undefined: do not log this one; a number: log it, with that many suppressed before it. */
-  take(): number | undefined {
-    const now = this.now();
-    if (this.windowStartMs === undefined || now - this.windowStartMs >= this.intervalMs) {
-      this.windowStartMs = now;
-      this.logged = 0;
-    }
-    if (this.logged >= this.burst) {
-      this.suppressed++;
-      return undefined;
-    }
-    this.logged++;
-    const s = this.suppressed;
-    this.suppressed = 0;
-    return s;
-  }
-}
 /** A connection idle this long is closed (not a subscription: it waits for events). */
 const IDLE_TIMEOUT_MS = 60_000;
 /** A subscriber that lets this much output pile up unread is disconnected (bounded memory). */

@@ -17,7 +17,7 @@ import { AddressInfo } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { BalloonDevice, BalloonSnapshot } from '../device/balloon';
 import { errorMessage } from '../errors';
-import { Logger, NullLogger } from '../log';
+import { Logger, LogRateLimiter, NullLogger } from '../log';
 import { Mode } from '../policy/engine';
 
 /**
@@ -116,8 +116,7 @@ export class DaemonMetrics {
   private readonly now: () => number;
   /** The last render and when it started; a render in progress is shared by every scrape. */
   private cached: { atMs: number; text: Promise<string> } | undefined;
-  private refusedSinceLog = 0;
-  private lastRefusalLogMs: number | undefined;
+  private readonly refusalLog: LogRateLimiter;
 
   constructor(
     private readonly vms: () => MetricsVm[],
@@ -125,6 +124,7 @@ export class DaemonMetrics {
   ) {
     this.log = options.log ?? new NullLogger();
     this.now = options.now ?? ((): number => Date.now());
+    this.refusalLog = new LogRateLimiter(1, REFUSAL_LOG_INTERVAL_MS, this.now);
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry });
     // prom-client's *_total gauges break the naming rule (`promtool check metrics`: a gauge must
@@ -431,15 +431,12 @@ export class DaemonMetrics {
       socket.resume(); // the request is read and dropped, so closing does not reset the answer
       socket.end(REFUSAL_RESPONSE);
     }
-    this.refusedSinceLog++;
-    const now = this.now();
-    if (this.lastRefusalLogMs === undefined || now - this.lastRefusalLogMs >= REFUSAL_LOG_INTERVAL_MS) {
+    const notLogged = this.refusalLog.take();
+    if (notLogged !== undefined) {
       this.log.warn('metrics connections refused: too many open (logged once a minute)', {
         maxConnections: MAX_METRICS_CONNECTIONS,
-        refusedSinceLastLine: this.refusedSinceLog,
+        refusedSinceLastLine: notLogged + 1,
       });
-      this.refusedSinceLog = 0;
-      this.lastRefusalLogMs = now;
     }
   }
 

@@ -123,9 +123,6 @@ static ssize_t vb_nowait_io(int fd, void *buf, size_t len, bool write_it) {
   return n;
 }
 
-/* pollCount() -> watches libuv is actively polling (a failed or stopped one is not): a busy
- * loop on a dead descriptor is impossible when its watch is not among them. */
-
 /* ---- eventfd ------------------------------------------------------------------------------ */
 
 /* eventfd(initial, nonBlocking) -> fd */

@@ -83,21 +83,26 @@ napi_value vb_connect(napi_env env, napi_callback_info info) {
   return vb_int(env, fd);
 }
 
+/* [fds[0], fds[1]] for JS; on failure both descriptors are closed (they are ours until returned). */
+static napi_value vb_fd_pair(napi_env env, const int fds[2]) {
+  napi_value arr;
+  if (napi_create_array_with_length(env, 2, &arr) != napi_ok) {
+    close(fds[0]);
+    close(fds[1]);
+    vb_throw_napi(env, "napi_create_array");
+    return NULL;
+  }
+  napi_set_element(env, arr, 0, vb_int(env, fds[0]));
+  napi_set_element(env, arr, 1, vb_int(env, fds[1]));
+  return arr;
+}
+
 /* pipe() -> [readFd, writeFd], blocking, close-on-exec (tests play hostile front-ends with it). */
 napi_value vb_pipe(napi_env env, napi_callback_info info) {
   (void)info;
   int p[2];
   if (pipe2(p, O_CLOEXEC) < 0) return vb_throw_errno(env, errno, "pipe2");
-  napi_value arr;
-  if (napi_create_array_with_length(env, 2, &arr) != napi_ok) {
-    close(p[0]);
-    close(p[1]);
-    vb_throw_napi(env, "napi_create_array");
-    return NULL;
-  }
-  napi_set_element(env, arr, 0, vb_int(env, p[0]));
-  napi_set_element(env, arr, 1, vb_int(env, p[1]));
-  return arr;
+  return vb_fd_pair(env, p);
 }
 
 /* setNonBlocking(fd, on): sets or clears O_NONBLOCK on the open file description (shared with
@@ -120,16 +125,7 @@ napi_value vb_socketpair(napi_env env, napi_callback_info info) {
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
     return vb_throw_errno(env, errno, "socketpair");
-  napi_value arr;
-  if (napi_create_array_with_length(env, 2, &arr) != napi_ok) {
-    close(sv[0]);
-    close(sv[1]);
-    vb_throw_napi(env, "napi_create_array");
-    return NULL;
-  }
-  napi_set_element(env, arr, 0, vb_int(env, sv[0]));
-  napi_set_element(env, arr, 1, vb_int(env, sv[1]));
-  return arr;
+  return vb_fd_pair(env, sv);
 }
 
 static void vb_close_fds(const int *fds, size_t n) {

@@ -189,7 +189,8 @@ napi_value vb_poll_stop(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-
+/* pollCount() -> watches libuv is actively polling (a failed or stopped one is not): a busy
+ * loop on a dead descriptor is impossible when its watch is not among them. */
 napi_value vb_poll_count(napi_env env, napi_callback_info info) {
   (void)info;
   int64_t n = 0;

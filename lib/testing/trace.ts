@@ -58,10 +58,28 @@ export interface ReplyCheck {
   reply: string;
 }
 
-function pair(detail: string): { index: number; num: number } {
+/** The (index, num) of a vring-state request in a trace line. */
+export function pair(detail: string): { index: number; num: number } {
   const m = /\((\d+), (\d+)\)/.exec(detail);
   if (m === null) throw new Error(`no (index, num) in "${detail}"`);
   return { index: Number(m[1]), num: Number(m[2]) };
+}
+
+/**
+ * The ring a SET_VRING_CALL or SET_VRING_ERR of a trace is for (the trace does not record it): a
+ * CALL right after a KICK is that ring's; runs of CALL (and CALL/ERR pairs) go through the queues
+ * in order, as QEMU's loops do; an ERR is for the ring of the CALL before it.
+ */
+export function traceCallIndex(
+  request: FrontendRequest,
+  prev: FrontendRequest | undefined,
+  lastRing: number,
+  cursor: { callCursor: number },
+): number {
+  if (request === FrontendRequest.SET_VRING_ERR) return Math.max(0, cursor.callCursor - 1);
+  if (prev === FrontendRequest.SET_VRING_KICK) return lastRing;
+  if (prev !== FrontendRequest.SET_VRING_CALL && prev !== FrontendRequest.SET_VRING_ERR) cursor.callCursor = 0;
+  return cursor.callCursor++;
 }
 
 function hexField(detail: string, key: string): bigint {
@@ -83,7 +101,7 @@ export async function replayTrace(
   const drivers = new Map<number, SplitRingDriver>();
   const owned: number[] = [];
   let lastRing = 0;
-  let callCursor = 0;
+  const cursor = { callCursor: 0 };
   let prev: FrontendRequest | undefined;
   let status = 0n;
   const fail = (e: TraceEntry, why: string): never => {
@@ -147,15 +165,7 @@ export async function replayTrace(
           break;
         case FrontendRequest.SET_VRING_CALL:
         case FrontendRequest.SET_VRING_ERR: {
-          // The trace does not record the index: a CALL right after a KICK is that ring's; runs
-          // of CALL (and CALL/ERR pairs) go through the queues in order, as QEMU's loops do.
-          let index: number;
-          if (e.request === FrontendRequest.SET_VRING_ERR) index = callCursor - 1;
-          else if (prev === FrontendRequest.SET_VRING_KICK) index = lastRing;
-          else {
-            if (prev !== FrontendRequest.SET_VRING_CALL && prev !== FrontendRequest.SET_VRING_ERR) callCursor = 0;
-            index = callCursor++;
-          }
+          const index = traceCallIndex(e.request, prev, lastRing, cursor);
           payload = { kind: 'vring-fd', index, noFd: false };
           fds = [prev === FrontendRequest.SET_VRING_KICK ? drivers.get(lastRing)!.callFd : eventfd()];
           break;

@@ -7,7 +7,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { ErrorCode, ErrorCodeValue, errorMessage, VballoonError } from '../errors';
-import { Logger } from '../log';
+import { Logger, LogRateLimiter } from '../log';
 import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
 import { SUPPORTED_PROTOCOL_FEATURES } from './constants';
 import { VhostUserDevice } from './device';
@@ -29,18 +29,7 @@ export interface BackendOptions {
 const ACCEPT_BACKOFF_MS = 1000;
 /** Repeated warnings of one kind (refused front-ends, accept failures): one line per minute. */
 const LOG_EVERY_MS = 60_000;
-
-/** Lets the first event through, then one per `everyMs`. */
-class LogLimiter {
-  private last = -Infinity;
-  constructor(private readonly everyMs: number) {}
-  due(count: number): boolean {
-    const now = Date.now();
-    if (count > 1 && now - this.last < this.everyMs) return false;
-    this.last = now;
-    return true;
-  }
-}
+const onePerMinute = (): LogRateLimiter => new LogRateLimiter(1, LOG_EVERY_MS, () => performance.now());
 
 /**
  * Whether a process listens on the unix socket at `socketPath`, from /proc/net/unix (flag
@@ -132,8 +121,8 @@ export class VhostUserBackend {
   private connectTimer: NodeJS.Timeout | undefined;
   private stopped = false;
   private acceptTimer: NodeJS.Timeout | undefined;
-  private readonly refusedLog = new LogLimiter(LOG_EVERY_MS);
-  private readonly acceptLog = new LogLimiter(LOG_EVERY_MS);
+  private readonly refusedLog = onePerMinute();
+  private readonly acceptLog = onePerMinute();
   private readonly protocolFeatures: bigint;
   private readonly sessionListeners: Array<(session: Session) => void> = [];
 
@@ -232,7 +221,7 @@ export class VhostUserBackend {
       if (fd < 0) return;
       if (this.connected) {
         this.counters.rejectedConnections++;
-        if (this.refusedLog.due(this.counters.rejectedConnections))
+        if (this.refusedLog.take() !== undefined)
           this.options.log.warn('refusing a second front-end: one is already connected', {
             refused: this.counters.rejectedConnections,
           });
@@ -250,7 +239,7 @@ export class VhostUserBackend {
    */
   private acceptFailed(err: unknown): void {
     this.counters.acceptFailures++;
-    if (this.acceptLog.due(this.counters.acceptFailures))
+    if (this.acceptLog.take() !== undefined)
       this.options.log.error('accept failed; pausing this socket', {
         socket: this.socketPath,
         error: errorMessage(err),

@@ -50,17 +50,20 @@ async function metric(d: DaemonProcess, name: string, labels: Record<string, str
   return Number(m?.value);
 }
 
-/** Whether the metric equals `expected()` within 5 s (the metrics render is cached for 1 s). */
-async function metricSettles(
+/**
+ * The metric and `expected()` once they agree, or as last read after 5 s (the metrics render is
+ * cached for 1 s, so a metric may lag the control API by that long).
+ */
+async function settledMetric(
   d: DaemonProcess,
   name: string,
   labels: Record<string, string>,
   expected: () => number | null | undefined,
-): Promise<boolean> {
+): Promise<{ metric: number; expected: number | null | undefined }> {
   const deadline = Date.now() + 5000;
   for (;;) {
-    if ((await metric(d, name, labels)) === expected()) return true;
-    if (Date.now() > deadline) return false;
+    const got = { metric: await metric(d, name, labels), expected: expected() };
+    if (got.metric === got.expected || Date.now() > deadline) return got;
     await new Promise((res) => setTimeout(res, 250));
   }
 }
@@ -131,9 +134,11 @@ async function touchFreeMemory(g: QemuGuest): Promise<void> {
       // Scrapes within a second share one render (docs/metrics.md): the metric may lag the
       // control API by up to that long, so it is read until it has caught up.
       const stat = { vm: 'vm0', stat: 'total_memory' };
-      expect(await metricSettles(d, 'vballoon_guest_stat_bytes', stat, () => mem['MemTotal'])).to.equal(true);
+      const total = await settledMetric(d, 'vballoon_guest_stat_bytes', stat, () => mem['MemTotal']);
+      expect(total.metric).to.equal(total.expected);
       const resident = (): number | null => status(d).hostResidentBytes;
-      expect(await metricSettles(d, 'vballoon_host_resident_bytes', { vm: 'vm0' }, resident)).to.equal(true);
+      const held = await settledMetric(d, 'vballoon_host_resident_bytes', { vm: 'vm0' }, resident);
+      expect(held.metric).to.equal(held.expected);
     });
 
     it('3. deflate back to zero: the guest gets its memory back and can use it', async () => {
