@@ -9,14 +9,16 @@ import { BalloonDevice } from '../device/balloon';
 import { BALLOON_PAGE_BYTES } from '../device/constants';
 import { ErrorCode, errorMessage, VballoonError } from '../errors';
 import { Logger } from '../log';
-import { native } from '../native';
+import { closeQuietly, native } from '../native';
 import { Mode, PolicyAction, VmState } from '../policy/engine';
 import { HostMemoryReaders } from '../policy/host';
 import { PolicyLoop } from '../policy/loop';
 import { VhostUserBackend } from '../vhost/server';
+import { Session } from '../vhost/session';
 import { DaemonConfig, deviceOptions, libvirtXml, MIN_STATS_INTERVAL_MS, qemuArgs, VmConfig } from './config';
 import { DaemonEvents, EVENT_TYPES } from './events';
 import { StateStore } from './state';
+import { FdHolder, groupByVm, NamedFd, VmSurvival } from './survival';
 import { SystemdNotifier } from './systemd';
 import { ControlServer } from './control';
 import { DaemonMetrics } from './metrics';
@@ -43,6 +45,21 @@ export interface DaemonOptions {
   notifier?: SystemdNotifier;
   /** Applies new log settings (a reload); without it a log change is refused with a log line. */
   reconfigureLog?(log: DaemonConfig['log']): void;
+  /**
+   * Restart survival (lib/daemon/survival.ts): where descriptors are kept for the next process,
+   * and what the previous one left. Without it a restart drops every VM's balloon.
+   */
+  survival?: {
+    holder: FdHolder;
+    inherited: NamedFd[];
+    /**
+     * A takeover (`vballoon serve --takeover`): the new process's receiving address becomes a
+     * holder; `finish()` tells it everything was sent.
+     */
+    handoverTo?(address: string): FdHolder & { finish(): void };
+    /** After a handover this process must end at once, without closing any VM (serve.ts exits). */
+    onHandedOver?(): void;
+  };
 }
 
 /** Open descriptors of this process, as "fd -> target" (for the shutdown leak check). */
@@ -69,6 +86,8 @@ export class Daemon {
   private control: ControlServer | undefined;
   private config: DaemonConfig;
   private baseline: { fds: Set<string>; mappings: number } | undefined;
+  /** Descriptors the previous process left, by VM, until each VM took its own. */
+  private inherited = new Map<string, Map<string, number>>();
   /** Events for control API subscribers (`subscribe`, `vballoon watch --events`). */
   readonly events = new DaemonEvents();
   metricsAddress: { address: string; port: number } | undefined;
@@ -111,7 +130,29 @@ export class Daemon {
     this.baseline = { fds: openFds(), mappings: native.mappingCount() };
     const loaded = this.state.load();
     if (loaded.error !== undefined) this.log.warn('runtime state not restored', { error: loaded.error });
+    const survival = this.options.survival;
+    if (survival !== undefined && survival.inherited.length > 0) {
+      const { byVm, other } = groupByVm(
+        survival.inherited,
+        this.config.vms.map((v) => v.name),
+      );
+      this.inherited = byVm;
+      for (const f of other) {
+        // A VM the configuration no longer has, or a name we never wrote: its VM is not served.
+        closeQuietly(f.fd);
+        survival.holder.remove(f.name);
+      }
+      if (other.length > 0)
+        this.log.warn('descriptors from the previous process that no configured VM uses were dropped', {
+          names: other.map((f) => f.name).join(','),
+        });
+      this.log.info('taking over from the previous process', {
+        descriptors: survival.inherited.length,
+        vms: [...byVm.keys()].join(',') || '(none)',
+      });
+    }
     for (const vm of this.config.vms) this.addVm(vm);
+    this.inherited = new Map();
     const control = new ControlServer({
       log: this.log.child({ component: 'control' }),
       handlers: this.handlers(),
@@ -152,54 +193,125 @@ export class Daemon {
 
   private addVm(vm: VmConfig, fileConfig: VmConfig = vm): void {
     const log = this.log.child({ vm: vm.name });
-    const device = new BalloonDevice({ ...deviceOptions(vm), clock: this.clock, log });
+    const survival = this.options.survival;
+    const keeper =
+      survival === undefined ? undefined : new VmSurvival(vm.name, survival.holder, log, this.inherited.get(vm.name));
+    this.inherited.delete(vm.name);
+    try {
+      this.addVmWith(vm, fileConfig, log, keeper);
+    } catch (err) {
+      keeper?.forget();
+      throw err;
+    }
+  }
+
+  private addVmWith(vm: VmConfig, fileConfig: VmConfig, log: Logger, keeper: VmSurvival | undefined): void {
+    const device = new BalloonDevice({
+      ...deviceOptions(vm),
+      clock: this.clock,
+      log,
+      ...(keeper === undefined ? {} : { journal: keeper.bitmap }),
+    });
+    const previous = keeper?.previous;
     // A target or mode the operator set at run time survives a restart, unless the file's value
     // changed since (then the file wins).
     const saved = this.state.get(vm.name);
     const fromState = saved !== undefined && saved.fileTargetBytes === vm.targetBytes && saved.fileMode === vm.policy;
-    const targetBytes = fromState ? saved.targetBytes : vm.targetBytes;
-    const mode = fromState ? saved.mode : vm.policy;
+    let targetBytes = fromState ? saved.targetBytes : vm.targetBytes;
+    let mode = fromState ? saved.mode : vm.policy;
     if (fromState && (saved.targetBytes !== vm.targetBytes || saved.mode !== vm.policy))
       log.info('restored the runtime target and mode', { targetBytes, mode, stateFile: this.state.path });
     if (saved !== undefined && !fromState) this.state.delete(vm.name);
+    if (previous !== undefined) {
+      // The previous process of this daemon was serving this VM a moment ago: it knows best.
+      const restored = device.restore(previous.doc.device, keeper!.bitmap.runs());
+      targetBytes = previous.doc.operatorPages * BALLOON_PAGE_BYTES;
+      mode = previous.doc.mode;
+      log.info('took over the VM from the previous process', {
+        balloonedPages: restored,
+        targetPages: previous.doc.device.targetPages,
+        actualPages: device.actual,
+        mode,
+        connected: previous.doc.session !== null,
+      });
+    }
     const pages = Math.floor(targetBytes / BALLOON_PAGE_BYTES);
-    if (pages > 0) device.setTargetPages(pages, 'operator');
+    if (pages > 0 && previous === undefined) device.setTargetPages(pages, 'operator');
     const limits = { floorPages: Math.ceil(vm.floorBytes / BALLOON_PAGE_BYTES), shares: vm.shares };
     const backend = new VhostUserBackend(device, {
       log,
       events: {
         onError: (code) => this.metrics.error(vm.name, code),
       },
+      ...(keeper === undefined ? {} : { onHandled: () => keeper.save() }),
     });
     device.on('invalid', (e: { reason: string }) => this.metrics.error(vm.name, e.reason));
     device.on('ack', (e: { seconds: number }) => this.metrics.ack(vm.name, e.seconds));
     this.events.attach(vm.name, device);
     device.on('connection', () => this.notifier?.status(this.statusLine()));
-    const runtime: VmRuntime = { config: vm, fileConfig, device, backend, mode };
+    const runtime: VmRuntime = { config: vm, fileConfig, device, backend, mode, survival: keeper };
+    const listenFd = previous?.listenFd;
     if (vm.connect) {
-      backend
-        .connect(vm.socket, { retryIntervalMs: 1000, reconnect: true })
-        .catch((err: unknown) => log.error('cannot connect to the front-end', { error: errorMessage(err) }));
+      if (listenFd !== undefined) closeQuietly(listenFd);
+      const resumed = this.resumeSession(runtime, log);
+      const connect = (): void => {
+        backend
+          .connect(vm.socket, { retryIntervalMs: 1000, reconnect: true })
+          .catch((err: unknown) => log.error('cannot connect to the front-end', { error: errorMessage(err) }));
+      };
+      // A resumed connection that ends is followed by connecting again, as any other would be.
+      if (resumed === undefined) connect();
+      else resumed.onClose(() => this.vms.get(vm.name) === runtime && connect());
     } else {
-      // Created with no access for others, then given its configured owner, group and mode.
-      const oldMask = process.umask(0o177);
-      try {
-        backend.listen(vm.socket);
-      } finally {
-        process.umask(oldMask);
-      }
-      try {
-        applySocketAccess(vm.socket, vm.socketAccess);
-      } catch (err) {
-        backend.close();
-        throw new VballoonError(
-          ErrorCode.SOCKET,
-          `${vm.name}: cannot give ${vm.socket} its owner, group or mode: ${errorMessage(err)}`,
-        );
-      }
+      if (listenFd !== undefined) backend.adoptListener(listenFd, vm.socket);
+      else this.listen(vm, backend);
+      this.resumeSession(runtime, log);
     }
+    keeper?.dropUnused();
     this.vms.set(vm.name, runtime);
     this.policy.addVm(vm.name, device, mode, pages, limits);
+    keeper?.follow(device, backend, () => {
+      const engine = this.policy.engineState.vms[vm.name] as VmState | undefined;
+      return { mode: runtime.mode, operatorPages: engine?.operatorPages ?? device.target };
+    });
+  }
+
+  /** Serves the connection the previous process served, if it was kept. */
+  private resumeSession(vm: VmRuntime, log: Logger): Session | undefined {
+    const image = vm.survival?.takeSession();
+    if (image === undefined) return undefined;
+    try {
+      const session = vm.backend.resume(image);
+      log.info('serving the front-end connection the previous process served', {
+        rings: image.rings.filter((r) => r.started).length,
+        regions: image.regions.length,
+      });
+      return session;
+    } catch (err) {
+      log.error('cannot take over the front-end connection: the VM loses its balloon until it reconnects', {
+        error: errorMessage(err),
+      });
+      return undefined;
+    }
+  }
+
+  /** Listens on a VM's socket: created with no access for others, then given its owner, group and mode. */
+  private listen(vm: VmConfig, backend: VhostUserBackend): void {
+    const oldMask = process.umask(0o177);
+    try {
+      backend.listen(vm.socket);
+    } finally {
+      process.umask(oldMask);
+    }
+    try {
+      applySocketAccess(vm.socket, vm.socketAccess);
+    } catch (err) {
+      backend.close();
+      throw new VballoonError(
+        ErrorCode.SOCKET,
+        `${vm.name}: cannot give ${vm.socket} its owner, group or mode: ${errorMessage(err)}`,
+      );
+    }
   }
 
   private removeVm(name: string): void {
@@ -207,6 +319,7 @@ export class Daemon {
     if (vm === undefined) return;
     this.policy.removeVm(name);
     vm.backend.close();
+    vm.survival?.forget();
     this.events.detach(name);
     vm.device.removeAllListeners();
     this.vms.delete(name);
@@ -274,6 +387,47 @@ export class Daemon {
     });
   }
 
+  // ---- restart survival ----------------------------------------------------------------------
+
+  /**
+   * Ends this process's service without ending any VM's (a restart under a service manager that
+   * keeps our descriptors): the policy stops, pending discards are carried out, and every VM's
+   * state is written once more. The caller exits next; nothing is closed, so no front-end notices.
+   */
+  suspend(): void {
+    this.policy.stop();
+    for (const vm of this.vms.values()) {
+      vm.device.flushDiscards();
+      vm.survival?.save();
+    }
+    this.log.info('suspended for a restart: every VM stays connected', { vms: this.vms.size });
+  }
+
+  /**
+   * `handover` (control API): gives every VM to a new process listening at `to` (a takeover):
+   * suspends, sends each VM's descriptors under their names, then this process ends.
+   */
+  handover(to: unknown): { vms: number; descriptors: number } {
+    const survival = this.options.survival;
+    if (survival?.handoverTo === undefined)
+      throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, 'this daemon cannot hand its VMs over');
+    if (typeof to !== 'string' || !to.startsWith('/'))
+      throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"to" must be the absolute path of the receiving socket');
+    const target = survival.handoverTo(to);
+    this.suspend();
+    let descriptors = 0;
+    for (const vm of this.vms.values()) {
+      for (const f of vm.survival?.descriptors() ?? []) {
+        target.store(f.name, [f.fd]);
+        descriptors++;
+      }
+    }
+    target.finish();
+    this.log.info('handed every VM over to the new process', { to, vms: this.vms.size, descriptors });
+    survival.onHandedOver?.();
+    return { vms: this.vms.size, descriptors };
+  }
+
   // ---- operations (control API) ----------------------------------------------------------------
 
   private vm(name: unknown): VmRuntime {
@@ -332,6 +486,7 @@ export class Daemon {
       mode: vm.mode,
     });
     this.persist(vm, bytes);
+    vm.survival?.save();
     return this.status(name);
   }
 
@@ -346,6 +501,7 @@ export class Daemon {
     if (previous !== mode) this.events.emitEvent({ type: 'mode', vm: name, mode, previous });
     const engine = this.policy.engineState.vms[name] as VmState | undefined;
     this.persist(vm, (engine?.operatorPages ?? vm.device.target) * BALLOON_PAGE_BYTES);
+    vm.survival?.save();
     return this.status(name);
   }
 
@@ -359,6 +515,7 @@ export class Daemon {
       );
     vm.device.setStatsIntervalMs(ms);
     vm.config = { ...vm.config, statsIntervalMs: ms };
+    vm.survival?.save();
     return this.status(name);
   }
 
@@ -373,6 +530,7 @@ export class Daemon {
     if (typeof inhibit !== 'boolean')
       throw new VballoonError(ErrorCode.CONTROL_BAD_PARAMS, '"inhibit" must be true or false');
     vm.device.setDiscardInhibited(inhibit);
+    vm.survival?.save();
     return this.status(name);
   }
 
@@ -401,6 +559,7 @@ export class Daemon {
       },
       'set-stats-interval': (p) => this.setStatsInterval(this.vm(p['vm']).config.name, p['ms']),
       'set-target': (p) => this.setTarget(this.vm(p['vm']).config.name, p),
+      handover: (p) => this.handover(p['to']),
       'set-mode': (p) => this.setMode(this.vm(p['vm']).config.name, p['mode']),
       'set-discard': (p) => this.setDiscard(this.vm(p['vm']).config.name, p['inhibit']),
       'qemu-args': (p) => {

@@ -11,6 +11,7 @@ import { Mode } from '../policy/engine';
 import { formatBytes } from '../units';
 import { VhostUserBackend } from '../vhost/server';
 import { SocketAccess, VmConfig } from './config';
+import { VmSurvival } from './survival';
 
 export interface VmRuntime {
   /** What runs (the file's values, less the changes a reload had to refuse). */
@@ -20,6 +21,8 @@ export interface VmRuntime {
   device: BalloonDevice;
   backend: VhostUserBackend;
   mode: Mode;
+  /** Keeps the VM across a restart of this daemon (lib/daemon/survival.ts). */
+  survival: VmSurvival | undefined;
 }
 
 /** The largest balloon: num_pages is a 32-bit count of 4 KiB pages. */

@@ -12,7 +12,7 @@ import { GuestMemory } from '../virtio/guest-memory';
 import { Descriptor } from '../virtio/virtqueue';
 import { DiscardScheduler } from './discard-scheduler';
 import { readPfnBuffer, ReportInvalid } from './guest-input';
-import { PageTracker } from './page-tracker';
+import { PageRun, PageTracker } from './page-tracker';
 import { alignedFileRange, DiscardRange } from './reclaim';
 
 export interface PageCounters {
@@ -21,7 +21,19 @@ export interface PageCounters {
   reporting: { requests: number; bytes: number };
 }
 
+/**
+ * Told of every change to the set of ballooned pages, synchronously, before the buffer that
+ * caused it is returned to the guest: a restartable daemon keeps a copy that survives the
+ * process (lib/daemon/survival.ts).
+ */
+export interface PagesJournal {
+  added(runs: readonly PageRun[]): void;
+  removed(pfns: readonly number[]): void;
+  cleared(): void;
+}
+
 export interface BalloonPagesOptions {
+  journal?: PagesJournal;
   clock: Clock;
   /** The connected front-end's guest memory, if any. */
   memory(): GuestMemory | undefined;
@@ -29,6 +41,9 @@ export interface BalloonPagesOptions {
   inhibited: boolean;
   report: ReportInvalid;
 }
+
+/** Pages handed to the tracker at once when a restarted daemon restores its balloon. */
+const RESTORE_BATCH_PAGES = 65536;
 
 export class BalloonPages {
   private readonly tracker = new PageTracker();
@@ -100,6 +115,38 @@ export class BalloonPages {
   clear(): void {
     this.discards.flush();
     this.tracker.clear();
+    this.options.journal?.cleared();
+  }
+
+  /** Every ballooned run, in order. */
+  runs(): Iterable<PageRun> {
+    return this.tracker.runs();
+  }
+
+  /**
+   * A restarted daemon's balloon: `runs` were ballooned when the previous process ended. Their
+   * memory is given back again (punching a hole twice is harmless; the previous process may
+   * have ended before its last batch).
+   */
+  restore(runs: Iterable<PageRun>): number {
+    let restored = 0;
+    const batch: number[] = [];
+    const add = (): void => {
+      const fresh = this.tracker.add(batch);
+      const n = fresh.reduce((sum, r) => sum + r.count, 0);
+      restored += n;
+      this.discards.enqueue(fresh, n);
+      batch.length = 0;
+    };
+    // Bounded memory: pages are added in batches of RESTORE_BATCH_PAGES.
+    for (const run of runs) {
+      for (let p = run.start; p < run.start + run.count; p++) {
+        batch.push(p);
+        if (batch.length === RESTORE_BATCH_PAGES) add();
+      }
+    }
+    add();
+    return restored;
   }
 
   /** An inflate buffer: its pages enter the balloon; their memory goes back in a later batch. */
@@ -108,6 +155,7 @@ export class BalloonPages {
     const pfns = this.readPfns('inflate', descriptors);
     if (pfns === undefined || pfns.length === 0) return;
     const fresh = this.tracker.add(pfns);
+    this.options.journal?.added(fresh);
     const added = fresh.reduce((n, r) => n + r.count, 0);
     this.counters.inflate.pages += added;
     this.counters.inflate.alreadyBallooned += pfns.length - added;
@@ -126,6 +174,7 @@ export class BalloonPages {
     const pfns = this.readPfns('deflate', descriptors);
     if (pfns === undefined || pfns.length === 0) return undefined;
     const removed = this.tracker.remove(pfns);
+    this.options.journal?.removed(pfns);
     this.counters.deflate.pages += removed;
     this.counters.deflate.notBallooned += pfns.length - removed;
     if (!requested) this.counters.deflate.unrequested += removed;

@@ -38,9 +38,10 @@ import {
   VIRTIO_BALLOON_F_STATS_VQ,
   VIRTIO_BALLOON_MSG_PRESSURE,
 } from './constants';
-import { BalloonPages } from './balloon-pages';
+import { BalloonPages, PagesJournal } from './balloon-pages';
 import { InvalidInputCounter, InvalidReason } from './guest-input';
 import { numQueuesFor, QueueRole, queueLayout } from './layout';
+import { PageRun } from './page-tracker';
 import { MessageQueue } from './message-queue';
 import { BalloonSnapshot, residentBytes } from './snapshot';
 import { GuestStatsSnapshot, StatsQueue } from './stats-queue';
@@ -72,8 +73,21 @@ export interface BalloonOptions {
   statsTimeoutMs?: number;
   /** Track and acknowledge ballooned pages but do not give them back to the host (VFIO, post-copy). */
   inhibitDiscard?: boolean;
+  /** Told of every change to the ballooned pages (a restartable daemon's copy). */
+  journal?: PagesJournal;
   clock?: Clock;
   log?: Logger;
+}
+
+/** BalloonDevice.image(): plain JSON. */
+export interface DeviceImage {
+  targetPages: number;
+  /** The driver-written `actual` field, byte for byte. */
+  actual: number[];
+  statsIntervalMs: number;
+  discardInhibited: boolean;
+  guestRamBytes: number | null;
+  memoryIdentity: string | null;
 }
 
 export interface PressureEvent {
@@ -178,6 +192,7 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
         memory: () => this.host?.memory,
         inhibited: options.inhibitDiscard ?? false,
         report,
+        ...(options.journal === undefined ? {} : { journal: options.journal }),
       },
       this.log,
     );
@@ -273,6 +288,36 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
   /** Punches every pending hole now (tests and benchmarks that measure host memory use it). */
   flushDiscards(): void {
     this.pages.flush();
+  }
+
+  // ---- restart survival ----------------------------------------------------------------------
+
+  /** What a restarted daemon needs of this device besides its pages (which the journal keeps). */
+  image(): DeviceImage {
+    return {
+      targetPages: this.targetPages,
+      actual: Array.from(this.actualBytes),
+      statsIntervalMs: this.statsQueue.interval,
+      discardInhibited: this.pages.discardInhibited,
+      guestRamBytes: this.lastGuestRamBytes ?? null,
+      memoryIdentity: this.memoryIdentity ?? null,
+    };
+  }
+
+  /**
+   * Takes over the state a previous process left (before any front-end attaches): target,
+   * `actual`, stats interval, discard inhibition, and the ballooned pages, whose memory is given
+   * back again. No event is emitted: nothing changed for the guest.
+   */
+  restore(image: DeviceImage, runs: Iterable<PageRun>): number {
+    this.targetPages = image.targetPages;
+    this.actualBytes = Uint8Array.from(image.actual.slice(0, 4));
+    if (this.actualBytes.length !== 4) this.actualBytes = new Uint8Array(4);
+    if (image.statsIntervalMs !== this.statsQueue.interval) this.statsQueue.setIntervalMs(image.statsIntervalMs);
+    this.lastGuestRamBytes = image.guestRamBytes ?? undefined;
+    this.memoryIdentity = image.memoryIdentity ?? undefined;
+    if (image.discardInhibited !== this.pages.discardInhibited) this.pages.setDiscardInhibited(image.discardInhibited);
+    return this.pages.restore(runs);
   }
 
   // ---- VhostUserDevice -------------------------------------------------------------------------

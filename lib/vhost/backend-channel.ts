@@ -23,7 +23,10 @@ export class BackendChannel {
     fd: number,
     private readonly log: Logger,
     private readonly onError: (code: ErrorCodeValue, detail: string) => void,
+    /** Acks the previous process asked for and may still arrive (a daemon restart). */
+    outstanding = 0,
   ) {
+    this.outstanding = outstanding;
     this.conn = new Connection(
       fd,
       {
@@ -57,6 +60,15 @@ export class BackendChannel {
 
   get isClosed(): boolean {
     return this.conn.isClosed;
+  }
+
+  get fd(): number {
+    return this.conn.fd;
+  }
+
+  /** Acks asked for and not yet received. */
+  get pendingAcks(): number {
+    return this.outstanding;
   }
 
   /** Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG; asks for an ack when REPLY_ACK is negotiated. */

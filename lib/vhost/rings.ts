@@ -72,6 +72,25 @@ export interface RingSetOptions {
   onMemoryFault(): void;
 }
 
+/**
+ * What a ring is, for a restarted daemon to take it over (lib/daemon/survival.ts): the protocol
+ * state and the descriptors (numbers in this process; -1 for none).
+ */
+export interface RingImage {
+  index: number;
+  num: number;
+  /** Where the ring stopped (GET_VRING_BASE) or was told to start; a started ring resumes at its used index. */
+  base: number;
+  addr: { desc: number; used: number; avail: number } | null;
+  kickFd: number;
+  kickNoFd: boolean;
+  callFd: number;
+  callSet: boolean;
+  errFd: number;
+  started: boolean;
+  enabled: boolean;
+}
+
 function protocolError(message: string): VhostProtocolError {
   return new VhostProtocolError(ErrorCode.VHOST_BAD_VRING, message);
 }
@@ -240,6 +259,82 @@ export class RingSet {
       closeQuietly(ring.errFd);
       ring.callFd = -1;
       ring.errFd = -1;
+    }
+  }
+
+  // ---- restart survival ---------------------------------------------------------------------
+
+  /** Every ring the front-end set anything up on. */
+  images(): RingImage[] {
+    return this.rings
+      .filter((r) => r.num !== 0 || r.callSet || r.started || r.addr !== undefined || r.errFd >= 0)
+      .map((r) => ({
+        index: r.index,
+        num: r.num,
+        base: r.queue?.lastAvailIdx ?? r.base,
+        addr: r.addr === undefined ? null : { ...r.addr },
+        kickFd: r.kickFd,
+        kickNoFd: r.kickNoFd,
+        callFd: r.callFd,
+        callSet: r.callSet,
+        errFd: r.errFd,
+        started: r.started,
+        enabled: r.enabled,
+      }));
+  }
+
+  /**
+   * Sets a ring up again from its image, as the messages that built it did (memory must be set
+   * already). A started ring resumes at the used index the guest's ring holds, not at the base
+   * the image recorded: the chains popped but not yet returned when the previous process ended
+   * are served again (inflate, deflate and reports are idempotent; docs/operations.md). Takes
+   * ownership of the image's descriptors, also when it throws.
+   */
+  restore(img: RingImage): void {
+    const fds = [img.kickFd, img.callFd, img.errFd];
+    try {
+      if (img.num !== 0) this.setNum(img.index, img.num);
+      // Before the addresses, as QEMU sends them: the queue is built at this base.
+      this.setBase(img.index, img.started ? (this.usedIndex(img) ?? img.base) : img.base);
+      if (img.addr !== null)
+        this.setAddr(img.index, {
+          desc: BigInt(img.addr.desc),
+          used: BigInt(img.addr.used),
+          avail: BigInt(img.addr.avail),
+        });
+    } catch (err) {
+      for (const fd of fds) closeQuietly(fd);
+      throw err;
+    }
+    if (img.callSet) this.setCall(img.index, img.callFd);
+    else closeQuietly(img.callFd);
+    this.setErr(img.index, img.errFd);
+    this.ring(img.index, 'restore').enabled = img.enabled;
+    if (img.started) this.setKick(img.index, img.kickNoFd ? undefined : img.kickFd);
+    else closeQuietly(img.kickFd);
+  }
+
+  /** The used index in the guest's ring (what the previous process returned), if it translates. */
+  private usedIndex(img: RingImage): number | undefined {
+    if (img.addr === null) return undefined;
+    const gpa = this.options.memory.userToGuest(img.addr.used, 4);
+    if (gpa === undefined) return undefined;
+    const bytes = this.options.memory.read(gpa + 2, 2);
+    return bytes[0] | (bytes[1] << 8);
+  }
+
+  /**
+   * Interrupts every started ring once: the previous process may have returned buffers and
+   * ended before it signalled them. A spurious interrupt costs the guest one look at its ring.
+   */
+  signalAll(): void {
+    for (const ring of this.rings) {
+      if (!ring.started || ring.callFd < 0) continue;
+      try {
+        native.eventfdWrite(ring.callFd, 1);
+      } catch {
+        // A call fd that cannot be written fails the ring on its next use.
+      }
     }
   }
 

@@ -11,7 +11,7 @@ import { Logger, LogRateLimiter } from '../log';
 import { closeQuietly, isSystemError, native, PollHandle, POLL_READABLE } from '../native';
 import { SUPPORTED_PROTOCOL_FEATURES } from './constants';
 import { VhostUserDevice } from './device';
-import { Session, SessionEvents } from './session';
+import { Session, SessionEvents, SessionImage, SessionOptions } from './session';
 
 export interface BackendOptions {
   log: Logger;
@@ -23,6 +23,8 @@ export interface BackendOptions {
   stalledMessageTimeoutMs?: number;
   /** Drop a front-end that sends nothing after connecting for this long (default 30 s). */
   firstMessageTimeoutMs?: number;
+  /** After each front-end message is handled, before its reply (SessionOptions.onHandled). */
+  onHandled?(): void;
 }
 
 /** After accept(2) fails, the listener is not watched for this long (no spin, no log flood). */
@@ -167,15 +169,29 @@ export class VhostUserBackend {
 
   /** Serves a connected socket (takes ownership of `fd`). */
   serveFd(fd: number, onEnd?: () => void): Session {
+    return this.track((options) => new Session(fd, this.device, options), onEnd);
+  }
+
+  /**
+   * Serves the connection a previous daemon process served (Session.resume; takes ownership of
+   * the image's descriptors, also when it throws).
+   */
+  resume(image: SessionImage): Session {
+    return this.track((options) => Session.resume(image, this.device, options));
+  }
+
+  private track(make: (options: SessionOptions) => Session, onEnd?: () => void): Session {
     this.counters.connections++;
     const log = this.options.log.child({ conn: this.counters.connections });
     const { stalledMessageTimeoutMs, firstMessageTimeoutMs } = this.options;
-    const session = new Session(fd, this.device, {
+    const onHandled = this.options.onHandled?.bind(this.options);
+    const session = make({
       protocolFeatures: this.protocolFeatures,
       log,
       events: this.events,
       ...(stalledMessageTimeoutMs === undefined ? {} : { stalledMessageTimeoutMs }),
       ...(firstMessageTimeoutMs === undefined ? {} : { firstMessageTimeoutMs }),
+      ...(onHandled === undefined ? {} : { onHandled }),
     });
     this.session = session;
     this.options.events?.onConnectionChange?.(true);
@@ -186,6 +202,26 @@ export class VhostUserBackend {
     });
     for (const l of this.sessionListeners) l(session);
     return session;
+  }
+
+  /** The listening socket, if this back-end listens (a restartable daemon keeps it). */
+  get listener(): number {
+    return this.listenFd;
+  }
+
+  /**
+   * Listens on a socket a previous daemon process listened on (`fd`, bound to `socketPath`),
+   * instead of binding a new one: the path never disappears while a VM may look for it.
+   */
+  adoptListener(fd: number, socketPath: string): void {
+    if (this.listenFd >= 0) throw new VballoonError(ErrorCode.SOCKET, 'already listening');
+    native.setNonBlocking(fd, true);
+    this.listenFd = fd;
+    this.socketPath = socketPath;
+    this.listenWatch = native.pollStart(this.listenFd, POLL_READABLE, () => this.acceptPending());
+    this.options.log.info('listening for a front-end (socket kept from the previous process)', {
+      socket: socketPath,
+    });
   }
 
   /**

@@ -39,7 +39,26 @@ import { Connection, DEFAULT_FIRST_MESSAGE_TIMEOUT_MS, DEFAULT_STALLED_MESSAGE_T
 import { DeviceHost, VhostUserDevice } from './device';
 import { Frame } from './framing';
 import { addMemRegion, MemoryChangeHooks, removeMemRegion, setMemTable } from './memory-table';
-import { RingSet } from './rings';
+import { RingImage, RingSet } from './rings';
+
+/**
+ * A session as a restarted daemon needs it to serve the same front-end on the same connection
+ * (lib/daemon/survival.ts stores it; docs/operations.md). Descriptors are numbers in the process
+ * that made the image. Everything is plain JSON (bigints as hex strings).
+ */
+export interface SessionImage {
+  connFd: number;
+  channelFd: number;
+  channelPendingAcks: number;
+  ackedFeatures: string;
+  featuresSet: boolean;
+  ackedProtocol: string;
+  status: number;
+  configChangePending: boolean;
+  regions: Array<{ guestPhysAddr: number; sizeBytes: number; userAddr: number; mmapOffset: number; fd: number }>;
+  rings: RingImage[];
+  stoppedBases: Array<[number, number]>;
+}
 
 /** Counters a session reports to its owner (metrics come from these). */
 export interface SessionEvents {
@@ -56,6 +75,14 @@ export interface SessionOptions {
   stalledMessageTimeoutMs?: number;
   /** Drop a front-end that sends nothing after connecting for this long (default 30 s). */
   firstMessageTimeoutMs?: number;
+  /**
+   * After each front-end message was handled, before its reply goes out: a restartable daemon
+   * records the new state here, so that a reply the front-end has seen is never one the next
+   * process does not know about.
+   */
+  onHandled?(): void;
+  /** Taking over a connection a previous process served (SessionImage): no first-message wait. */
+  resumed?: boolean;
 }
 
 /** A handler's answer: a reply payload, or undefined (an ack is sent if REPLY_ACK asks for one). */
@@ -152,10 +179,102 @@ export class Session implements DeviceHost {
       { onFrame: (f) => this.onFrame(f), onClose: (e) => this.onClosed(e) },
       {
         stalledMessageTimeoutMs: options.stalledMessageTimeoutMs ?? DEFAULT_STALLED_MESSAGE_TIMEOUT_MS,
-        firstMessageTimeoutMs: options.firstMessageTimeoutMs ?? DEFAULT_FIRST_MESSAGE_TIMEOUT_MS,
+        // A resumed front-end negotiated long ago and may send nothing for months.
+        firstMessageTimeoutMs: options.resumed
+          ? 0
+          : (options.firstMessageTimeoutMs ?? DEFAULT_FIRST_MESSAGE_TIMEOUT_MS),
       },
     );
+    if (options.resumed) this.firstMessage = false;
     this.device.attach(this, this.log);
+  }
+
+  // ---- restart survival ---------------------------------------------------------------------
+
+  /** The session's state and descriptors (SessionImage). */
+  image(): SessionImage {
+    return {
+      connFd: this.conn.fd,
+      channelFd: this.channel !== undefined && !this.channel.isClosed ? this.channel.fd : -1,
+      channelPendingAcks: this.channel?.pendingAcks ?? 0,
+      ackedFeatures: this.ackedFeatures.toString(16),
+      featuresSet: this.featuresSet,
+      ackedProtocol: this.ackedProtocol.toString(16),
+      status: this.status,
+      configChangePending: this.configChangePending,
+      regions: this.memory.regionList.map((r) => ({
+        guestPhysAddr: r.guestPhysAddr,
+        sizeBytes: r.sizeBytes,
+        userAddr: r.userAddr,
+        mmapOffset: r.mmapOffset,
+        fd: r.fd,
+      })),
+      rings: this.rings.images(),
+      stoppedBases: [...this.stoppedBases],
+    };
+  }
+
+  /**
+   * Serves, in this process, a connection another process served (its image, with descriptors
+   * valid here): memory, features and rings are set up again as the front-end's messages had set
+   * them, started rings resume at their used index, every started ring is interrupted once, and
+   * a config change is announced (the previous process may have ended before sending one). The
+   * front-end sees nothing but that interrupt and a config re-read. Takes ownership of every
+   * descriptor in the image, also when it throws (the session is then closed).
+   */
+  static resume(image: SessionImage, device: VhostUserDevice, options: SessionOptions): Session {
+    const session = new Session(image.connFd, device, { ...options, resumed: true });
+    // Descriptors not yet owned by anything: closed if the resume fails half-way.
+    const pending = new Set([image.channelFd, ...image.regions.map((r) => r.fd)]);
+    for (const r of image.rings) for (const fd of [r.kickFd, r.callFd, r.errFd]) pending.add(fd);
+    pending.delete(-1);
+    try {
+      session.ackedProtocol = BigInt(`0x${image.ackedProtocol}`);
+      session.status = image.status;
+      if (image.channelFd >= 0) {
+        pending.delete(image.channelFd);
+        session.channel = new BackendChannel(
+          image.channelFd,
+          session.log,
+          (code, detail) => options.events.onError(code, detail),
+          image.channelPendingAcks,
+        );
+      }
+      const fds = image.regions.map((r) => r.fd);
+      const big = (n: number): bigint => BigInt(n);
+      try {
+        setMemTable(
+          session.memory,
+          image.regions.map((r) => ({
+            guestPhysAddr: big(r.guestPhysAddr),
+            sizeBytes: big(r.sizeBytes),
+            userAddr: big(r.userAddr),
+            mmapOffset: big(r.mmapOffset),
+          })),
+          fds,
+          session.memoryHooks,
+        );
+      } finally {
+        // Mapped regions own their descriptors; setMemTable left the others (-1 = taken).
+        image.regions.forEach((r, i) => {
+          if (fds[i] === -1) pending.delete(r.fd);
+        });
+      }
+      if (image.featuresSet) session.setFeatures(BigInt(`0x${image.ackedFeatures}`));
+      for (const r of image.rings) {
+        for (const fd of [r.kickFd, r.callFd, r.errFd]) pending.delete(fd);
+        session.rings.restore(r); // owns them now, also when it throws
+      }
+      for (const [index, base] of image.stoppedBases) session.stoppedBases.set(index, base);
+    } catch (err) {
+      for (const fd of pending) closeQuietly(fd);
+      session.close(err instanceof Error ? err : new Error(String(err)));
+      throw err;
+    }
+    session.rings.signalAll();
+    session.configChangePending = true;
+    session.flushConfigChange();
+    return session;
   }
 
   /** Called once when the connection ends (after everything was released). */
@@ -220,6 +339,7 @@ export class Session implements DeviceHost {
       return;
     }
     if (this.closed) return;
+    this.options.onHandled?.();
     if (reply !== undefined) this.conn.send(encodeReply(msg.request, reply));
     else if (needsReply(msg.flags) && this.has(ProtocolFeature.REPLY_ACK)) {
       this.conn.send(encodeReply(msg.request, { kind: 'u64', value: 0n }));

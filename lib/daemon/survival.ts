@@ -1,0 +1,564 @@
+/**
+ * Restart and crash survival: what lets a VM never notice its balloon daemon going away
+ * (docs/operations.md).
+ *
+ * QEMU cannot survive a new vhost-user connection, so the connection never ends: every
+ * descriptor a VM's back-end holds (its listening socket, the front-end connection, the back-end
+ * channel, guest memory, kick/call/err eventfds) is kept by a holder that outlives this process
+ * (systemd's file descriptor store, or the next daemon during a takeover), under a stable name.
+ * Beside them, two memfds kept the same way: the VM's state (features, memory table, rings,
+ * target, `actual`, mode: JSON, rewritten on every change) and its ballooned-page bitmap (one bit
+ * per 4 KiB page, changed in place as pages enter and leave the balloon). A new process gets them
+ * all back and serves the same connection from where the guest's rings say the old one was.
+ *
+ * Ordering, which makes any SIGKILL recoverable:
+ * - a descriptor is stored before any state naming it is written, and removed from the holder
+ *   only after a state that no longer names it was written;
+ * - the state is written after a front-end message was handled and before its reply goes out;
+ * - the page bitmap changes before the buffer that changed it is returned to the guest.
+ */
+import * as fs from 'node:fs';
+import { createHash } from 'node:crypto';
+import { BalloonDevice, DeviceImage } from '../device/balloon';
+import { PagesJournal } from '../device/balloon-pages';
+import { PageRun } from '../device/page-tracker';
+import { errorMessage } from '../errors';
+import { Logger, LogRateLimiter } from '../log';
+import { closeQuietly, native } from '../native';
+import { Mode } from '../policy/engine';
+import { VhostUserBackend } from '../vhost/server';
+import { SessionImage } from '../vhost/session';
+
+/** Whoever keeps descriptors for the next process (FdStore, lib/daemon/fd-store.ts). */
+export interface FdHolder {
+  readonly enabled: boolean;
+  /** Stores `fds` under `name`; throws if they could not be handed over. */
+  store(name: string, fds: readonly number[]): void;
+  /** Forgets the descriptors stored under `name`; never throws. */
+  remove(name: string): void;
+}
+
+/** A descriptor received from the previous process, with its name. */
+export interface NamedFd {
+  name: string;
+  fd: number;
+}
+
+// ---- the state memfd ------------------------------------------------------------------------
+
+/**
+ * Two slots, each [magic u32][length u32][sequence f64][sha1 20 bytes][JSON]. A write goes to
+ * the slot not holding the newest valid state, in one pwrite; a write cut short by a SIGKILL
+ * leaves a slot whose hash does not match, and the other slot is read.
+ */
+const SLOT_BYTES = 1024 * 1024;
+const SLOT_HEADER_BYTES = 36;
+const SLOT_MAGIC = 0x31534256; // "VBS1"
+
+function sha1(data: Uint8Array): Buffer {
+  return createHash('sha1').update(data).digest();
+}
+
+export class StateFile {
+  private sequence = 0;
+  private nextSlot = 0;
+
+  private constructor(readonly fd: number) {}
+
+  /** A new, empty state memfd. */
+  static create(vm: string): StateFile {
+    const fd = native.memfdCreate(`vballoon-state-${vm}`);
+    try {
+      native.ftruncate(fd, 2 * SLOT_BYTES);
+    } catch (err) {
+      closeQuietly(fd);
+      throw err;
+    }
+    return new StateFile(fd);
+  }
+
+  /** The state memfd a previous process wrote (takes ownership of `fd`). */
+  static open(fd: number): StateFile {
+    return new StateFile(fd);
+  }
+
+  /** The newest valid state, or undefined if neither slot holds one. */
+  read(): unknown {
+    let best: { seq: number; doc: unknown; slot: number } | undefined;
+    for (let slot = 0; slot < 2; slot++) {
+      const header = Buffer.alloc(SLOT_HEADER_BYTES);
+      if (fs.readSync(this.fd, header, 0, SLOT_HEADER_BYTES, slot * SLOT_BYTES) !== SLOT_HEADER_BYTES) continue;
+      if (header.readUInt32LE(0) !== SLOT_MAGIC) continue;
+      const length = header.readUInt32LE(4);
+      if (length > SLOT_BYTES - SLOT_HEADER_BYTES) continue;
+      const seq = header.readDoubleLE(8);
+      const body = Buffer.alloc(length);
+      if (fs.readSync(this.fd, body, 0, length, slot * SLOT_BYTES + SLOT_HEADER_BYTES) !== length) continue;
+      if (!sha1(body).equals(header.subarray(16, 36))) continue;
+      if (best !== undefined && best.seq >= seq) continue;
+      try {
+        best = { seq, doc: JSON.parse(body.toString('utf8')) as unknown, slot };
+      } catch {
+        // A slot whose hash matched but that is not JSON was not written by us: ignore it.
+      }
+    }
+    if (best === undefined) return undefined;
+    this.sequence = best.seq;
+    this.nextSlot = 1 - best.slot;
+    return best.doc;
+  }
+
+  /** Writes `doc` as the newest state. Throws if it does not fit a slot. */
+  write(doc: unknown): void {
+    const body = Buffer.from(JSON.stringify(doc), 'utf8');
+    if (body.length > SLOT_BYTES - SLOT_HEADER_BYTES)
+      throw new Error(`state of ${body.length} bytes does not fit the ${SLOT_BYTES}-byte slot`);
+    const out = Buffer.alloc(SLOT_HEADER_BYTES + body.length);
+    out.writeUInt32LE(SLOT_MAGIC, 0);
+    out.writeUInt32LE(body.length, 4);
+    out.writeDoubleLE(++this.sequence, 8);
+    sha1(body).copy(out, 16);
+    body.copy(out, SLOT_HEADER_BYTES);
+    fs.writeSync(this.fd, out, 0, out.length, this.nextSlot * SLOT_BYTES);
+    this.nextSlot = 1 - this.nextSlot;
+  }
+
+  close(): void {
+    closeQuietly(this.fd);
+  }
+}
+
+// ---- the page bitmap ------------------------------------------------------------------------
+
+/** The bitmap starts this large and doubles; at most one 4 GiB mapping (pfns below 2^35). */
+const BITMAP_MIN_BYTES = 64 * 1024;
+const BITMAP_MAX_BYTES = 2 ** 32;
+
+/**
+ * One bit per 4 KiB guest page in a memfd, set while the page is in the balloon. Changed in
+ * place through a shared mapping, so what a killed process set is what the next one reads.
+ */
+export class PageBitmap implements PagesJournal {
+  private bytes: Uint8Array;
+  private mapping: ArrayBuffer;
+  private failed = false;
+
+  private constructor(
+    readonly fd: number,
+    private readonly log: () => Logger,
+  ) {
+    const size = native.fstat(fd).size;
+    this.mapping = native.mmap(fd, size, 0, true);
+    this.bytes = new Uint8Array(this.mapping);
+  }
+
+  static create(vm: string, log: () => Logger): PageBitmap {
+    const fd = native.memfdCreate(`vballoon-pages-${vm}`);
+    try {
+      native.ftruncate(fd, BITMAP_MIN_BYTES);
+      return new PageBitmap(fd, log);
+    } catch (err) {
+      closeQuietly(fd);
+      throw err;
+    }
+  }
+
+  /** A bitmap a previous process kept (takes ownership of `fd`). */
+  static open(fd: number, log: () => Logger): PageBitmap {
+    try {
+      return new PageBitmap(fd, log);
+    } catch (err) {
+      closeQuietly(fd);
+      throw err;
+    }
+  }
+
+  /** Makes room for `pfn`; false (logged once) if it is beyond what one mapping can describe. */
+  private reach(pfn: number): boolean {
+    const byte = Math.floor(pfn / 8);
+    if (byte < this.bytes.length) return true;
+    let size = this.bytes.length;
+    while (size <= byte && size < BITMAP_MAX_BYTES) size *= 2;
+    if (size <= byte) {
+      if (!this.failed)
+        this.log().error('ballooned page beyond what the restart bitmap describes: it will be forgotten by a restart', {
+          pfn,
+        });
+      this.failed = true;
+      return false;
+    }
+    native.ftruncate(this.fd, size);
+    native.munmap(this.mapping);
+    this.mapping = native.mmap(this.fd, size, 0, true);
+    this.bytes = new Uint8Array(this.mapping);
+    return true;
+  }
+
+  added(runs: readonly PageRun[]): void {
+    for (const run of runs) {
+      if (!this.reach(run.start + run.count - 1)) continue;
+      const end = run.start + run.count;
+      let p = run.start;
+      // Bit by bit to a byte boundary, then whole bytes, then the tail.
+      for (; p < end && p % 8 !== 0; p++) this.bytes[p >> 3] |= 1 << (p & 7);
+      if (p === end) continue;
+      const wholeEnd = end - (end % 8);
+      if (wholeEnd > p) {
+        this.bytes.fill(0xff, p / 8, wholeEnd / 8);
+        p = wholeEnd;
+      }
+      for (; p < end; p++) this.bytes[p >> 3] |= 1 << (p & 7);
+    }
+  }
+
+  removed(pfns: readonly number[]): void {
+    for (const pfn of pfns) {
+      const byte = Math.floor(pfn / 8);
+      if (byte < this.bytes.length) this.bytes[byte] &= ~(1 << (pfn & 7));
+    }
+  }
+
+  cleared(): void {
+    // Punching the whole file zeroes it without touching (allocating) the untouched parts.
+    native.punchHole(this.fd, 0, this.bytes.length);
+  }
+
+  /** Every ballooned run, in order. */
+  *runs(): Generator<PageRun> {
+    let start = -1;
+    const bytes = this.bytes;
+    for (let i = 0; i < bytes.length; i++) {
+      const b = bytes[i];
+      if (b === 0 || b === 0xff) {
+        if (b === 0 && start >= 0) {
+          yield { start, count: i * 8 - start };
+          start = -1;
+        } else if (b === 0xff && start < 0) start = i * 8;
+        continue;
+      }
+      for (let bit = 0; bit < 8; bit++) {
+        const p = i * 8 + bit;
+        if ((b >> bit) & 1) {
+          if (start < 0) start = p;
+        } else if (start >= 0) {
+          yield { start, count: p - start };
+          start = -1;
+        }
+      }
+    }
+    if (start >= 0) yield { start, count: bytes.length * 8 - start };
+  }
+
+  close(): void {
+    native.munmap(this.mapping);
+    closeQuietly(this.fd);
+  }
+}
+
+// ---- one VM ---------------------------------------------------------------------------------
+
+/** A SessionImage with descriptor names instead of numbers. */
+type NamedSessionImage = Omit<SessionImage, 'connFd' | 'channelFd' | 'regions' | 'rings'> & {
+  conn: string;
+  channel: string | null;
+  regions: Array<Omit<SessionImage['regions'][number], 'fd'> & { fd: string }>;
+  rings: Array<
+    Omit<SessionImage['rings'][number], 'kickFd' | 'callFd' | 'errFd'> & {
+      kick: string | null;
+      call: string | null;
+      err: string | null;
+    }
+  >;
+};
+
+/** The state memfd's document. */
+export interface VmStateDoc {
+  version: 1;
+  vm: string;
+  /** The next descriptor name's number (names are never reused). */
+  nextName: number;
+  /** The policy's mode and the operator's target (exact in manual mode, ceiling in auto). */
+  mode: Mode;
+  operatorPages: number;
+  device: DeviceImage;
+  session: NamedSessionImage | null;
+}
+
+/** What a VM's restore found, for the daemon to finish setting it up. */
+export interface Restored {
+  doc: VmStateDoc;
+  /** The listening socket, if the previous process listened. */
+  listenFd: number | undefined;
+}
+
+/** Names are `<vm>.<what>`; systemd allows printable ASCII without ':' (VM names have none). */
+const STATE_NAME = 'state';
+const PAGES_NAME = 'pages';
+const LISTEN_NAME = 'listen';
+
+/**
+ * Keeps one VM restartable: its descriptors in the holder under stable names, its state memfd
+ * and page bitmap current.
+ */
+export class VmSurvival {
+  private readonly state: StateFile;
+  readonly bitmap: PageBitmap;
+  /** Descriptors stored under a name, by number in this process. */
+  private readonly stored = new Map<number, { name: string; role: string }>();
+  private nextName = 1;
+  private device: BalloonDevice | undefined;
+  private backend: VhostUserBackend | undefined;
+  private policy: () => { mode: Mode; operatorPages: number } = () => ({ mode: 'manual', operatorPages: 0 });
+  private broken = false;
+  private readonly errorLog = new LogRateLimiter(1, 60_000, () => performance.now());
+  private readonly restored: Restored | undefined;
+
+  /**
+   * `inherited`: this VM's descriptors from the previous process (names without the VM prefix);
+   * those the restored state does not use are closed and removed from the holder.
+   */
+  constructor(
+    private readonly vm: string,
+    private readonly holder: FdHolder,
+    private log: Logger,
+    private readonly inherited: Map<string, number> = new Map(),
+  ) {
+    const stateFd = inherited.get(STATE_NAME);
+    const pagesFd = inherited.get(PAGES_NAME);
+    let doc: VmStateDoc | undefined;
+    if (stateFd !== undefined && pagesFd !== undefined) {
+      this.state = StateFile.open(stateFd);
+      this.bitmap = PageBitmap.open(pagesFd, () => this.log);
+      doc = this.parse(this.state.read());
+      if (doc === undefined) log.warn('the previous process left no usable state for this VM; starting afresh');
+    } else {
+      if (stateFd !== undefined) closeQuietly(stateFd);
+      if (pagesFd !== undefined) closeQuietly(pagesFd);
+      this.state = StateFile.create(vm);
+      this.bitmap = PageBitmap.create(vm, () => this.log);
+    }
+    inherited.delete(STATE_NAME);
+    inherited.delete(PAGES_NAME);
+    this.holder.store(this.fullName(STATE_NAME), [this.state.fd]);
+    this.holder.store(this.fullName(PAGES_NAME), [this.bitmap.fd]);
+    if (doc !== undefined) {
+      this.nextName = doc.nextName;
+      const listenFd = inherited.get(LISTEN_NAME);
+      inherited.delete(LISTEN_NAME);
+      this.restored = { doc, listenFd };
+      if (listenFd !== undefined) this.stored.set(listenFd, { name: this.fullName(LISTEN_NAME), role: 'listen' });
+    } else {
+      this.bitmap.cleared();
+    }
+  }
+
+  private fullName(short: string): string {
+    return `${this.vm}.${short}`;
+  }
+
+  private parse(doc: unknown): VmStateDoc | undefined {
+    const d = doc as Partial<VmStateDoc> | undefined;
+    if (d?.version !== 1 || d.vm !== this.vm || typeof d.device !== 'object' || typeof d.nextName !== 'number')
+      return undefined;
+    return d as VmStateDoc;
+  }
+
+  /** What the previous process left (undefined for a fresh VM). */
+  get previous(): Restored | undefined {
+    return this.restored;
+  }
+
+  /**
+   * The previous session with descriptors in this process (ownership passes to the caller),
+   * or undefined if there was none or its connection was not kept.
+   */
+  takeSession(): SessionImage | undefined {
+    const s = this.restored?.doc.session;
+    if (s === undefined || s === null) return undefined;
+    const take = (name: string | null, role: string): number => {
+      if (name === null) return -1;
+      const fd = this.inherited.get(name);
+      if (fd === undefined) return -1;
+      this.inherited.delete(name);
+      this.stored.set(fd, { name: this.fullName(name), role });
+      return fd;
+    };
+    const connFd = take(s.conn, 'conn');
+    if (connFd < 0) {
+      this.log.warn('the previous front-end connection was not kept: waiting for a new one');
+      return undefined;
+    }
+    return {
+      ...s,
+      connFd,
+      channelFd: take(s.channel, 'channel'),
+      regions: s.regions.map((r, i) => ({ ...r, fd: take(r.fd, `mem${i}`) })),
+      rings: s.rings.map((r) => {
+        const { kick, call, err, ...rest } = r;
+        return {
+          ...rest,
+          kickFd: take(kick, `kick${r.index}`),
+          callFd: take(call, `call${r.index}`),
+          errFd: take(err, `err${r.index}`),
+        };
+      }),
+    };
+  }
+
+  /** Closes what the previous process left and nothing uses now, and forgets it in the holder. */
+  dropUnused(): void {
+    for (const [name, fd] of this.inherited) {
+      closeQuietly(fd);
+      this.holder.remove(this.fullName(name));
+      this.log.info('dropped a descriptor the previous process kept and nothing uses now', { name });
+    }
+    this.inherited.clear();
+  }
+
+  /** Starts following `device` and `backend` (call after restoring them). */
+  follow(device: BalloonDevice, backend: VhostUserBackend, policy: () => { mode: Mode; operatorPages: number }): void {
+    this.device = device;
+    this.backend = backend;
+    this.policy = policy;
+    const save = (): void => this.save();
+    device.on('target', save);
+    device.on('actual', save);
+    device.on('reset', save);
+    device.on('connection', save);
+    backend.onSession(save);
+    this.save();
+  }
+
+  setLogger(log: Logger): void {
+    this.log = log;
+  }
+
+  /**
+   * Writes the current state, storing new descriptors first and forgetting the ones no longer
+   * used after. A failure is logged (once a minute) and the VM carries on, but a restart would
+   * lose what was not written: counted in `errors`.
+   */
+  save(): void {
+    const device = this.device;
+    const backend = this.backend;
+    if (device === undefined || backend === undefined) return;
+    try {
+      const live = new Map<number, string>(); // fd -> role
+      const listenFd = backend.listener;
+      if (listenFd >= 0) live.set(listenFd, 'listen');
+      const session = backend.current;
+      const image = session === undefined || session.isClosed ? undefined : session.image();
+      const name = (fd: number, role: string): string | null => {
+        if (fd < 0) return null;
+        live.set(fd, role);
+        const known = this.stored.get(fd);
+        if (known !== undefined && known.role === role) return known.name.slice(this.vm.length + 1);
+        const short = role === 'listen' ? LISTEN_NAME : `${role}.${this.nextName++}`;
+        this.holder.store(this.fullName(short), [fd]);
+        // Another descriptor stored under this number earlier is gone: forgotten below.
+        if (known !== undefined) this.holder.remove(known.name);
+        this.stored.set(fd, { name: this.fullName(short), role });
+        return short;
+      };
+      if (listenFd >= 0) name(listenFd, 'listen');
+      let named: NamedSessionImage | null = null;
+      if (image !== undefined) {
+        const { connFd, channelFd, regions, rings, ...rest } = image;
+        named = {
+          ...rest,
+          conn: name(connFd, 'conn')!,
+          channel: name(channelFd, 'channel'),
+          regions: regions.map((r, i) => ({ ...r, fd: name(r.fd, `mem${i}`)! })),
+          rings: rings.map((r) => {
+            const { kickFd, callFd, errFd, ...ring } = r;
+            return {
+              ...ring,
+              kick: name(kickFd, `kick${r.index}`),
+              call: name(callFd, `call${r.index}`),
+              err: name(errFd, `err${r.index}`),
+            };
+          }),
+        };
+      }
+      const doc: VmStateDoc = {
+        version: 1,
+        vm: this.vm,
+        nextName: this.nextName,
+        ...this.policy(),
+        device: device.image(),
+        session: named,
+      };
+      this.state.write(doc);
+      for (const [fd, entry] of [...this.stored]) {
+        if (live.get(fd) === entry.role) continue;
+        this.holder.remove(entry.name);
+        this.stored.delete(fd);
+      }
+      this.broken = false;
+    } catch (err) {
+      this.broken = true;
+      this.errors++;
+      if (this.errorLog.take() !== undefined)
+        this.log.error('cannot record the state a restart needs: a restart now would drop this VM', {
+          error: errorMessage(err),
+        });
+    }
+  }
+
+  /** State writes that failed (a restart at that moment would have lost the VM). */
+  errors = 0;
+
+  /** Whether the last write failed. */
+  get failing(): boolean {
+    return this.broken;
+  }
+
+  /**
+   * The VM is removed from the daemon (a reload, or a stop that ends its VMs): everything it
+   * stored is forgotten by the holder, and the memfds are closed.
+   */
+  forget(): void {
+    for (const entry of this.stored.values()) this.holder.remove(entry.name);
+    this.stored.clear();
+    this.holder.remove(this.fullName(STATE_NAME));
+    this.holder.remove(this.fullName(PAGES_NAME));
+    this.dropUnused();
+    this.state.close();
+    this.bitmap.close();
+  }
+
+  /** Every descriptor a successor needs, by full name (a takeover hands these over). */
+  descriptors(): NamedFd[] {
+    const out: NamedFd[] = [
+      { name: this.fullName(STATE_NAME), fd: this.state.fd },
+      { name: this.fullName(PAGES_NAME), fd: this.bitmap.fd },
+    ];
+    for (const [fd, entry] of this.stored) out.push({ name: entry.name, fd });
+    return out;
+  }
+}
+
+/** Groups descriptors named `<vm>.<rest>` by VM; other names are returned apart. */
+export function groupByVm(
+  fds: readonly NamedFd[],
+  vms: readonly string[],
+): {
+  byVm: Map<string, Map<string, number>>;
+  other: NamedFd[];
+} {
+  const byVm = new Map<string, Map<string, number>>();
+  const other: NamedFd[] = [];
+  // The longest matching VM name wins ("a.b" over "a" for "a.b.state").
+  const names = [...vms].sort((a, b) => b.length - a.length);
+  for (const f of fds) {
+    const vm = names.find((n) => f.name.startsWith(`${n}.`));
+    if (vm === undefined) {
+      other.push(f);
+      continue;
+    }
+    let m = byVm.get(vm);
+    if (m === undefined) byVm.set(vm, (m = new Map<string, number>()));
+    m.set(f.name.slice(vm.length + 1), f.fd);
+  }
+  return { byVm, other };
+}

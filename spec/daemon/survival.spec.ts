@@ -1,0 +1,186 @@
+/**
+ * Restart survival pieces over real memfds, sockets and eventfds: the state memfd, the page
+ * bitmap, and a session taken over by a second back-end (and device) while the guest runs, as a
+ * restarted daemon takes it over. The whole-process version (a real SIGKILL, a real service
+ * manager) is in spec/daemon/restart.spec.ts and the real-QEMU soak in bench/soak.ts.
+ */
+import { expect } from 'chai';
+import * as fc from 'fast-check';
+import * as fs from 'node:fs';
+import { BalloonDevice } from '../../lib/device/balloon';
+import { PageRun } from '../../lib/device/page-tracker';
+import { MemoryLogger } from '../../lib/log';
+import { native } from '../../lib/native';
+import { groupByVm, PageBitmap, StateFile } from '../../lib/daemon/survival';
+import { BalloonGuest } from '../../lib/testing/balloon-guest';
+import { VhostUserBackend } from '../../lib/vhost/server';
+import { SessionImage } from '../../lib/vhost/session';
+import { startBackend, until } from '../helpers';
+
+const PAGES_PER_MIB = 256;
+
+/** The image with every descriptor duplicated: what a service manager holds for the next process. */
+function held(image: SessionImage): SessionImage {
+  const dup = (fd: number): number => (fd < 0 ? -1 : native.dup(fd));
+  return {
+    ...image,
+    connFd: dup(image.connFd),
+    channelFd: dup(image.channelFd),
+    regions: image.regions.map((r) => ({ ...r, fd: dup(r.fd) })),
+    rings: image.rings.map((r) => ({ ...r, kickFd: dup(r.kickFd), callFd: dup(r.callFd), errFd: dup(r.errFd) })),
+  };
+}
+
+function model(runs: Iterable<PageRun>): Set<number> {
+  const out = new Set<number>();
+  for (const r of runs) for (let p = r.start; p < r.start + r.count; p++) out.add(p);
+  return out;
+}
+
+describe('restart survival (lib/daemon/survival.ts)', () => {
+  describe('state memfd', () => {
+    it('reads back the newest state; a write cut short leaves the previous one', () => {
+      const f = StateFile.create('t');
+      try {
+        expect(f.read()).to.equal(undefined);
+        f.write({ n: 1 });
+        f.write({ n: 2, big: 'x'.repeat(5000) });
+        const again = StateFile.open(native.dup(f.fd));
+        expect(again.read()).to.deep.include({ n: 2 });
+        again.close();
+        // A third write that a SIGKILL cut short: its slot (slot 0 again) has a torn body.
+        f.write({ n: 3, pad: 'y'.repeat(2000) });
+        fs.writeSync(f.fd, Buffer.from('garbage'), 0, 7, 36 + 100);
+        const torn = StateFile.open(native.dup(f.fd));
+        expect(torn.read()).to.deep.include({ n: 2 });
+        // The next write goes to the other slot, never over the last good one.
+        torn.write({ n: 4 });
+        expect(StateFile.open(native.dup(f.fd)).read()).to.deep.equal({ n: 4 });
+      } finally {
+        f.close();
+      }
+    });
+
+    it('refuses a state larger than its slot (the caller logs and counts it)', () => {
+      const f = StateFile.create('t');
+      try {
+        expect(() => f.write({ s: 'z'.repeat(2 * 1024 * 1024) })).to.throw(/does not fit/);
+      } finally {
+        f.close();
+      }
+    });
+  });
+
+  describe('page bitmap', () => {
+    it('property: what added/removed/cleared leave is what runs() reads back, also from another process view', () => {
+      fc.assert(
+        fc.property(
+          fc.array(
+            fc.oneof(
+              fc.record({
+                op: fc.constant('add' as const),
+                start: fc.nat(3_000_000),
+                count: fc.integer({ min: 1, max: 70 }),
+              }),
+              fc.record({ op: fc.constant('remove' as const), pfns: fc.array(fc.nat(3_000_000), { maxLength: 20 }) }),
+              fc.record({ op: fc.constant('clear' as const) }),
+            ),
+            { maxLength: 40 },
+          ),
+          (ops) => {
+            const b = PageBitmap.create('t', () => new MemoryLogger());
+            const expected = new Set<number>();
+            try {
+              for (const o of ops) {
+                if (o.op === 'add') {
+                  b.added([{ start: o.start, count: o.count }]);
+                  for (let p = o.start; p < o.start + o.count; p++) expected.add(p);
+                } else if (o.op === 'remove') {
+                  b.removed(o.pfns);
+                  for (const p of o.pfns) expected.delete(p);
+                } else {
+                  b.cleared();
+                  expected.clear();
+                }
+              }
+              const reopened = PageBitmap.open(native.dup(b.fd), () => new MemoryLogger());
+              const runs = [...reopened.runs()];
+              reopened.close();
+              // Runs are sorted, disjoint and not adjacent.
+              for (let i = 1; i < runs.length; i++)
+                expect(runs[i].start).to.be.above(runs[i - 1].start + runs[i - 1].count);
+              expect([...model(runs)].sort((x, y) => x - y)).to.deep.equal([...expected].sort((x, y) => x - y));
+            } finally {
+              b.close();
+            }
+          },
+        ),
+        { numRuns: 60 },
+      );
+    });
+  });
+
+  it('groups descriptors by VM name, the longest name first', () => {
+    const { byVm, other } = groupByVm(
+      [
+        { name: 'a.state', fd: 3 },
+        { name: 'a.b.state', fd: 4 },
+        { name: 'a.b.conn.7', fd: 5 },
+        { name: 'zz.state', fd: 6 },
+      ],
+      ['a', 'a.b'],
+    );
+    expect([...byVm.get('a')!]).to.deep.equal([['state', 3]]);
+    expect([...byVm.get('a.b')!]).to.deep.equal([
+      ['state', 4],
+      ['conn.7', 5],
+    ]);
+    expect(other).to.deep.equal([{ name: 'zz.state', fd: 6 }]);
+  });
+
+  it('a second back-end and device take over a live session: the guest goes on, nothing is lost', async () => {
+    const bitmap = PageBitmap.create('vm', () => new MemoryLogger());
+    const deviceA = new BalloonDevice({ statsIntervalMs: 100, journal: bitmap });
+    const fx = startBackend(deviceA);
+    const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'seed', numQueues: deviceA.numQueues });
+    const deviceB = new BalloonDevice({ statsIntervalMs: 100, journal: bitmap });
+    const backendB = new VhostUserBackend(deviceB, { log: new MemoryLogger() });
+    try {
+      deviceA.setTargetPages(8 * PAGES_PER_MIB);
+      await guest.reach(8 * PAGES_PER_MIB);
+      await until(() => deviceA.snapshot().statsQueue.updates >= 1, 'stats before');
+      deviceA.flushDiscards();
+      // What the previous process leaves: the image (descriptors held elsewhere), the device's
+      // state and the bitmap. Then it goes away without the front-end noticing.
+      const image = held(fx.backend.current!.image());
+      const deviceImage = deviceA.image();
+      fx.backend.current!.close();
+      const restored = deviceB.restore(deviceImage, bitmap.runs());
+      expect(restored).to.equal(8 * PAGES_PER_MIB);
+      const session = backendB.resume(image);
+      expect(session.isClosed).to.equal(false);
+      expect(deviceB.target).to.equal(8 * PAGES_PER_MIB);
+      expect(deviceB.actual).to.equal(8 * PAGES_PER_MIB);
+      // The guest deflates and inflates through the new back-end only.
+      deviceB.setTargetPages(3 * PAGES_PER_MIB);
+      await guest.reach(3 * PAGES_PER_MIB);
+      deviceB.setTargetPages(12 * PAGES_PER_MIB);
+      await guest.reach(12 * PAGES_PER_MIB);
+      // Stats keep arriving (the held stats buffer came back with the ring).
+      const before = deviceB.snapshot().statsQueue.updates;
+      await until(() => deviceB.snapshot().statsQueue.updates > before + 1, 'stats after');
+      guest.check();
+      const snap = deviceB.snapshot();
+      expect(snap.balloonedPages).to.equal(12 * PAGES_PER_MIB);
+      expect(snap.actualPages).to.equal(guest.balloonPages);
+      expect(guest.balloonPages).to.equal(12 * PAGES_PER_MIB);
+      expect(model(bitmap.runs()).size).to.equal(12 * PAGES_PER_MIB);
+      expect(deviceA.snapshot().balloonedPages, 'the old device took no part').to.equal(8 * PAGES_PER_MIB);
+    } finally {
+      await guest.close();
+      backendB.close();
+      fx.close();
+      bitmap.close();
+    }
+  });
+});
