@@ -76,7 +76,8 @@ export interface NativeAddon {
   /** Sets or clears O_NONBLOCK on the open file description (shared with every holder). */
   setNonBlocking(fd: number, on: boolean): void;
   /** null when nothing can be read now. */
-  recvmsg(fd: number, maxBytes: number): ReceivedMessage | null;
+  /** `peek`: MSG_PEEK (the bytes stay queued; descriptors arrive as new duplicates). */
+  recvmsg(fd: number, maxBytes: number, peek?: boolean): ReceivedMessage | null;
   /** Bytes sent, or -1 when the socket buffer is full. */
   sendmsg(fd: number, data: Uint8Array, fds?: readonly number[]): number;
   /**

@@ -139,12 +139,19 @@ static void vb_close_fds(const int *fds, size_t n) {
  * here and fds is empty, so the caller only has to treat the message as broken.
  */
 napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
+  napi_value argv[3];
   int32_t fd, max_bytes;
-  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd") ||
-      !vb_int32(env, argv[1], &max_bytes, "maxBytes"))
-    return NULL;
+  size_t argc = 3;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2)
+    return vb_throw_errno(env, EINVAL, "recvmsg");
+  if (!vb_int32(env, argv[0], &fd, "fd") || !vb_int32(env, argv[1], &max_bytes, "maxBytes")) return NULL;
   if (max_bytes <= 0 || max_bytes > VB_MAX_READ) return vb_throw_errno(env, EINVAL, "recvmsg");
+  /* peek: MSG_PEEK, the data stays queued; descriptors come as new duplicates (Linux). */
+  bool peek = false;
+  if (argc >= 3) {
+    napi_valuetype type;
+    if (napi_typeof(env, argv[2], &type) == napi_ok && type == napi_boolean) napi_get_value_bool(env, argv[2], &peek);
+  }
   static uint8_t data[VB_MAX_READ];
   union {
     struct cmsghdr align;
@@ -158,7 +165,7 @@ napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
   msg.msg_controllen = sizeof control.buf;
   ssize_t n;
   do {
-    n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT | (peek ? MSG_PEEK : 0));
   } while (n < 0 && errno == EINTR);
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return vb_null(env);

@@ -10,7 +10,15 @@
 import { Clock, systemClock, TimerHandle } from '../clock';
 import { ErrorCode, errorMessage, VhostProtocolError } from '../errors';
 import { closeQuietly, native, PollHandle, POLL_READABLE, POLL_WRITABLE } from '../native';
+import { createHash } from 'node:crypto';
+import { HEADER_BYTES } from './constants';
 import { Frame, FramingError, MessageReader } from './framing';
+
+/** Identifies a message (its header and payload): what a restarted daemon compares. */
+export function frameDigest(frame: Frame): string {
+  const h = frame.header;
+  return `${h.request}:${h.flags}:${h.size}:${createHash('sha1').update(frame.payload).digest('hex')}`;
+}
 
 /** Bytes asked of one recvmsg: several messages at once, well above the largest one. */
 const READ_CHUNK_BYTES = 64 * 1024;
@@ -34,6 +42,13 @@ export interface ConnectionOptions {
   stalledMessageTimeoutMs?: number;
   /** Drop a peer that sends nothing after connecting for this long (0: never). */
   firstMessageTimeoutMs?: number;
+  /**
+   * Leave each message on the socket until its handler is done with it (a peek, then the
+   * message is taken off by commit() or after onFrame returns): a process killed while
+   * handling it leaves it for the next process (restart survival). Messages that do not arrive
+   * whole are read the ordinary way.
+   */
+  commitAfterHandle?: boolean;
   clock?: Clock;
 }
 
@@ -60,13 +75,19 @@ export class Connection {
   private readonly stalledTimeoutMs: number;
   private stallTimer: TimerHandle | undefined;
   private received = false;
+  private readonly commitAfterHandle: boolean;
+  private readonly expectReplies: boolean;
+  /** Bytes of the message being handled that are still on the socket (commitAfterHandle). */
+  private uncommitted = 0;
 
   constructor(
     readonly fd: number,
     private readonly handler: ConnectionHandler,
     options: ConnectionOptions = {},
   ) {
-    this.reader = new MessageReader(options.expectReplies ?? false);
+    this.expectReplies = options.expectReplies ?? false;
+    this.commitAfterHandle = options.commitAfterHandle ?? false;
+    this.reader = new MessageReader(this.expectReplies);
     this.clock = options.clock ?? systemClock;
     this.stalledTimeoutMs = options.stalledMessageTimeoutMs ?? 0;
     try {
@@ -118,6 +139,11 @@ export class Connection {
 
   private readSome(): void {
     for (let i = 0; i < MAX_READS_PER_WAKEUP && !this.closed; i++) {
+      if (this.commitAfterHandle && !this.reader.midMessage) {
+        const outcome = this.readCommitted();
+        if (outcome === 'empty') return;
+        if (outcome === 'handled') continue;
+      }
       const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES);
       if (msg === null) return;
       if (!this.received) {
@@ -157,6 +183,87 @@ export class Connection {
         for (const rest of frames.slice(handed)) for (const fd of rest.fds) closeQuietly(fd);
       }
     }
+  }
+
+  /**
+   * Peeks at what is queued and hands each whole message to the handler, taking it off the
+   * socket only once handled (or when the handler calls commit()). Anything unusual (the end of
+   * the stream, a truncation, a framing error, a message not yet whole) is left to the ordinary
+   * read, which reports it the usual way.
+   */
+  private readCommitted(): 'empty' | 'handled' | 'ordinary' {
+    const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES, true);
+    if (msg === null) return 'empty';
+    // The peeked descriptors are duplicates: ours to close whatever happens to the frames.
+    const peek = new MessageReader(this.expectReplies);
+    let frames: Frame[];
+    try {
+      if (msg.data.length === 0 || msg.truncated) throw new Error('ordinary');
+      frames = peek.push(msg.data, msg.fds);
+    } catch (err) {
+      for (const fd of err instanceof FramingError ? err.orphanFds : msg.fds) closeQuietly(fd);
+      return 'ordinary';
+    }
+    for (const fd of peek.takeFds()) closeQuietly(fd); // a trailing partial message: peeked again later
+    if (frames.length === 0) return 'ordinary';
+    if (!this.received) {
+      this.received = true;
+      this.stallTimer?.cancel();
+      this.stallTimer = undefined;
+    }
+    let handed = 0;
+    try {
+      while (handed < frames.length && !this.closed) {
+        const frame = frames[handed++];
+        this.uncommitted = HEADER_BYTES + frame.header.size;
+        this.handler.onFrame(frame);
+        this.commit();
+      }
+    } finally {
+      this.uncommitted = 0;
+      for (const rest of frames.slice(handed)) for (const fd of rest.fds) closeQuietly(fd);
+    }
+    return 'handled';
+  }
+
+  /**
+   * Takes the message being handled off the socket (commitAfterHandle; nothing otherwise). The
+   * session calls it after recording what the message changed and before replying.
+   */
+  commit(): void {
+    // Bounded: each read takes at least one byte of what is left.
+    while (this.uncommitted > 0 && !this.closed) {
+      const msg = native.recvmsg(this.fd, this.uncommitted);
+      if (msg === null || msg.data.length === 0) {
+        this.uncommitted = 0;
+        return;
+      }
+      for (const fd of msg.fds) closeQuietly(fd); // the handler has its own duplicates
+      this.uncommitted -= Math.min(this.uncommitted, msg.data.length);
+    }
+  }
+
+  /**
+   * A restarted daemon's first look at the socket: if the message at its head is the one the
+   * previous process handled last (`digest`), takes it off and returns true.
+   */
+  takeHandledHead(digest: string): boolean {
+    const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES, true);
+    if (msg === null) return false;
+    let frames: Frame[] = [];
+    const peek = new MessageReader(this.expectReplies);
+    try {
+      if (msg.data.length > 0 && !msg.truncated) frames = peek.push(msg.data, msg.fds);
+      else for (const fd of msg.fds) closeQuietly(fd);
+    } catch (err) {
+      if (err instanceof FramingError) for (const fd of err.orphanFds) closeQuietly(fd);
+    }
+    for (const fd of [...peek.takeFds(), ...frames.flatMap((f) => f.fds)]) closeQuietly(fd);
+    const head = frames[0];
+    if (head === undefined || frameDigest(head) !== digest) return false;
+    this.uncommitted = HEADER_BYTES + head.header.size;
+    this.commit();
+    return true;
   }
 
   /**

@@ -35,7 +35,12 @@ import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_VRING_F_LOG,
 } from './constants';
-import { Connection, DEFAULT_FIRST_MESSAGE_TIMEOUT_MS, DEFAULT_STALLED_MESSAGE_TIMEOUT_MS } from './connection';
+import {
+  Connection,
+  DEFAULT_FIRST_MESSAGE_TIMEOUT_MS,
+  DEFAULT_STALLED_MESSAGE_TIMEOUT_MS,
+  frameDigest,
+} from './connection';
 import { DeviceHost, VhostUserDevice } from './device';
 import { Frame } from './framing';
 import { addMemRegion, MemoryChangeHooks, removeMemRegion, setMemTable } from './memory-table';
@@ -58,6 +63,8 @@ export interface SessionImage {
   regions: Array<{ guestPhysAddr: number; sizeBytes: number; userAddr: number; mmapOffset: number; fd: number }>;
   rings: RingImage[];
   stoppedBases: Array<[number, number]>;
+  /** The last front-end message handled (frameDigest) and its reply, base64 (null: none). */
+  lastHandled: { digest: string; reply: string | null } | null;
 }
 
 /** Counters a session reports to its owner (metrics come from these). */
@@ -154,6 +161,8 @@ export class Session implements DeviceHost {
    */
   private readonly stoppedBases = new Map<number, number>();
   private readonly closeListeners: Array<(error: Error | undefined) => void> = [];
+  /** The last message handled and its reply (base64), as recorded for a restart. */
+  private lastHandled: SessionImage['lastHandled'] = null;
 
   constructor(
     fd: number,
@@ -180,6 +189,7 @@ export class Session implements DeviceHost {
       {
         stalledMessageTimeoutMs: options.stalledMessageTimeoutMs ?? DEFAULT_STALLED_MESSAGE_TIMEOUT_MS,
         // A resumed front-end negotiated long ago and may send nothing for months.
+        commitAfterHandle: true,
         firstMessageTimeoutMs: options.resumed
           ? 0
           : (options.firstMessageTimeoutMs ?? DEFAULT_FIRST_MESSAGE_TIMEOUT_MS),
@@ -211,6 +221,7 @@ export class Session implements DeviceHost {
       })),
       rings: this.rings.images(),
       stoppedBases: [...this.stoppedBases],
+      lastHandled: this.lastHandled,
     };
   }
 
@@ -270,6 +281,14 @@ export class Session implements DeviceHost {
       for (const fd of pending) closeQuietly(fd);
       session.close(err instanceof Error ? err : new Error(String(err)));
       throw err;
+    }
+    // Killed between recording a message and taking it off the socket: it is still there and
+    // its effect is already in the image; only its reply was never sent.
+    const last = image.lastHandled;
+    session.lastHandled = last;
+    if (last !== null && session.conn.takeHandledHead(last.digest)) {
+      session.log.info('the previous process handled the first queued message but did not reply: replying');
+      if (last.reply !== null) session.conn.send(Buffer.from(last.reply, 'base64'));
     }
     session.rings.signalAll();
     session.configChangePending = true;
@@ -339,11 +358,21 @@ export class Session implements DeviceHost {
       return;
     }
     if (this.closed) return;
+    let out: Uint8Array | undefined;
+    if (reply !== undefined) out = encodeReply(msg.request, reply);
+    else if (needsReply(msg.flags) && this.has(ProtocolFeature.REPLY_ACK))
+      out = encodeReply(msg.request, { kind: 'u64', value: 0n });
+    // Restart survival (docs/operations.md, "crash windows"): record what the message did and
+    // the reply it gets, then take the message off the socket, then reply. A process killed
+    // before the commit leaves the message for the next one, which finds it recorded and only
+    // sends the reply; killed after the reply, nothing is left to do.
+    this.lastHandled = {
+      digest: frameDigest(frame),
+      reply: out === undefined ? null : Buffer.from(out).toString('base64'),
+    };
     this.options.onHandled?.();
-    if (reply !== undefined) this.conn.send(encodeReply(msg.request, reply));
-    else if (needsReply(msg.flags) && this.has(ProtocolFeature.REPLY_ACK)) {
-      this.conn.send(encodeReply(msg.request, { kind: 'u64', value: 0n }));
-    }
+    this.conn.commit();
+    if (out !== undefined) this.conn.send(out);
   }
 
   private dispatch<K extends KnownRequest>(msg: FrontendMessage<K>): Reply {
