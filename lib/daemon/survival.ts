@@ -375,11 +375,19 @@ export class VmSurvival {
   takeSession(): SessionImage | undefined {
     const s = this.restored?.doc.session;
     if (s === undefined || s === null) return undefined;
+    const taken = new Map<string, number>();
     const take = (name: string | null, role: string): number => {
       if (name === null) return -1;
-      const fd = this.inherited.get(name);
-      if (fd === undefined) return -1;
-      this.inherited.delete(name);
+      let fd = this.inherited.get(name);
+      if (fd !== undefined) {
+        this.inherited.delete(name);
+        taken.set(name, fd);
+      } else {
+        // A name two descriptors shared (one open file): each user gets its own descriptor.
+        const first = taken.get(name);
+        if (first === undefined) return -1;
+        fd = native.dup(first);
+      }
       this.stored.set(fd, { name: this.fullName(name), role });
       return fd;
     };
@@ -453,10 +461,17 @@ export class VmSurvival {
         live.set(fd, role);
         const known = this.stored.get(fd);
         if (known !== undefined && known.role === role) return known.name.slice(this.vm.length + 1);
+        if (known !== undefined) this.forgetName(fd, known.name);
+        // The same open file under another number (QEMU sends one memfd for the regions below
+        // and above 4 GiB): the holder keeps an open file only once, so it shares that name.
+        for (const [other, entry] of this.stored) {
+          if (other !== fd && native.sameFile(fd, other)) {
+            this.stored.set(fd, { name: entry.name, role });
+            return entry.name.slice(this.vm.length + 1);
+          }
+        }
         const short = role === 'listen' ? LISTEN_NAME : `${role}.${this.nextName++}`;
         this.holder.store(this.fullName(short), [fd]);
-        // Another descriptor stored under this number earlier is gone: forgotten below.
-        if (known !== undefined) this.holder.remove(known.name);
         this.stored.set(fd, { name: this.fullName(short), role });
         return short;
       };
@@ -490,9 +505,7 @@ export class VmSurvival {
       };
       this.state.write(doc);
       for (const [fd, entry] of [...this.stored]) {
-        if (live.get(fd) === entry.role) continue;
-        this.holder.remove(entry.name);
-        this.stored.delete(fd);
+        if (live.get(fd) !== entry.role) this.forgetName(fd, entry.name);
       }
       this.broken = false;
     } catch (err) {
@@ -503,6 +516,13 @@ export class VmSurvival {
           error: errorMessage(err),
         });
     }
+  }
+
+  /** Drops `fd`'s entry; the holder forgets the name once no other descriptor shares it. */
+  private forgetName(fd: number, name: string): void {
+    this.stored.delete(fd);
+    for (const entry of this.stored.values()) if (entry.name === name) return;
+    this.holder.remove(name);
   }
 
   /** State writes that failed (a restart at that moment would have lost the VM). */
@@ -533,7 +553,12 @@ export class VmSurvival {
       { name: this.fullName(STATE_NAME), fd: this.state.fd },
       { name: this.fullName(PAGES_NAME), fd: this.bitmap.fd },
     ];
-    for (const [fd, entry] of this.stored) out.push({ name: entry.name, fd });
+    const names = new Set(out.map((f) => f.name));
+    for (const [fd, entry] of this.stored) {
+      if (names.has(entry.name)) continue; // one open file under one name
+      names.add(entry.name);
+      out.push({ name: entry.name, fd });
+    }
     return out;
   }
 }

@@ -133,6 +133,8 @@ export interface NativeAddon {
   peerCred(fd: number): { pid: number; uid: number; gid: number };
   /** A new close-on-exec descriptor for the same open file. */
   dup(fd: number): number;
+  /** Whether two descriptors share one open file description (kcmp KCMP_FILE). */
+  sameFile(a: number, b: number): boolean;
   close(fd: number): void;
   /** A full memory barrier. */
   fence(): void;

@@ -12,6 +12,10 @@
  */
 #include "vb.h"
 
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 napi_value vb_close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
@@ -45,6 +49,35 @@ napi_value vb_dup(napi_env env, napi_callback_info info) {
   int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (copy < 0) return vb_throw_errno(env, errno, "fcntl");
   return vb_int(env, copy);
+}
+
+/* sameFile(a, b) -> true if both descriptors refer to the same open file description (kcmp
+ * KCMP_FILE): what systemd's fd store keeps only once. Falls back to comparing device and inode
+ * where kcmp is unavailable (not for anonymous inodes, which all share one). */
+napi_value vb_same_file(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t a, b;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &a, "a") || !vb_int32(env, argv[1], &b, "b"))
+    return NULL;
+  pid_t self = getpid();
+  long r = syscall(SYS_kcmp, self, self, 0 /* KCMP_FILE */, (unsigned long)a, (unsigned long)b);
+  bool same;
+  if (r >= 0) {
+    same = r == 0;
+  } else if (errno == EBADF) {
+    return vb_throw_errno(env, errno, "kcmp");
+  } else {
+    struct stat sa, sb;
+    if (fstat(a, &sa) < 0 || fstat(b, &sb) < 0) return vb_throw_errno(env, errno, "fstat");
+    char link[64], target[64];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", a);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    bool anon = n > 11 && strncmp(target, "anon_inode:", 11) == 0;
+    same = !anon && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+  }
+  napi_value out;
+  NAPI_CALL(env, napi_get_boolean(env, same, &out));
+  return out;
 }
 
 /* fence(): a full memory barrier, for the virtqueue's "mb" points. */
@@ -87,6 +120,7 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"fstat", NULL, vb_fstat, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCred", NULL, vb_peer_cred, NULL, NULL, NULL, napi_enumerable, NULL},
       {"dup", NULL, vb_dup, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sameFile", NULL, vb_same_file, NULL, NULL, NULL, napi_enumerable, NULL},
       {"close", NULL, vb_close, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fence", NULL, vb_fence, NULL, NULL, NULL, napi_enumerable, NULL},
   };
