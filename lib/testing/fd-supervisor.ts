@@ -12,7 +12,8 @@
  * name; descriptors on any other message are closed; with NotifyAccess=main only the main
  * process is heard. Left out: systemd drops a stored descriptor that reports POLLHUP/POLLERR
  * unless FDPOLL=0 was given; here the flag is only recorded (`StoredFd.poll`). "Already stored"
- * is judged by device and inode (systemd compares open file descriptions).
+ * is judged by device and inode (systemd compares open file descriptions). Like systemd, the
+ * store does not keep the order descriptors were stored in (here: newest first).
  */
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -35,6 +36,12 @@ export interface FdSupervisorOptions {
   restart?: 'no' | 'on-failure' | 'always';
   /** RestartSec= (default 100 ms, as systemd's). */
   restartDelayMs?: number;
+  /**
+   * FileDescriptorStorePreserve=yes (systemd 254+): keep the store when the service stops for
+   * good. Default false, as systemd 252 (Debian 12): a stop, or an exit that is not followed by
+   * an automatic restart, releases (closes) every stored descriptor; restart() keeps them.
+   */
+  preserve?: boolean;
 }
 
 /** One descriptor in the store. */
@@ -98,7 +105,7 @@ export class FdSupervisor {
     return this.options.address;
   }
 
-  /** The store, in the order the service will receive it. */
+  /** The store, in the order the service will receive it (newest first). */
   get stored(): readonly StoredFd[] {
     return this.store;
   }
@@ -159,7 +166,10 @@ export class FdSupervisor {
         continue;
       }
       held.add(id);
-      this.store.push({ name: name ?? 'stored', fd, poll });
+      // systemd 252 prepends each descriptor to its list (and takes a datagram's set from a hash
+      // set): the order passed back is not the order stored. Newest first here, so that code
+      // relying on the order fails here too; only names (and contents) identify a descriptor.
+      this.store.unshift({ name: name ?? 'stored', fd, poll });
     }
   }
 
@@ -216,9 +226,12 @@ export class FdSupervisor {
   }
 
   private maybeRestart(exit: ServiceExit): void {
+    if (this.stopping || this.closed) return;
     const policy = this.options.restart ?? 'no';
-    if (this.stopping || this.closed || policy === 'no') return;
-    if (policy === 'on-failure' && exit.code === 0) return;
+    if (policy === 'no' || (policy === 'on-failure' && exit.code === 0)) {
+      this.releaseStore();
+      return;
+    }
     this.restartTimer = setTimeout(() => {
       this.restartTimer = undefined;
       if (this.child === undefined && !this.closed && !this.stopping) void this.start().catch(() => undefined);
@@ -260,8 +273,22 @@ export class FdSupervisor {
     }
   }
 
-  /** systemctl stop: `signal`, then SIGKILL after `timeoutMs`. The store is kept. */
+  /** The unit went inactive: without `preserve` the manager closes the store. */
+  private releaseStore(): void {
+    if (this.options.preserve === true) return;
+    for (const s of this.store.splice(0)) closeQuietly(s.fd);
+  }
+
+  /** systemctl stop: `signal`, then SIGKILL after `timeoutMs`; releases the store (see `preserve`). */
   async stop(signal: NodeJS.Signals = 'SIGTERM', timeoutMs = 10_000): Promise<ServiceExit | undefined> {
+    try {
+      return await this.terminate(signal, timeoutMs);
+    } finally {
+      this.releaseStore();
+    }
+  }
+
+  private async terminate(signal: NodeJS.Signals, timeoutMs: number): Promise<ServiceExit | undefined> {
     this.stopping = true;
     if (this.restartTimer !== undefined) clearTimeout(this.restartTimer);
     this.restartTimer = undefined;
@@ -277,9 +304,9 @@ export class FdSupervisor {
     }
   }
 
-  /** systemctl restart: stop, then start with the store. */
+  /** systemctl restart: SIGTERM (SIGKILL after 10 s), then start again with the store. */
   async restart(): Promise<number> {
-    await this.stop();
+    await this.terminate('SIGTERM', 10_000);
     return this.start();
   }
 

@@ -14,10 +14,14 @@ export type ChildAction =
   | { store: string; contents: string[] }
   | { remove: string }
   /** Stores one memfd under two names (the manager keeps an open file once). */
-  | { storeTwice: [string, string]; content: string };
+  | { storeTwice: [string, string]; content: string }
+  /** Stores one end of a socketpair whose other end is then closed (it reports POLLHUP), with
+   * FdStore (FDPOLL=0) or, poll: true, with a bare FDSTORE=1 that lets the manager watch it. */
+  | { storeHungUp: string; poll: boolean };
 
 export interface ChildReport {
   pid: number;
+  /** content: the memfd's first bytes, or "socket" for a socket. */
   inherited: { name: string; fd: number; content: string; cloexec: boolean }[];
   /** LISTEN_* variables still in the environment after inheritedFds() (must be none). */
   listenEnvLeft: string[];
@@ -49,7 +53,7 @@ function main(): void {
     inherited: inherited.map((f) => {
       let content: string;
       try {
-        content = readContent(f.fd);
+        content = native.fdKind(f.fd) === 'socket' ? 'socket' : readContent(f.fd);
       } catch (err) {
         content = `unreadable: ${(err as Error).message}`;
       }
@@ -70,6 +74,12 @@ function main(): void {
       for (const fd of fds) closeQuietly(fd);
     } else if ('remove' in a) {
       store.remove(a.remove);
+    } else if ('storeHungUp' in a) {
+      const [mine, peer] = native.socketpair();
+      if (a.poll) native.notifySend(store.address!, `FDSTORE=1\nFDNAME=${a.storeHungUp}\n`, [mine]);
+      else store.store(a.storeHungUp, [mine]);
+      closeQuietly(mine);
+      closeQuietly(peer);
     } else {
       const fd = memfdWith(a.content);
       store.store(a.storeTwice[0], [fd]);

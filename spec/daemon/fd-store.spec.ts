@@ -89,7 +89,7 @@ describe('fd store: FdStore against the test supervisor', () => {
     s.drain();
     closeQuietly(open.pop()!);
     closeQuietly(open.pop()!);
-    expect(s.stored.map((x) => [x.name, contentOf(x.fd), x.poll])).to.deep.equal([
+    expect(s.stored.map((x) => [x.name, contentOf(x.fd), x.poll])).to.have.deep.members([
       ['vm0.memory', 'alpha', false],
       ['vm0.memory', 'beta', false],
     ]);
@@ -105,7 +105,7 @@ describe('fd store: FdStore against the test supervisor', () => {
     s.drain();
     expect(s.messages.map((m) => m.fdCount)).to.deep.equal([253, 47]);
     expect(s.messages.every((m) => m.fields['FDNAME'] === 'many' && m.fields['FDSTORE'] === '1')).to.equal(true);
-    expect(s.stored.map((x) => contentOf(x.fd))).to.deep.equal(fds.map((_, i) => `m${i}`));
+    expect(s.stored.map((x) => contentOf(x.fd))).to.have.members(fds.map((_, i) => `m${i}`));
   });
 
   it('remove drops every descriptor of that name and only those', () => {
@@ -256,7 +256,10 @@ describe('fd store: a service restarted by the test supervisor', function () {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  function setup(restart: 'no' | 'on-failure' = 'no'): { actions: (a: ChildAction[]) => void; logFile: string } {
+  function setup(
+    restart: 'no' | 'on-failure' = 'no',
+    preserve = false,
+  ): { actions: (a: ChildAction[]) => void; logFile: string } {
     dir = tmpDir();
     const actionsFile = path.join(dir, 'actions.json');
     const logFile = path.join(dir, 'service.log');
@@ -266,6 +269,7 @@ describe('fd store: a service restarted by the test supervisor', function () {
       env: { ...process.env, FD_CHILD_ACTIONS: actionsFile },
       outputFile: logFile,
       restart,
+      preserve,
     });
     return { actions: (a) => fs.writeFileSync(actionsFile, JSON.stringify(a)), logFile };
   }
@@ -291,6 +295,23 @@ describe('fd store: a service restarted by the test supervisor', function () {
     await sup!.restart();
     await sup!.waitReady();
     expect((await nthReport(logFile, 3)).inherited).to.deep.equal([]);
+  });
+
+  it('stop releases the store, as systemd 252 does; preserve keeps it', async () => {
+    for (const preserve of [false, true]) {
+      const { actions, logFile } = setup('no', preserve);
+      actions([{ store: 'state', contents: ['v'] }]);
+      await sup!.start();
+      await sup!.waitReady();
+      actions([]);
+      await sup!.stop();
+      expect(sup!.stored).to.have.length(preserve ? 1 : 0);
+      await sup!.start();
+      await sup!.waitReady();
+      expect(inherited(await nthReport(logFile, 2))).to.deep.equal(preserve ? ['state=v'] : []);
+      await sup!.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('passes 300 descriptors stored in two batches, with their names', async () => {
@@ -405,6 +426,32 @@ const noSystemd = unavailableReason();
       const r = await nthReport(logFile, 2);
       expect(r.inherited.map((f) => f.fd)).to.deep.equal(Array.from({ length: 300 }, (_, i) => 3 + i));
       expect(inherited(r).sort()).to.deep.equal(contents.map((c) => `many=${c}`).sort());
+      await manager!.stop(unit);
+    });
+
+    it('FDPOLL=0 keeps a socket whose peer hung up; without it the manager drops it', async () => {
+      const { unit, logFile } = await service('poll');
+      actions([
+        { storeHungUp: 'kept', poll: false },
+        { storeHungUp: 'watched', poll: true },
+      ]);
+      await manager!.start(unit);
+      await nthReport(logFile, 1);
+      actions([]);
+      await manager!.restart(unit);
+      expect(inherited(await nthReport(logFile, 2))).to.deep.equal(['kept=socket']);
+      await manager!.stop(unit);
+    });
+
+    it('systemctl stop releases the store (systemd 252 has no FileDescriptorStorePreserve=)', async () => {
+      const { unit, logFile } = await service('stop');
+      actions([{ store: 'state', contents: ['lost on stop'] }]);
+      await manager!.start(unit);
+      await nthReport(logFile, 1);
+      actions([]);
+      await manager!.stop(unit);
+      await manager!.start(unit);
+      expect(inherited(await nthReport(logFile, 2))).to.deep.equal([]);
       await manager!.stop(unit);
     });
 
