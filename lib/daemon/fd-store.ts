@@ -30,6 +30,9 @@ export interface InheritedFd {
 
 /** sd_listen_fds(3): the first passed descriptor. */
 const LISTEN_FDS_START = 3;
+/** Most descriptors taken from LISTEN_FDS: far above any FileDescriptorStoreMax= we ship (4096)
+ * plus sockets; bounds the loop over a number that comes from the environment. */
+const INHERITED_FDS_MAX = 65_536;
 /** systemd's limit for an FDNAME= (FDNAME_MAX). */
 const FDNAME_MAX_LENGTH = 255;
 /** Warnings about failed removals: a few per minute at most. */
@@ -54,7 +57,7 @@ export function inheritedFds(env: NodeJS.ProcessEnv = process.env): InheritedFd[
   if (pidText === undefined || countText === undefined) return [];
   if (!/^[0-9]+$/.test(pidText) || Number(pidText) !== process.pid) return [];
   if (!/^[0-9]+$/.test(countText)) return [];
-  const count = Number(countText);
+  const count = Math.min(Number(countText), INHERITED_FDS_MAX);
   const names = namesText === undefined || namesText === '' ? [] : namesText.split(':');
   const out: InheritedFd[] = [];
   for (let i = 0; i < count; i++) {

@@ -61,6 +61,8 @@ export interface ServiceSpec {
   restartDelayMs?: number;
   /** More [Service] lines, verbatim. */
   extra?: readonly string[];
+  /** More [Unit] lines, verbatim. The unit has StartLimitIntervalSec=0 unless this sets it. */
+  unitExtra?: readonly string[];
 }
 
 export interface CommandResult {
@@ -266,6 +268,10 @@ export class SystemdUser {
     const lines = [
       '[Unit]',
       `Description=vballoon test service ${name}`,
+      // systemd's default start limit (5 starts in 10 s, then the unit fails and its fd store is
+      // released) would end a kill loop after five kills: off in tests unless asked for.
+      ...((spec.unitExtra ?? []).some((l) => l.startsWith('StartLimit')) ? [] : ['StartLimitIntervalSec=0']),
+      ...(spec.unitExtra ?? []),
       '',
       '[Service]',
       'Type=notify',

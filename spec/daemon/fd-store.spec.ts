@@ -250,10 +250,15 @@ describe('fd store: a service restarted by the test supervisor', function () {
   this.timeout(30_000);
   let dir: string;
   let sup: FdSupervisor | undefined;
+  let fdsBefore: number;
+  beforeEach(() => {
+    fdsBefore = fdCount();
+  });
   afterEach(async () => {
     await sup?.close();
     sup = undefined;
     fs.rmSync(dir, { recursive: true, force: true });
+    expect(fdCount()).to.equal(fdsBefore, 'descriptors leaked');
   });
 
   function setup(
@@ -391,6 +396,23 @@ const noSystemd = unavailableReason();
       await manager!.restart(unit);
       const third = await nthReport(logFile, 3);
       expect(inherited(third)).to.deep.equal(['state=state before the crash']);
+      await manager!.stop(unit);
+    });
+
+    it('ten quick SIGKILLs in a row: restarted each time (no start limit), the store intact', async () => {
+      const { unit, logFile } = await service('loop');
+      actions([{ store: 'state', contents: ['kept through the loop'] }]);
+      await manager!.start(unit);
+      let pid = (await nthReport(logFile, 1)).pid;
+      actions([]);
+      for (let i = 2; i <= 11; i++) {
+        await manager!.kill(unit, 'SIGKILL');
+        pid = await restartedFrom(unit, pid);
+        const r = await nthReport(logFile, i);
+        expect(r.pid).to.equal(pid);
+        expect(inherited(r)).to.deep.equal(['state=kept through the loop']);
+      }
+      expect((await manager!.status(unit)).nRestarts).to.equal(10);
       await manager!.stop(unit);
     });
 
