@@ -17,7 +17,9 @@ function monotonicUsec(): bigint {
 
 export class SystemdNotifier {
   private socket: UnixDgramSocket | undefined;
-  private readonly address: string | undefined;
+  /** The kernel's form of the address ("@name" becomes a leading NUL) for unix-dgram. */
+  private readonly socketAddress: string | undefined;
+  private readonly rawAddress: string | undefined;
   private watchdog: NodeJS.Timeout | undefined;
   private failed = false;
 
@@ -26,7 +28,10 @@ export class SystemdNotifier {
     env: NodeJS.ProcessEnv = process.env,
   ) {
     const raw = env['NOTIFY_SOCKET'];
-    if (raw !== undefined && raw !== '') this.address = raw.startsWith('@') ? `\0${raw.slice(1)}` : raw;
+    if (raw !== undefined && raw !== '') {
+      this.rawAddress = raw;
+      this.socketAddress = raw.startsWith('@') ? `\0${raw.slice(1)}` : raw;
+    }
     const usec = Number(env['WATCHDOG_USEC'] ?? '');
     const pid = env['WATCHDOG_PID'];
     const forUs = pid === undefined || pid === '' || Number(pid) === process.pid;
@@ -42,19 +47,25 @@ export class SystemdNotifier {
 
   /** Whether a service manager listens. */
   get enabled(): boolean {
-    return this.address !== undefined;
+    return this.socketAddress !== undefined;
+  }
+
+  /** $NOTIFY_SOCKET as it was (a path or "@abstract"), for the fd store (lib/daemon/fd-store.ts):
+   * the constructor removes it from the environment. */
+  get address(): string | undefined {
+    return this.rawAddress;
   }
 
   /** Sends `fields` as one datagram. */
   notify(fields: Record<string, string | number>): void {
-    if (this.address === undefined) return;
+    if (this.socketAddress === undefined) return;
     const text = Object.entries(fields)
       .map(([k, v]) => `${k}=${String(v).replace(/\n/g, ' ')}`)
       .join('\n');
     try {
       this.socket ??= createSocket('unix_dgram');
       const buf = Buffer.from(`${text}\n`);
-      this.socket.send(buf, 0, buf.length, this.address, (err?: Error) => {
+      this.socket.send(buf, 0, buf.length, this.socketAddress, (err?: Error) => {
         if (err) this.reportFailure(err);
       });
     } catch (err) {

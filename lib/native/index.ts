@@ -23,6 +23,20 @@ export interface ReceivedMessage {
   truncated: boolean;
 }
 
+/** One datagram read by dgramRecv. */
+export interface ReceivedDatagram {
+  text: string;
+  /** Descriptors that came with it (close-on-exec); the caller owns (and must close) them. */
+  fds: number[];
+  /** The sender's pid (SCM_CREDENTIALS), when the socket was bound with passCred. */
+  pid?: number;
+  /** The datagram or its descriptors did not fit: those that arrived were closed, fds is empty. */
+  truncated: boolean;
+}
+
+/** Descriptors the kernel carries in one SCM_RIGHTS message (SCM_MAX_FD): batch bigger sets. */
+export const SCM_MAX_FDS = 253;
+
 export interface FileStatus {
   size: number;
   /** Bytes the file system really holds for the file (st_blocks * 512). */
@@ -138,6 +152,20 @@ export interface NativeAddon {
   close(fd: number): void;
   /** A full memory barrier. */
   fence(): void;
+  /**
+   * Sends `text` as one datagram to the AF_UNIX datagram socket at `address` (a path, or an
+   * abstract name written "@name"), with `fds` (at most SCM_MAX_FDS, else EINVAL) as SCM_RIGHTS.
+   * Synchronous: when it returns, the receiver has the datagram and its descriptors queued (the
+   * caller may close its copies). Waits at most 5 s for room in the receiver's queue (EAGAIN).
+   */
+  notifySend(address: string, text: string, fds?: readonly number[]): void;
+  /** A bound, non-blocking, close-on-exec datagram socket at `address` (path or "@name");
+   * `passCred` (default true) sets SO_PASSCRED so dgramRecv reports the sender's pid. */
+  dgramListen(address: string, passCred?: boolean): number;
+  /** One datagram with up to SCM_MAX_FDS descriptors, or null when none is queued. */
+  dgramRecv(fd: number): ReceivedDatagram | null;
+  /** Sets (default) or clears FD_CLOEXEC on `fd`. */
+  setCloseOnExec(fd: number, on?: boolean): void;
 }
 
 function loadAddon(): NativeAddon {

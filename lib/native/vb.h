@@ -7,6 +7,7 @@
  *   watch.c      fd readiness on the Node event loop (uv_poll), eventfd-aware watches
  *   fd-io.c      reads and writes that never block on a front-end descriptor; eventfd
  *   memory.c     guest memory: mappings, the SIGBUS plan, seals, hole punching, memfd, fstat
+ *   notify.c     the service manager's notify datagrams with descriptors (fd store), FD_CLOEXEC
  *   vballoon.c   small descriptor calls and the module's registration
  */
 #ifndef VB_H
@@ -38,6 +39,9 @@
 /* Descriptors accepted in one message. vhost-user sends at most 8; a bigger control buffer lets
  * us receive (and then reject and close) a message that carries more instead of truncating it. */
 #define VB_MAX_FDS 32
+/* Descriptors the kernel accepts in one SCM_RIGHTS message (SCM_MAX_FD): the fd store and a
+ * takeover send bigger sets in batches of this size. */
+#define VB_SCM_MAX_FDS 253
 /* Largest single read; the framing layer bounds messages far below this. */
 #define VB_MAX_READ (256 * 1024)
 /* Largest mapping: Node-API external ArrayBuffers are Node Buffers underneath, limited to 4 GiB
@@ -95,6 +99,10 @@ napi_value vb_memfd_create(napi_env env, napi_callback_info info);
 napi_value vb_mmap(napi_env env, napi_callback_info info);
 napi_value vb_munmap(napi_env env, napi_callback_info info);
 napi_value vb_punch_hole(napi_env env, napi_callback_info info);
+napi_value vb_notify_send(napi_env env, napi_callback_info info);
+napi_value vb_dgram_listen(napi_env env, napi_callback_info info);
+napi_value vb_dgram_recv(napi_env env, napi_callback_info info);
+napi_value vb_set_close_on_exec(napi_env env, napi_callback_info info);
 
 
 #endif

@@ -123,6 +123,10 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"sameFile", NULL, vb_same_file, NULL, NULL, NULL, napi_enumerable, NULL},
       {"close", NULL, vb_close, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fence", NULL, vb_fence, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"notifySend", NULL, vb_notify_send, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dgramListen", NULL, vb_dgram_listen, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dgramRecv", NULL, vb_dgram_recv, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setCloseOnExec", NULL, vb_set_close_on_exec, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) {
     vb_throw_napi(env, "napi_define_properties");

@@ -1,0 +1,267 @@
+/*
+ * Datagrams for the service manager's notify protocol (sd_notify(3)) and its file descriptor
+ * store: a synchronous send of one KEY=VALUE datagram with descriptors attached (SCM_RIGHTS) to
+ * the socket named by $NOTIFY_SOCKET, and the receiving side (a bound datagram socket that
+ * reads one datagram with its descriptors and the sender's pid) for a takeover receiver and the
+ * test supervisor. Addresses are a path, or an abstract name written with a leading "@".
+ * No protocol logic here: lib/daemon/fd-store.ts and lib/testing/fd-supervisor.ts hold it.
+ */
+#include "vb.h"
+
+#include <stddef.h>
+
+/* Largest datagram dgramRecv reads. systemd reads at most PIPE_BUF (4096) bytes of a notify
+ * message; a bigger buffer lets the test supervisor see (and refuse) an oversized one. */
+#define VB_DGRAM_MAX_BYTES (64 * 1024)
+/* How long a send may wait for room in the manager's receive queue before it fails (EAGAIN):
+ * the send is synchronous by design, but it must not hang the event loop forever. */
+#define VB_NOTIFY_SEND_TIMEOUT_MS 5000
+
+/*
+ * Fills `addr` from "path" or "@abstract" and returns the address length to pass to bind() or
+ * sendmsg(), or 0 after throwing. An abstract name has no terminating NUL and its length is
+ * exactly offsetof(sun_path) + 1 + strlen(name): names are compared over that length, so a
+ * padded length would name a different socket.
+ */
+static socklen_t vb_dgram_address(napi_env env, napi_value value, struct sockaddr_un *addr, const char *syscall) {
+  char text[sizeof addr->sun_path + 2];
+  size_t len = 0;
+  if (napi_get_value_string_utf8(env, value, text, sizeof text, &len) != napi_ok) {
+    vb_throw_type(env, "address must be a string");
+    return 0;
+  }
+  if (len == 0 || len >= sizeof addr->sun_path || memchr(text, '\0', len) != NULL) {
+    vb_throw_errno(env, len == 0 ? EINVAL : ENAMETOOLONG, syscall);
+    return 0;
+  }
+  memset(addr, 0, sizeof *addr);
+  addr->sun_family = AF_UNIX;
+  if (text[0] == '@') {
+    if (len < 2) {
+      vb_throw_errno(env, EINVAL, syscall);
+      return 0;
+    }
+    addr->sun_path[0] = '\0';
+    memcpy(addr->sun_path + 1, text + 1, len - 1);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+  }
+  memcpy(addr->sun_path, text, len);
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + 1);
+}
+
+/* Reads an optional array of at most VB_SCM_MAX_FDS descriptors; -1 after throwing. */
+static int vb_fd_list(napi_env env, napi_value value, int *fds, const char *syscall) {
+  napi_valuetype t;
+  napi_typeof(env, value, &t);
+  if (t == napi_undefined || t == napi_null) return 0;
+  bool is_array = false;
+  napi_is_array(env, value, &is_array);
+  if (!is_array) {
+    vb_throw_type(env, "fds must be an array");
+    return -1;
+  }
+  uint32_t n = 0;
+  if (napi_get_array_length(env, value, &n) != napi_ok) {
+    vb_throw_napi(env, "napi_get_array_length");
+    return -1;
+  }
+  if (n > VB_SCM_MAX_FDS) {
+    vb_throw_errno(env, EINVAL, syscall);
+    return -1;
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value v;
+    if (napi_get_element(env, value, i, &v) != napi_ok) {
+      vb_throw_napi(env, "napi_get_element");
+      return -1;
+    }
+    if (!vb_int32(env, v, &fds[i], "fd")) return -1;
+  }
+  return (int)n;
+}
+
+/*
+ * notifySend(address, text, fds?): one datagram, the descriptors as SCM_RIGHTS, on a new
+ * blocking socket. Returns once the kernel queued it on the receiver (the descriptors are then
+ * the receiver's as well: closing ours afterwards is safe); throws otherwise. The kernel adds
+ * our credentials itself when the receiver asked for them (SO_PASSCRED), as systemd does.
+ */
+napi_value vb_notify_send(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  if (!vb_get_args(env, info, 3, argv)) return NULL;
+  struct sockaddr_un addr;
+  socklen_t addr_len = vb_dgram_address(env, argv[0], &addr, "sendmsg");
+  if (addr_len == 0) return NULL;
+  size_t text_len = 0;
+  if (napi_get_value_string_utf8(env, argv[1], NULL, 0, &text_len) != napi_ok)
+    return vb_throw_type(env, "text must be a string");
+  if (text_len > VB_DGRAM_MAX_BYTES) return vb_throw_errno(env, EMSGSIZE, "sendmsg");
+  char *text = malloc(text_len + 1);
+  if (text == NULL) return vb_throw_errno(env, ENOMEM, "sendmsg");
+  napi_get_value_string_utf8(env, argv[1], text, text_len + 1, &text_len);
+  int fds[VB_SCM_MAX_FDS];
+  int nfds = vb_fd_list(env, argv[2], fds, "sendmsg");
+  if (nfds < 0) {
+    free(text);
+    return NULL;
+  }
+  int sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (sock < 0) {
+    int err = errno;
+    free(text);
+    return vb_throw_errno(env, err, "socket");
+  }
+  struct timeval timeout = {.tv_sec = VB_NOTIFY_SEND_TIMEOUT_MS / 1000,
+                            .tv_usec = (VB_NOTIFY_SEND_TIMEOUT_MS % 1000) * 1000};
+  setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
+  union {
+    struct cmsghdr align;
+    uint8_t buf[CMSG_SPACE(sizeof(int) * VB_SCM_MAX_FDS)];
+  } control;
+  struct iovec iov = {.iov_base = text, .iov_len = text_len};
+  struct msghdr msg = {0};
+  msg.msg_name = &addr;
+  msg.msg_namelen = addr_len;
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (nfds > 0) {
+    memset(control.buf, 0, sizeof control.buf);
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+  }
+  ssize_t n;
+  do {
+    n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  int err = errno;
+  close(sock);
+  free(text);
+  if (n < 0) return vb_throw_errno(env, err, "sendmsg");
+  if ((size_t)n != text_len) return vb_throw_errno(env, EMSGSIZE, "sendmsg");
+  return NULL;
+}
+
+/* dgramListen(address, passCred?) -> fd: a bound, non-blocking, close-on-exec datagram socket.
+ * passCred (default true) sets SO_PASSCRED so dgramRecv reports each sender's pid. */
+napi_value vb_dgram_listen(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!vb_get_args(env, info, 2, argv)) return NULL;
+  struct sockaddr_un addr;
+  socklen_t addr_len = vb_dgram_address(env, argv[0], &addr, "bind");
+  if (addr_len == 0) return NULL;
+  bool pass_cred = true;
+  napi_valuetype t;
+  napi_typeof(env, argv[1], &t);
+  if (t == napi_boolean) napi_get_value_bool(env, argv[1], &pass_cred);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return vb_throw_errno(env, errno, "socket");
+  int one = 1;
+  if (pass_cred && setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof one) < 0) {
+    int err = errno;
+    close(fd);
+    return vb_throw_errno(env, err, "setsockopt");
+  }
+  if (bind(fd, (struct sockaddr *)&addr, addr_len) < 0) {
+    int err = errno;
+    close(fd);
+    return vb_throw_errno(env, err, "bind");
+  }
+  return vb_int(env, fd);
+}
+
+/*
+ * dgramRecv(fd) -> { text, fds, pid?, truncated } | null (nothing queued).
+ * Descriptors arrive close-on-exec and belong to the caller. truncated: the datagram or its
+ * descriptors did not fit (MSG_TRUNC / MSG_CTRUNC); the descriptors that did arrive are closed
+ * here and fds is empty, so the caller only has to drop the message.
+ */
+napi_value vb_dgram_recv(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (!vb_get_args(env, info, 1, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  static char data[VB_DGRAM_MAX_BYTES];
+  union {
+    struct cmsghdr align;
+    uint8_t buf[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int) * VB_SCM_MAX_FDS)];
+  } control;
+  struct iovec iov = {.iov_base = data, .iov_len = sizeof data};
+  struct msghdr msg = {0};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.buf;
+  msg.msg_controllen = sizeof control.buf;
+  ssize_t n;
+  do {
+    n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return vb_null(env);
+    return vb_throw_errno(env, errno, "recvmsg");
+  }
+  int fds[VB_SCM_MAX_FDS];
+  size_t nfds = 0;
+  bool have_pid = false;
+  pid_t pid = 0;
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET) continue;
+    if (c->cmsg_type == SCM_RIGHTS) {
+      size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      const uint8_t *p = CMSG_DATA(c);
+      for (size_t i = 0; i < count; i++) {
+        int one;
+        memcpy(&one, p + i * sizeof(int), sizeof one);
+        if (nfds < VB_SCM_MAX_FDS)
+          fds[nfds++] = one;
+        else
+          close(one);
+      }
+    } else if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len >= CMSG_LEN(sizeof(struct ucred))) {
+      struct ucred cred;
+      memcpy(&cred, CMSG_DATA(c), sizeof cred);
+      have_pid = cred.pid > 0;
+      pid = cred.pid;
+    }
+  }
+  bool truncated = (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
+  if (truncated) {
+    for (size_t i = 0; i < nfds; i++) close(fds[i]);
+    nfds = 0;
+  }
+  napi_value result, text, fd_array, trunc_value;
+  if (napi_create_object(env, &result) != napi_ok ||
+      napi_create_string_utf8(env, data, (size_t)n, &text) != napi_ok ||
+      napi_create_array_with_length(env, nfds, &fd_array) != napi_ok ||
+      napi_get_boolean(env, truncated, &trunc_value) != napi_ok) {
+    for (size_t i = 0; i < nfds; i++) close(fds[i]);
+    vb_throw_napi(env, "dgramRecv result");
+    return NULL;
+  }
+  for (size_t i = 0; i < nfds; i++) napi_set_element(env, fd_array, (uint32_t)i, vb_int(env, fds[i]));
+  napi_set_named_property(env, result, "text", text);
+  napi_set_named_property(env, result, "fds", fd_array);
+  napi_set_named_property(env, result, "truncated", trunc_value);
+  if (have_pid) napi_set_named_property(env, result, "pid", vb_int(env, pid));
+  return result;
+}
+
+/* setCloseOnExec(fd, on): FD_CLOEXEC on or off (descriptors inherited from a service manager
+ * arrive without it; they must not leak into our own children). */
+napi_value vb_set_close_on_exec(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd;
+  if (!vb_get_args(env, info, 2, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
+  bool on = true;
+  napi_valuetype t;
+  napi_typeof(env, argv[1], &t);
+  if (t == napi_boolean) napi_get_value_bool(env, argv[1], &on);
+  int flags = fcntl(fd, F_GETFD);
+  if (flags < 0) return vb_throw_errno(env, errno, "fcntl");
+  int want = on ? (flags | FD_CLOEXEC) : (flags & ~FD_CLOEXEC);
+  if (want != flags && fcntl(fd, F_SETFD, want) < 0) return vb_throw_errno(env, errno, "fcntl");
+  return NULL;
+}
