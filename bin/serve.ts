@@ -5,6 +5,9 @@
  */
 import { loadConfigFile, parseVmFlag, readConfig } from '../lib/daemon/config';
 import { Daemon } from '../lib/daemon/daemon';
+import { FdStore, inheritedFds } from '../lib/daemon/fd-store';
+import { NamedFd } from '../lib/daemon/survival';
+import { handoverSender, receiveHandover } from '../lib/daemon/takeover';
 import { SwitchableLogger } from '../lib/daemon/switchable-logger';
 import { SystemdNotifier } from '../lib/daemon/systemd';
 import { ConfigError, errorMessage } from '../lib/errors';
@@ -43,15 +46,42 @@ export async function serve(argv: Record<string, unknown>): Promise<void> {
   }
   const log = SwitchableLogger.wrap(new StreamLogger(process.stderr, config.log.format, config.log.level));
   const notifier = new SystemdNotifier(log.child({ component: 'systemd' }));
+  // Restart survival (docs/operations.md): descriptors go to the service manager's store, and
+  // come back from it (or, with --takeover, from the daemon running now).
+  const holder = new FdStore(log.child({ component: 'fd-store' }), notifier.address);
+  let inherited: NamedFd[] = inheritedFds();
+  if (argv['takeover'] === true) {
+    if (inherited.length > 0) die(EXIT.CONFIG, '--takeover: the service manager already passed descriptors');
+    try {
+      inherited = await receiveHandover(config.control.socket, log);
+    } catch (err) {
+      die(EXIT.NO_DAEMON, errorMessage(err));
+    }
+  }
   const daemon = new Daemon(config, {
     log,
     notifier,
     reconfigureLog: (l) => log.replace(new StreamLogger(process.stderr, l.format, l.level)),
+    survival: {
+      holder,
+      inherited,
+      handoverTo: (address) => handoverSender(log.child({ component: 'handover' }), address),
+      // The successor holds every descriptor: end now, closing nothing it could notice.
+      onHandedOver: () => process.exit(0),
+    },
   });
   let stopping = false;
   const shutdown = (signal: string): void => {
     if (stopping) return;
     stopping = true;
+    if (signal === 'SIGTERM' && holder.enabled && state.started) {
+      // A restart (or a stop) under a service manager that keeps our descriptors: leave every
+      // VM connected; the next process takes them over. On a stop the manager closes them.
+      log.info('restarting: leaving every VM to the next process', { signal });
+      daemon.suspend();
+      notifier.stopping();
+      process.exit(0);
+    }
     log.info('shutting down', { signal });
     daemon.stop().then(
       () => process.exit(0),

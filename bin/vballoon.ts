@@ -92,7 +92,12 @@ export function cli(args: string[]): Argv {
           .option('control-mode', { type: 'string', describe: 'control socket permissions (octal, default 0600)' })
           .option('metrics', { describe: 'metrics HOST:PORT (default 127.0.0.1:9464); --no-metrics to disable' })
           .option('log-format', { choices: ['text', 'json'] as const })
-          .option('log-level', { choices: ['debug', 'info', 'warn', 'error'] as const }),
+          .option('log-level', { choices: ['debug', 'info', 'warn', 'error'] as const })
+          .option('takeover', {
+            type: 'boolean',
+            default: false,
+            describe: 'take every VM over from the daemon running on the same control socket (upgrade without systemd)',
+          }),
       (argv) => serve({ ...argv, controlExplicit }),
     )
     .command(

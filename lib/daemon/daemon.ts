@@ -286,6 +286,11 @@ export class Daemon {
         rings: image.rings.filter((r) => r.started).length,
         regions: image.regions.length,
       });
+      log.debug('resumed rings', {
+        rings: image.rings
+          .map((r) => `${r.index}:${r.started ? 'started' : 'stopped'}:kick${r.kickFd}:call${r.callFd}:err${r.errFd}`)
+          .join(' '),
+      });
       return session;
     } catch (err) {
       log.error('cannot take over the front-end connection: the VM loses its balloon until it reconnects', {

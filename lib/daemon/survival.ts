@@ -303,8 +303,15 @@ const LISTEN_NAME = 'listen';
 export class VmSurvival {
   private readonly state: StateFile;
   readonly bitmap: PageBitmap;
-  /** Descriptors stored under a name, by number in this process. */
-  private readonly stored = new Map<number, { name: string; role: string }>();
+  /**
+   * What the holder keeps, by full name: our own duplicate of each stored open file. It stays
+   * valid whatever the session closes, so a descriptor seen later can be recognised as an open
+   * file the holder already keeps (QEMU sends the same call eventfd again at every start; the
+   * holder keeps an open file once, under its first name, and would drop it with that name).
+   */
+  private readonly entries = new Map<string, number>();
+  /** Which name each descriptor number had at the last save (checked before it is trusted). */
+  private hint = new Map<number, string>();
   private nextName = 1;
   private device: BalloonDevice | undefined;
   private backend: VhostUserBackend | undefined;
@@ -346,7 +353,7 @@ export class VmSurvival {
       const listenFd = inherited.get(LISTEN_NAME);
       inherited.delete(LISTEN_NAME);
       this.restored = { doc, listenFd };
-      if (listenFd !== undefined) this.stored.set(listenFd, { name: this.fullName(LISTEN_NAME), role: 'listen' });
+      if (listenFd !== undefined) this.keep(this.fullName(LISTEN_NAME), listenFd);
     } else {
       this.bitmap.cleared();
     }
@@ -354,6 +361,25 @@ export class VmSurvival {
 
   private fullName(short: string): string {
     return `${this.vm}.${short}`;
+  }
+
+  /** Records that the holder keeps `fd`'s open file under `name` (a duplicate is kept here). */
+  private keep(name: string, fd: number): void {
+    const old = this.entries.get(name);
+    if (old !== undefined) closeQuietly(old);
+    this.entries.set(name, native.dup(fd));
+    this.hint.set(fd, name);
+  }
+
+  /** The name the holder keeps `fd`'s open file under, if it keeps it. */
+  private nameOf(fd: number): string | undefined {
+    const hinted = this.hint.get(fd);
+    if (hinted !== undefined) {
+      const copy = this.entries.get(hinted);
+      if (copy !== undefined && native.sameFile(fd, copy)) return hinted;
+    }
+    for (const [name, copy] of this.entries) if (native.sameFile(fd, copy)) return name;
+    return undefined;
   }
 
   private parse(doc: unknown): VmStateDoc | undefined {
@@ -376,7 +402,7 @@ export class VmSurvival {
     const s = this.restored?.doc.session;
     if (s === undefined || s === null) return undefined;
     const taken = new Map<string, number>();
-    const take = (name: string | null, role: string): number => {
+    const take = (name: string | null): number => {
       if (name === null) return -1;
       let fd = this.inherited.get(name);
       if (fd !== undefined) {
@@ -388,10 +414,10 @@ export class VmSurvival {
         if (first === undefined) return -1;
         fd = native.dup(first);
       }
-      this.stored.set(fd, { name: this.fullName(name), role });
+      this.keep(this.fullName(name), fd);
       return fd;
     };
-    const connFd = take(s.conn, 'conn');
+    const connFd = take(s.conn);
     if (connFd < 0) {
       this.log.warn('the previous front-end connection was not kept: waiting for a new one');
       return undefined;
@@ -399,15 +425,15 @@ export class VmSurvival {
     return {
       ...s,
       connFd,
-      channelFd: take(s.channel, 'channel'),
-      regions: s.regions.map((r, i) => ({ ...r, fd: take(r.fd, `mem${i}`) })),
+      channelFd: take(s.channel),
+      regions: s.regions.map((r) => ({ ...r, fd: take(r.fd) })),
       rings: s.rings.map((r) => {
         const { kick, call, err, ...rest } = r;
         return {
           ...rest,
-          kickFd: take(kick, `kick${r.index}`),
-          callFd: take(call, `call${r.index}`),
-          errFd: take(err, `err${r.index}`),
+          kickFd: take(kick),
+          callFd: take(call),
+          errFd: take(err),
         };
       }),
     };
@@ -451,29 +477,22 @@ export class VmSurvival {
     const backend = this.backend;
     if (device === undefined || backend === undefined) return;
     try {
-      const live = new Map<number, string>(); // fd -> role
+      const used = new Set<string>();
+      const hint = new Map<number, string>();
       const listenFd = backend.listener;
-      if (listenFd >= 0) live.set(listenFd, 'listen');
       const session = backend.current;
       const image = session === undefined || session.isClosed ? undefined : session.image();
       const name = (fd: number, role: string): string | null => {
         if (fd < 0) return null;
-        live.set(fd, role);
-        const known = this.stored.get(fd);
-        if (known !== undefined && known.role === role) return known.name.slice(this.vm.length + 1);
-        if (known !== undefined) this.forgetName(fd, known.name);
-        // The same open file under another number (QEMU sends one memfd for the regions below
-        // and above 4 GiB): the holder keeps an open file only once, so it shares that name.
-        for (const [other, entry] of this.stored) {
-          if (other !== fd && native.sameFile(fd, other)) {
-            this.stored.set(fd, { name: entry.name, role });
-            return entry.name.slice(this.vm.length + 1);
-          }
+        let full = this.nameOf(fd);
+        if (full === undefined) {
+          full = this.fullName(role === 'listen' ? LISTEN_NAME : `${role}.${this.nextName++}`);
+          this.holder.store(full, [fd]);
+          this.keep(full, fd);
         }
-        const short = role === 'listen' ? LISTEN_NAME : `${role}.${this.nextName++}`;
-        this.holder.store(this.fullName(short), [fd]);
-        this.stored.set(fd, { name: this.fullName(short), role });
-        return short;
+        used.add(full);
+        hint.set(fd, full);
+        return full.slice(this.vm.length + 1);
       };
       if (listenFd >= 0) name(listenFd, 'listen');
       let named: NamedSessionImage | null = null;
@@ -504,9 +523,14 @@ export class VmSurvival {
         session: named,
       };
       this.state.write(doc);
-      for (const [fd, entry] of [...this.stored]) {
-        if (live.get(fd) !== entry.role) this.forgetName(fd, entry.name);
+      // Only now that no state names them: what the session let go of.
+      for (const [full, copy] of [...this.entries]) {
+        if (used.has(full)) continue;
+        this.holder.remove(full);
+        closeQuietly(copy);
+        this.entries.delete(full);
       }
+      this.hint = hint;
       this.broken = false;
     } catch (err) {
       this.broken = true;
@@ -516,13 +540,6 @@ export class VmSurvival {
           error: errorMessage(err),
         });
     }
-  }
-
-  /** Drops `fd`'s entry; the holder forgets the name once no other descriptor shares it. */
-  private forgetName(fd: number, name: string): void {
-    this.stored.delete(fd);
-    for (const entry of this.stored.values()) if (entry.name === name) return;
-    this.holder.remove(name);
   }
 
   /** State writes that failed (a restart at that moment would have lost the VM). */
@@ -538,8 +555,11 @@ export class VmSurvival {
    * stored is forgotten by the holder, and the memfds are closed.
    */
   forget(): void {
-    for (const entry of this.stored.values()) this.holder.remove(entry.name);
-    this.stored.clear();
+    for (const [full, copy] of this.entries) {
+      this.holder.remove(full);
+      closeQuietly(copy);
+    }
+    this.entries.clear();
     this.holder.remove(this.fullName(STATE_NAME));
     this.holder.remove(this.fullName(PAGES_NAME));
     this.dropUnused();
@@ -553,12 +573,7 @@ export class VmSurvival {
       { name: this.fullName(STATE_NAME), fd: this.state.fd },
       { name: this.fullName(PAGES_NAME), fd: this.bitmap.fd },
     ];
-    const names = new Set(out.map((f) => f.name));
-    for (const [fd, entry] of this.stored) {
-      if (names.has(entry.name)) continue; // one open file under one name
-      names.add(entry.name);
-      out.push({ name: entry.name, fd });
-    }
+    for (const [full, copy] of this.entries) out.push({ name: full, fd: copy });
     return out;
   }
 }

@@ -56,6 +56,8 @@ export interface BalloonGuestOptions {
   pressureWaitMs?: number;
   /** Guest RAM to use (a QEMU that reconnects keeps its memory); created when omitted. */
   ram?: GuestRam;
+  /** How long the front-end waits for a reply (QEMU waits forever; default 5 s). */
+  replyTimeoutMs?: number;
 }
 
 /** A simple async mutex (Linux's balloon_lock). */
@@ -91,7 +93,9 @@ export class BalloonGuest {
   private readonly used: number[] = [];
   private readonly balloon: number[] = [];
   private readonly reported = new Set<number>();
-  private readonly opts: Required<Omit<BalloonGuestOptions, 'refuse' | 'ram'>> & { refuse: number[] };
+  private readonly opts: Required<Omit<BalloonGuestOptions, 'refuse' | 'ram' | 'replyTimeoutMs'>> & {
+    refuse: number[];
+  };
   private readonly lock = new Mutex();
   private config: Uint8Array = new Uint8Array(8);
   private inflateBuf = 0;
@@ -145,6 +149,7 @@ export class BalloonGuest {
       queueSize: opts.queueSize ?? 64,
       layout: 'flat',
       ...(opts.ram === undefined ? {} : { ram: opts.ram }),
+      ...(opts.replyTimeoutMs === undefined ? {} : { replyTimeoutMs: opts.replyTimeoutMs }),
     });
     const g = new BalloonGuest(fe, opts);
     try {

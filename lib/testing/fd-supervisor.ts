@@ -12,7 +12,7 @@
  * name; descriptors on any other message are closed; with NotifyAccess=main only the main
  * process is heard. Left out: systemd drops a stored descriptor that reports POLLHUP/POLLERR
  * unless FDPOLL=0 was given; here the flag is only recorded (`StoredFd.poll`). "Already stored"
- * is judged by device and inode (systemd compares open file descriptions). Like systemd, the
+ * is judged as systemd does, by open file description (kcmp). Like systemd, the
  * store does not keep the order descriptors were stored in (here: newest first).
  */
 import { ChildProcess, spawn } from 'node:child_process';
@@ -69,15 +69,6 @@ export interface ServiceExit {
 /** FDNAME= as systemd accepts it (fdname_is_valid): printable ASCII but ':', at most 255. */
 function validFdName(name: string): boolean {
   return name.length >= 1 && name.length <= 255 && /^[\x20-\x7e]+$/.test(name) && !name.includes(':');
-}
-
-function fileId(fd: number): string | undefined {
-  try {
-    const st = native.fstat(fd);
-    return `${st.dev}:${st.ino}`;
-  } catch {
-    return undefined;
-  }
 }
 
 export class FdSupervisor {
@@ -158,14 +149,13 @@ export class FdSupervisor {
     }
     const poll = fields['FDPOLL'] !== '0';
     const max = this.options.fdStoreMax ?? 4096;
-    const held = new Set(this.store.map((s) => fileId(s.fd)));
     for (const fd of fds) {
-      const id = fileId(fd);
-      if (this.store.length >= max || id === undefined || held.has(id)) {
+      // systemd keeps an open file once (it compares open file descriptions, as kcmp does).
+      const held = this.store.some((s) => native.sameFile(s.fd, fd));
+      if (this.store.length >= max || held) {
         closeQuietly(fd);
         continue;
       }
-      held.add(id);
       // systemd 252 prepends each descriptor to its list (and takes a datagram's set from a hash
       // set): the order passed back is not the order stored. Newest first here, so that code
       // relying on the order fails here too; only names (and contents) identify a descriptor.

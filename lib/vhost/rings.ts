@@ -330,6 +330,7 @@ export class RingSet {
   signalAll(): void {
     for (const ring of this.rings) {
       if (!ring.started || ring.callFd < 0) continue;
+      this.options.log.debug('interrupting a resumed ring once', { queue: ring.index, callFd: ring.callFd });
       try {
         native.eventfdWrite(ring.callFd, 1);
       } catch {
