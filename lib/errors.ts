@@ -42,6 +42,8 @@ export const ErrorCode = {
   SOCKET: 'ERR_SOCKET',
   /** An invalid daemon configuration (file, flag or reload); the message names the field. */
   CONFIG: 'ERR_CONFIG',
+  /** The state a restart needs could not be kept (a descriptor not stored, a state not written). */
+  RESTART_STATE: 'ERR_RESTART_STATE',
   /** A control request that is not JSON. */
   CONTROL_BAD_JSON: 'ERR_CONTROL_BAD_JSON',
   /** A control request over the size limit. */

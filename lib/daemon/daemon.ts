@@ -195,7 +195,11 @@ export class Daemon {
     const log = this.log.child({ vm: vm.name });
     const survival = this.options.survival;
     const keeper =
-      survival === undefined ? undefined : new VmSurvival(vm.name, survival.holder, log, this.inherited.get(vm.name));
+      survival === undefined
+        ? undefined
+        : new VmSurvival(vm.name, survival.holder, log, this.inherited.get(vm.name), (code) =>
+            this.metrics.error(vm.name, code),
+          );
     this.inherited.delete(vm.name);
     try {
       this.addVmWith(vm, fileConfig, log, keeper);

@@ -22,7 +22,7 @@ import { createHash } from 'node:crypto';
 import { BalloonDevice, DeviceImage } from '../device/balloon';
 import { PagesJournal } from '../device/balloon-pages';
 import { PageRun } from '../device/page-tracker';
-import { errorMessage } from '../errors';
+import { ErrorCode, ErrorCodeValue, errorMessage } from '../errors';
 import { Logger, LogRateLimiter } from '../log';
 import { closeQuietly, native } from '../native';
 import { Mode } from '../policy/engine';
@@ -329,6 +329,8 @@ export class VmSurvival {
     private readonly holder: FdHolder,
     private log: Logger,
     private readonly inherited: Map<string, number> = new Map(),
+    /** Counts a failed save (metrics: ERR_RESTART_STATE). */
+    private readonly onError: (code: ErrorCodeValue) => void = () => undefined,
   ) {
     const stateFd = inherited.get(STATE_NAME);
     const pagesFd = inherited.get(PAGES_NAME);
@@ -535,6 +537,7 @@ export class VmSurvival {
     } catch (err) {
       this.broken = true;
       this.errors++;
+      this.onError(ErrorCode.RESTART_STATE);
       if (this.errorLog.take() !== undefined)
         this.log.error('cannot record the state a restart needs: a restart now would drop this VM', {
           error: errorMessage(err),
