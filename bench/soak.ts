@@ -30,23 +30,26 @@ async function main(): Promise<void> {
     manager,
     log: (l) => console.error(l),
   });
-  const ms = (v: number[]): string =>
-    v.length === 0
-      ? '-'
-      : `p50 ${percentile(v, 50).toFixed(0)} ms, p90 ${percentile(v, 90).toFixed(0)} ms, max ${Math.max(...v).toFixed(0)} ms`;
+  const ms = (v: number[]): string => {
+    if (v.length === 0) return '-';
+    const p = (q: number): string => percentile(v, q).toFixed(0);
+    return `p50 ${p(50)} ms, p90 ${p(90)} ms, max ${Math.max(...v).toFixed(0)} ms`;
+  };
+  const mib = (b: number): string => `${(b / 1048576).toFixed(0)} MiB`;
   console.log(JSON.stringify(report, null, 2));
   console.error(`\n== restart soak (${report.manager}), ${report.seconds} s`);
   console.error(`SIGKILLs survived: ${report.kills}; stall ${ms(report.killStallsMs)}`);
   console.error(`graceful restarts: ${report.restarts}; stall ${ms(report.restartStallsMs)}`);
   console.error(`restarts in the middle of an inflate or deflate: ${report.midOperation}`);
   console.error(
-    `final: target ${report.finalTargetBytes / 1048576} MiB, guest balloon ${report.guestBalloonBytes / 1048576} MiB, ` +
-      `actual ${report.actualBytes / 1048576} MiB, ballooned ${report.balloonedBytes / 1048576} MiB, pages lost ${report.pagesLost}`,
+    `final: target ${mib(report.finalTargetBytes)}, guest balloon ${mib(report.guestBalloonBytes)}, ` +
+      `actual ${mib(report.actualBytes)}, ballooned ${mib(report.balloonedBytes)}, pages lost ${report.pagesLost}`,
   );
-  console.error(`host memory released by the final inflate: ${(report.hostReleasedBytes / 1048576).toFixed(0)} MiB`);
+  console.error(`host memory released by the final inflate: ${mib(report.hostReleasedBytes)}`);
   console.error(
     `daemon fds ${report.daemonFds.afterFirstRestart} -> ${report.daemonFds.atEnd}; ` +
-      `stored ${report.storedFds.afterFirstRestart} -> ${report.storedFds.atEnd}; stats age ${report.statsAgeSeconds} s`,
+      `stored ${report.storedFds.afterFirstRestart} -> ${report.storedFds.atEnd}; ` +
+      `stats age ${report.statsAgeSeconds} s`,
   );
   const ok =
     report.pagesLost === 0 &&
