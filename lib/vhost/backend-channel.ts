@@ -5,7 +5,7 @@
  */
 import { ErrorCode, ErrorCodeValue } from '../errors';
 import { Logger } from '../log';
-import { closeQuietly } from '../native';
+import { closeQuietly, native } from '../native';
 import { decodeU64Reply, encodeMessage } from './codec';
 import { BackendRequest, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION } from './constants';
 import { Connection } from './connection';
@@ -18,6 +18,7 @@ export class BackendChannel {
   private outstanding = 0;
   /** CONFIG_CHANGE messages sent (for tests and metrics). */
   sent = 0;
+  private readonly ackListeners: Array<() => void> = [];
 
   constructor(
     fd: number,
@@ -44,6 +45,8 @@ export class BackendChannel {
             return;
           }
           this.outstanding--;
+          const listeners = this.ackListeners.splice(0);
+          for (const l of listeners) l();
           const status = decodeU64Reply('CONFIG_CHANGE_MSG ack', frame.payload);
           if (status !== 0n) this.log.warn('front-end refused a config change', { status });
         },
@@ -64,6 +67,24 @@ export class BackendChannel {
 
   get fd(): number {
     return this.conn.fd;
+  }
+
+  /** Calls `listener` once, at the next ack the front-end sends. */
+  onNextAck(listener: () => void): void {
+    this.ackListeners.push(listener);
+  }
+
+  /**
+   * Reads and drops whatever the front-end already sent on this channel (acks for a previous
+   * process's messages), now, so that an ack seen later was sent after this moment.
+   * Bounded: the socket's receive queue is finite and each read takes at least one byte.
+   */
+  discardQueued(): void {
+    for (;;) {
+      const msg = native.recvmsg(this.conn.fd, 64 * 1024);
+      if (msg === null || msg.data.length === 0) return;
+      for (const fd of msg.fds) closeQuietly(fd);
+    }
   }
 
   /** Acks asked for and not yet received. */

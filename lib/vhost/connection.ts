@@ -244,12 +244,12 @@ export class Connection {
   }
 
   /**
-   * A restarted daemon's first look at the socket: if the message at its head is the one the
-   * previous process handled last (`digest`), takes it off and returns true.
+   * A restarted daemon's first look at the socket: nothing queued ('empty'), or the digest of
+   * the first whole message (frameDigest), or 'partial'. Nothing is taken off the socket.
    */
-  takeHandledHead(digest: string): boolean {
+  peekHead(): string {
     const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES, true);
-    if (msg === null) return false;
+    if (msg === null) return 'empty';
     let frames: Frame[] = [];
     const peek = new MessageReader(this.expectReplies);
     try {
@@ -259,11 +259,7 @@ export class Connection {
       if (err instanceof FramingError) for (const fd of err.orphanFds) closeQuietly(fd);
     }
     for (const fd of [...peek.takeFds(), ...frames.flatMap((f) => f.fds)]) closeQuietly(fd);
-    const head = frames[0];
-    if (head === undefined || frameDigest(head) !== digest) return false;
-    this.uncommitted = HEADER_BYTES + head.header.size;
-    this.commit();
-    return true;
+    return frames[0] === undefined ? 'partial' : frameDigest(frames[0]);
   }
 
   /**

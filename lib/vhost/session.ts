@@ -139,6 +139,9 @@ function brief(msg: FrontendMessage): Record<string, unknown> {
   return {};
 }
 
+/** How long a resumed session waits for a sign of life before resending a possibly lost reply. */
+export const LOST_REPLY_PROBE_MS = 3000;
+
 /** Serves one front-end connection for `device`. */
 export class Session implements DeviceHost {
   readonly memory = new GuestMemory();
@@ -250,6 +253,9 @@ export class Session implements DeviceHost {
           (code, detail) => options.events.onError(code, detail),
           image.channelPendingAcks,
         );
+        // Acks already queued were sent before this moment: an ack seen from now on proves the
+        // front-end's main loop runs (checkLostReply).
+        session.channel.discardQueued();
       }
       const fds = image.regions.map((r) => r.fd);
       const big = (n: number): bigint => BigInt(n);
@@ -282,14 +288,8 @@ export class Session implements DeviceHost {
       session.close(err instanceof Error ? err : new Error(String(err)));
       throw err;
     }
-    // Killed between recording a message and taking it off the socket: it is still there and
-    // its effect is already in the image; only its reply was never sent.
-    const last = image.lastHandled;
-    session.lastHandled = last;
-    if (last !== null && session.conn.takeHandledHead(last.digest)) {
-      session.log.info('the previous process handled the first queued message but did not reply: replying');
-      if (last.reply !== null) session.conn.send(Buffer.from(last.reply, 'base64'));
-    }
+    session.lastHandled = image.lastHandled;
+    session.checkLostReply(image.lastHandled);
     session.rings.signalAll();
     session.configChangePending = true;
     session.flushConfigChange();
@@ -308,6 +308,39 @@ export class Session implements DeviceHost {
   /** Closes the connection (as on a broken message). */
   close(error?: Error): void {
     this.conn.close(error);
+  }
+
+  /**
+   * The one crash window a restart cannot see through (docs/operations.md): the previous process
+   * took the last message off the socket and may have been killed before its reply went out.
+   * If the front-end sent anything since, it had the reply. If nothing is queued, QEMU is either
+   * idle or blocked waiting for that reply, holding its big lock, so its main loop cannot answer
+   * the config change a resume announces (with REPLY_ACK): no ack within LOST_REPLY_PROBE_MS
+   * means blocked, and the recorded reply is sent. Without the back-end channel and REPLY_ACK
+   * and with the device stopped there is no probe: the reply is assumed delivered (a duplicate
+   * would desynchronise QEMU).
+   */
+  private checkLostReply(last: SessionImage['lastHandled']): void {
+    if (last === null || last.reply === null) return;
+    if (this.conn.peekHead() !== 'empty') return;
+    const channel = this.channel;
+    // The probe is the config change a resume announces; a stopped device announces nothing.
+    if (channel === undefined || channel.isClosed || !this.has(ProtocolFeature.REPLY_ACK) || !this.rings.running) {
+      this.log.debug('cannot tell whether the last reply reached the front-end; assuming it did');
+      return;
+    }
+    let answered = false;
+    channel.onNextAck(() => (answered = true));
+    const timer = setTimeout(() => {
+      if (answered || this.closed) return;
+      this.log.warn('the front-end waits for a reply the previous process did not send: sending it', {
+        waitedMs: LOST_REPLY_PROBE_MS,
+      });
+      this.options.events.onError(ErrorCode.RESTART_STATE, 'reply lost by a killed process, sent again');
+      this.conn.send(Buffer.from(last.reply!, 'base64'));
+    }, LOST_REPLY_PROBE_MS);
+    timer.unref();
+    this.onClose(() => clearTimeout(timer));
   }
 
   // ---- DeviceHost ---------------------------------------------------------------------------
@@ -364,8 +397,9 @@ export class Session implements DeviceHost {
       out = encodeReply(msg.request, { kind: 'u64', value: 0n });
     // Restart survival (docs/operations.md, "crash windows"): record what the message did and
     // the reply it gets, then take the message off the socket, then reply. A process killed
-    // before the commit leaves the message for the next one, which finds it recorded and only
-    // sends the reply; killed after the reply, nothing is left to do.
+    // before the commit leaves the message for the next one, which handles it again (the effect
+    // is idempotent) and replies; killed between the commit and the reply, the next one finds
+    // out whether QEMU waits for it (checkLostReply).
     this.lastHandled = {
       digest: frameDigest(frame),
       reply: out === undefined ? null : Buffer.from(out).toString('base64'),

@@ -15,6 +15,11 @@ import { groupByVm, PageBitmap, StateFile } from '../../lib/daemon/survival';
 import { BalloonGuest } from '../../lib/testing/balloon-guest';
 import { VhostUserBackend } from '../../lib/vhost/server';
 import { SessionImage } from '../../lib/vhost/session';
+import { TestFrontend } from '../../lib/testing/frontend';
+import { encodeReply } from '../../lib/vhost/codec';
+import { FrontendRequest } from '../../lib/vhost/constants';
+import { LOST_REPLY_PROBE_MS } from '../../lib/vhost/session';
+
 import { startBackend, until } from '../helpers';
 
 const PAGES_PER_MIB = 256;
@@ -182,5 +187,89 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
       fx.close();
       bitmap.close();
     }
+  });
+
+  describe('the last crash window: a reply the killed process may not have sent', function () {
+    this.timeout(30_000);
+
+    /**
+     * A front-end that asked for the config, a previous process that took the request off the
+     * socket and recorded its reply, then died (its descriptors held elsewhere). `blocked`: the
+     * front-end waits for that reply holding its big lock (QEMU's vCPU in a config read), so it
+     * answers nothing on the back-end channel meanwhile; otherwise it got the reply and is idle.
+     */
+    async function scenario(
+      blocked: boolean,
+    ): Promise<{ logB: MemoryLogger; reply: unknown; next: bigint | undefined }> {
+      const deviceA = new BalloonDevice();
+      const fx = startBackend(deviceA);
+      const fe = TestFrontend.connect(fx.socketPath, {
+        numQueues: deviceA.numQueues,
+        configSize: 8,
+        ramBytes: 32 * 1024 * 1024,
+        queueSize: 64,
+        layout: 'flat',
+        replyTimeoutMs: 20_000,
+      });
+      const deviceB = new BalloonDevice();
+      const logB = new MemoryLogger();
+      const backendB = new VhostUserBackend(deviceB, { log: logB });
+      try {
+        await fe.realize();
+        await fe.start(fe.backendFeatures & 0x100000007n, [0, 1]);
+        deviceA.setTargetPages(4096);
+        await fe.waitConfigChange(1);
+        const session = fx.backend.current!;
+        const configReply = Buffer.from(
+          encodeReply(FrontendRequest.GET_CONFIG, {
+            kind: 'config',
+            offset: 0,
+            size: 8,
+            flags: 0,
+            data: deviceA.readConfig(0, 8),
+          }),
+        ).toString('base64');
+        let pending: Promise<unknown> = Promise.resolve(undefined);
+        if (blocked) {
+          fe.ackConfigChanges = false;
+          const configRequest = { kind: 'config' as const, offset: 0, size: 8, flags: 0, data: new Uint8Array(8) };
+          pending = fe.request(FrontendRequest.GET_CONFIG, configRequest);
+          // The previous process took the request off the socket... and was killed.
+          const taken = native.recvmsg(session.image().connFd, 64 * 1024);
+          expect(taken?.data.length).to.equal(12 + 20);
+        }
+        const image = held(session.image());
+        image.lastHandled = { digest: 'the GET_CONFIG', reply: configReply };
+        const deviceImage = deviceA.image();
+        session.close();
+        deviceB.restore(deviceImage, []);
+        backendB.resume(image);
+        const reply = await pending;
+        fe.ackConfigChanges = true;
+        await new Promise((r) => setTimeout(r, LOST_REPLY_PROBE_MS + 500));
+        // The stream is still in step: the next request gets its own reply.
+        const next = await fe.requestU64(FrontendRequest.GET_FEATURES);
+        return { logB, reply, next };
+      } finally {
+        fe.close();
+        backendB.close();
+        fx.close();
+      }
+    }
+
+    it('a front-end blocked on it gets it once the probe shows its main loop stuck', async () => {
+      const { logB, reply, next } = await scenario(true);
+      expect(reply, 'the GET_CONFIG reply arrived').to.not.equal(undefined);
+      expect(next).to.equal(new BalloonDevice().features() | (1n << 30n));
+      expect(
+        logB.records.some((r) => r.message.includes('waits for a reply the previous process did not send')),
+      ).to.equal(true);
+    });
+
+    it('an idle front-end that had it gets no second one (the probe is answered)', async () => {
+      const { logB, next } = await scenario(false);
+      expect(next).to.equal(new BalloonDevice().features() | (1n << 30n));
+      expect(logB.records.some((r) => r.message.includes('waits for a reply'))).to.equal(false);
+    });
   });
 });
