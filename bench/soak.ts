@@ -51,6 +51,8 @@ async function main(): Promise<void> {
       `stored ${report.storedFds.afterFirstRestart} -> ${report.storedFds.atEnd}; ` +
       `stats age ${report.statsAgeSeconds} s`,
   );
+  console.error(`lost replies sent again after a probe: ${report.lostRepliesResent}`);
+  console.error(`daemon warnings and errors: ${JSON.stringify(report.problems)}`);
   const ok =
     report.pagesLost === 0 &&
     report.stillConnected &&

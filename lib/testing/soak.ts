@@ -53,6 +53,10 @@ export interface SoakReport {
   daemonFds: { afterFirstRestart: number; atEnd: number };
   storedFds: { afterFirstRestart: number; atEnd: number };
   stillConnected: boolean;
+  /** Replies the new process sent again because QEMU proved blocked waiting (docs/operations.md). */
+  lostRepliesResent: number;
+  /** Warning and error lines in the daemon's log, by message. */
+  problems: Record<string, number>;
   seconds: number;
 }
 
@@ -184,12 +188,19 @@ export async function runSoak(o: SoakOptions): Promise<SoakReport> {
       daemonFds: { afterFirstRestart: firstFds?.daemon ?? -1, atEnd: fdCount(await service.pid()) },
       storedFds: { afterFirstRestart: firstFds?.stored ?? -1, atEnd: await service.storedDescriptors() },
       stillConnected: end.connected,
+      lostRepliesResent: 0,
+      problems: {},
       seconds: Math.round((Date.now() - started) / 1000),
     };
     log(
       `resident: before the last deflate ${(resident0 / MiB) | 0} MiB, empty ${(residentEmpty / MiB) | 0} MiB, ` +
         `touched ${(residentFull / MiB) | 0} MiB, final ${((end.hostResidentBytes ?? 0) / MiB) | 0} MiB`,
     );
+    for (const line of service.logs()) {
+      if (line.level !== 'warn' && line.level !== 'error') continue;
+      report.problems[line.msg] = (report.problems[line.msg] ?? 0) + 1;
+      if (line.msg.includes('waits for a reply the previous process did not send')) report.lostRepliesResent++;
+    }
     return report;
   } finally {
     await guest.shutdown().catch(() => undefined);
