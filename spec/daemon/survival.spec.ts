@@ -11,7 +11,8 @@ import { BalloonDevice } from '../../lib/device/balloon';
 import { PageRun } from '../../lib/device/page-tracker';
 import { MemoryLogger } from '../../lib/log';
 import { native } from '../../lib/native';
-import { groupByVm, PageBitmap, StateFile } from '../../lib/daemon/survival';
+import { FdHolder, groupByVm, NamedFd, PageBitmap, StateFile, VmSurvival } from '../../lib/daemon/survival';
+import { GuestRam } from '../../lib/testing/guest-ram';
 import { BalloonGuest } from '../../lib/testing/balloon-guest';
 import { VhostUserBackend } from '../../lib/vhost/server';
 import { SessionImage } from '../../lib/vhost/session';
@@ -271,5 +272,72 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
       expect(next).to.equal(new BalloonDevice().features() | (1n << 30n));
       expect(logB.records.some((r) => r.message.includes('waits for a reply'))).to.equal(false);
     });
+  });
+
+  it("QEMU's one memfd for several regions, kept once by a store that dedupes like systemd, serves them all", async () => {
+    /** Keeps an open file once, under its first name (what systemd 252 does). */
+    class DedupingStore implements FdHolder {
+      readonly enabled = true;
+      readonly kept: NamedFd[] = [];
+      store(name: string, fds: readonly number[]): void {
+        for (const fd of fds)
+          if (!this.kept.some((k) => native.sameFile(k.fd, fd))) this.kept.push({ name, fd: native.dup(fd) });
+      }
+      remove(name: string): void {
+        for (const k of this.kept.filter((x) => x.name === name)) native.close(k.fd);
+        this.kept.splice(0, this.kept.length, ...this.kept.filter((x) => x.name !== name));
+      }
+    }
+    const holder = new DedupingStore();
+    const policy = () => ({ mode: 'manual' as const, operatorPages: 0 });
+    const keeperA = new VmSurvival('vm0', holder, new MemoryLogger());
+    const deviceA = new BalloonDevice({ journal: keeperA.bitmap });
+    let crashed = false;
+    const fx = startBackend(deviceA, { onHandled: () => crashed || keeperA.save() });
+    keeperA.follow(deviceA, fx.backend, policy);
+    // q35 above 3 GiB: low and high memory are two regions of one memfd.
+    const ram = new GuestRam({ sizeBytes: 4 * 1024 * 1024 * 1024, layout: 'q35' });
+    const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'seed', numQueues: deviceA.numQueues, ram });
+    const backendB = new VhostUserBackend(new BalloonDevice(), { log: new MemoryLogger() });
+    let keeperB: VmSurvival | undefined;
+    try {
+      const regionsA = fx.backend.current!.image().regions;
+      expect(regionsA.length, 'regions').to.be.at.least(2);
+      expect(native.sameFile(regionsA[0].fd, regionsA[1].fd), 'one open file').to.equal(true);
+      deviceA.setTargetPages(8 * PAGES_PER_MIB);
+      await guest.reach(8 * PAGES_PER_MIB);
+      // SIGKILL: nothing more is saved; the store passes its descriptors to the next process.
+      crashed = true;
+      deviceA.removeAllListeners();
+      const inherited = holder.kept.map((k) => ({ name: k.name, fd: native.dup(k.fd) }));
+      expect(
+        inherited.filter((k) => k.name.includes('.mem')),
+        'the memfd is stored once',
+      ).to.have.length(1);
+      fx.backend.current!.close();
+      const { byVm } = groupByVm(inherited, ['vm0']);
+      keeperB = new VmSurvival('vm0', holder, new MemoryLogger(), byVm.get('vm0'));
+      const deviceB = backendB.device as BalloonDevice;
+      deviceB.restore(keeperB.previous!.doc.device, keeperB.bitmap.runs());
+      backendB.resume(keeperB.takeSession()!);
+      keeperB.dropUnused();
+      keeperB.follow(deviceB, backendB, policy);
+      expect(backendB.current!.memory.regionList.length).to.equal(regionsA.length);
+      deviceB.setTargetPages(2 * PAGES_PER_MIB);
+      await guest.reach(2 * PAGES_PER_MIB);
+      deviceB.setTargetPages(16 * PAGES_PER_MIB);
+      await guest.reach(16 * PAGES_PER_MIB);
+      guest.check();
+      expect(deviceB.snapshot().balloonedPages).to.equal(guest.balloonPages);
+      // The store still holds the memfd once, under the name both regions share.
+      expect(holder.kept.filter((k) => k.name.includes('.mem'))).to.have.length(1);
+    } finally {
+      await guest.close();
+      backendB.close();
+      fx.close();
+      keeperA.forget();
+      keeperB?.forget();
+      for (const k of holder.kept) native.close(k.fd);
+    }
   });
 });
