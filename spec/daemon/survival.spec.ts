@@ -337,6 +337,7 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
       fx.close();
       keeperA.forget();
       keeperB?.forget();
+      ram.close();
       for (const k of holder.kept) native.close(k.fd);
     }
   });
