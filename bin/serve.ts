@@ -74,7 +74,7 @@ export async function serve(argv: Record<string, unknown>): Promise<void> {
   const shutdown = (signal: string): void => {
     if (stopping) return;
     stopping = true;
-    if (signal === 'SIGTERM' && holder.enabled && state.started) {
+    if (signal === 'SIGTERM' && holder.enabled) {
       // A restart (or a stop) under a service manager that keeps our descriptors: leave every
       // VM connected; the next process takes them over. On a stop the manager closes them.
       log.info('restarting: leaving every VM to the next process', { signal });
@@ -127,6 +127,11 @@ export async function serve(argv: Record<string, unknown>): Promise<void> {
     await daemon.start();
   } catch (err) {
     notifier.notify({ STATUS: `failed to start: ${errorMessage(err)}`, ERRNO: 1 });
+    if (holder.enabled) {
+      // The VMs stay with the service manager: the next start (a fixed configuration) takes them.
+      daemon.suspend();
+      die(EXIT.CONFIG, errorMessage(err));
+    }
     try {
       await daemon.stop();
     } catch (stopErr) {
