@@ -9,6 +9,7 @@
         "lib/native/watch.c",
         "lib/native/fd-io.c",
         "lib/native/memory.c",
+        "lib/native/punch.c",
         "lib/native/unaccounted.cc"
       ],
       "cflags": ["-Wall", "-Wextra", "-Werror", "-O2"],

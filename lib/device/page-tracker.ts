@@ -131,6 +131,13 @@ export class PageTracker {
     return true;
   }
 
+  /** True if any page of [start, start + count) is in the balloon. */
+  anyIn(start: number, count: number): boolean {
+    // Bounded by count (a reported range, at most the guest's RAM).
+    for (let p = start; p < start + count; p++) if (this.has(p)) return true;
+    return false;
+  }
+
   /** Every ballooned run, in address order. */
   *runs(): Generator<PageRun> {
     let open: PageRun | undefined;

@@ -7,6 +7,7 @@
  *   watch.c      fd readiness on the Node event loop (uv_poll), eventfd-aware watches
  *   fd-io.c      reads and writes that never block on a front-end descriptor; eventfd
  *   memory.c     guest memory: mappings, the SIGBUS plan, seals, hole punching, memfd, fstat
+ *   punch.c      hole punching off the event loop: a worker thread per punch queue
  *   vballoon.c   small descriptor calls and the module's registration
  */
 #ifndef VB_H
@@ -95,6 +96,10 @@ napi_value vb_memfd_create(napi_env env, napi_callback_info info);
 napi_value vb_mmap(napi_env env, napi_callback_info info);
 napi_value vb_munmap(napi_env env, napi_callback_info info);
 napi_value vb_punch_hole(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_create(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_submit(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_wait(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_close(napi_env env, napi_callback_info info);
 
 
 #endif
