@@ -196,7 +196,7 @@ describe('discard scheduler (worker thread)', () => {
     await until(() => r!.scheduler.pendingPages === 0, 'completion');
   });
 
-  it('the worker punches its own copy of the descriptor: closing the region meanwhile is safe', async () => {
+  it('the worker punches its own copy of the descriptor: closing the region meanwhile is safe', () => {
     r = rig();
     const fd2 = native.memfdCreate('vballoon-test-other');
     native.ftruncate(fd2, PAGES * PAGE);
@@ -223,7 +223,7 @@ describe('discard scheduler (worker thread)', () => {
     }
   });
 
-  it('reports a failed punch as a counted error, and goes on', async () => {
+  it('reports a failed punch as a counted error, and goes on', () => {
     r = rig();
     const log = new MemoryLogger();
     r.scheduler.setLogger(log);
