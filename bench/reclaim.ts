@@ -84,17 +84,13 @@ export function punchReference(
     return { seconds, releasedBytes: before - native.fstat(fd).allocatedBytes, calls: runs.length };
   } finally {
     if (toucher !== undefined) {
-      new DataView(map).setUint32(TOUCHER_STOP_OFFSET, 1, true);
-      toucher.wait();
+      toucher.stop();
       pinSelf(`0-${os.cpus().length - 1}`);
     }
     native.munmap(map);
     fs.closeSync(fd);
   }
 }
-
-/** Where the toucher looks for its stop flag: inside the reserved first page, never punched. */
-const TOUCHER_STOP_OFFSET = 64;
 
 /** Pins every thread of this process to `cpus` (taskset list syntax). */
 function pinSelf(cpus: string): void {
@@ -103,11 +99,11 @@ function pinSelf(cpus: string): void {
 
 /**
  * The fair floor's third process: on CPU 1, maps the memfd (MAP_SHARED), reads every page so it
- * maps them all, then spins reading its first page until the stop flag is set, so its address
- * space stays live on the other CPU while we punch (as a running vCPU's does). Returns once it
- * is ready.
+ * maps them all, then spins reading its first page (never punched) until stopped, so its address
+ * space stays live on the other CPU while holes are punched (as a running vCPU's does). Returns
+ * once it is ready.
  */
-function startToucher(file: string, ramBytes: number): { wait(): void } {
+function startToucher(file: string, ramBytes: number): { stop(): void } {
   const ready = path.join(os.tmpdir(), `vballoon-toucher-${process.pid}-${Date.now()}`);
   const child = spawn('taskset', ['-c', '1', process.execPath, __filename, 'toucher', file, String(ramBytes), ready], {
     stdio: 'inherit',
@@ -119,27 +115,7 @@ function startToucher(file: string, ramBytes: number): { wait(): void } {
     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
   }
   fs.rmSync(ready, { force: true });
-  return {
-    wait(): void {
-      // Bounded: it sees the flag within microseconds; the kill is a safety net.
-      const until = Date.now() + 10_000;
-      while (child.exitCode === null && child.signalCode === null && Date.now() < until) {
-        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
-        if (!isAlive(child.pid!)) break;
-      }
-      child.kill('SIGKILL');
-    },
-  };
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return !/\) Z /.test(stat);
-  } catch {
-    return false;
-  }
+  return { stop: () => void child.kill('SIGKILL') };
 }
 
 /** The toucher process (see startToucher). */
@@ -149,11 +125,13 @@ function runToucher(file: string, ramBytes: number, readyPath: string): void {
   const bytes = new Uint8Array(map);
   let sum = 0;
   for (let i = 0; i < bytes.length; i += 4096) sum += bytes[i];
-  const flag = new DataView(map);
   fs.writeFileSync(readyPath, String(sum));
-  // Bounded by the parent's flag (and killed by it after 10 s at most).
-  while (flag.getUint32(TOUCHER_STOP_OFFSET, true) === 0) sum += bytes[sum & 4095];
-  process.exit(0);
+  // Bounded: the parent kills it when done; a lost parent leaves it two minutes at most.
+  const deadline = Date.now() + 120_000;
+  for (let i = 0; ; i++) {
+    sum += bytes[i & 4095];
+    if ((i & 0xfffff) === 0 && Date.now() > deadline) process.exit(1);
+  }
 }
 
 /** Child side of a reference: guest memory written through this process's mapping. */
@@ -177,6 +155,7 @@ function releaseReference(): void {
 async function childInflate(
   socketPath: string,
   pattern: Pattern,
+  vcpu: boolean,
 ): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
   const ramBytes = ramFor(pattern);
   const fe = TestFrontend.connect(socketPath, {
@@ -192,6 +171,12 @@ async function childInflate(
     for (let gpa = 0; gpa < ramBytes; gpa += 4096) fe.ram.memory.writeU8(gpa, 1); // written guest memory
     const pfns = pfnsFor(pattern, ramBytes);
     const buf = fe.ram.alloc(1024);
+    if (vcpu) {
+      // The parent starts a process that keeps this memory mapped and running on CPU 1.
+      const go = new Promise((resolve) => process.once('message', resolve));
+      process.send!({ touch: `/proc/${process.pid}/fd/${fe.ram.fd}`, ramBytes });
+      await go;
+    }
     const before = fe.ram.residentBytes();
     const t0 = process.hrtime.bigint();
     let buffers = 0;
@@ -220,7 +205,8 @@ async function childInflate(
   }
 }
 
-type ChildRequest = { socketPath: string; pattern: Pattern } | 'exit' | { prepare: number } | 'ref-release';
+type ChildRequest =
+  { socketPath: string; pattern: Pattern; vcpu: boolean } | 'exit' | 'go' | { prepare: number } | 'ref-release';
 
 function runChild(): void {
   process.on('message', (req: ChildRequest) => {
@@ -228,7 +214,8 @@ function runChild(): void {
     if (typeof req === 'object' && 'prepare' in req)
       return void process.send!({ ok: true, file: prepareReference(req.prepare) });
     if (req === 'ref-release') return void process.send!({ ok: true, released: (releaseReference(), true) });
-    childInflate(req.socketPath, req.pattern).then(
+    if (req === 'go') return;
+    childInflate(req.socketPath, req.pattern, req.vcpu).then(
       (r) => process.send!({ ok: true, r }),
       (err: unknown) =>
         process.send!({ ok: false, message: err instanceof Error ? (err.stack ?? err.message) : String(err) }),
@@ -258,18 +245,37 @@ async function reference(
   }
 }
 
-function ask(
-  child: ChildProcess,
-  socketPath: string,
-  pattern: Pattern,
-): Promise<{ seconds: number; releasedBytes: number; buffers: number }> {
+type InflateResult = { seconds: number; releasedBytes: number; buffers: number };
+
+/** Runs one measured inflate in the child; with `vcpu`, a toucher runs on CPU 1 meanwhile. */
+function ask(child: ChildProcess, socketPath: string, pattern: Pattern, vcpu: boolean): Promise<InflateResult> {
   return new Promise((resolve, reject) => {
-    child.once(
-      'message',
-      (m: { ok: boolean; r?: { seconds: number; releasedBytes: number; buffers: number }; message?: string }) =>
-        m.ok ? resolve(m.r!) : reject(new Error(m.message)),
-    );
-    child.send({ socketPath, pattern });
+    let toucher: { stop(): void } | undefined;
+    const onMessage = (m: {
+      ok?: boolean;
+      r?: InflateResult;
+      message?: string;
+      touch?: string;
+      ramBytes?: number;
+    }): void => {
+      if (m.touch !== undefined) {
+        try {
+          toucher = startToucher(m.touch, m.ramBytes!);
+        } catch (err) {
+          child.off('message', onMessage);
+          reject(err instanceof Error ? err : new Error(String(err)));
+          return;
+        }
+        child.send('go');
+        return;
+      }
+      child.off('message', onMessage);
+      toucher?.stop();
+      if (m.ok === true) resolve(m.r!);
+      else reject(new Error(m.message));
+    };
+    child.on('message', onMessage);
+    child.send({ socketPath, pattern, vcpu });
   });
 }
 
@@ -277,18 +283,21 @@ export interface ReclaimResult {
   pattern: Pattern;
   releasedMiB: number;
   vballoonGiBps: number;
+  /** The same inflate while a process keeps the guest memory mapped and running on CPU 1. */
+  vballoonVcpuGiBps: number;
   floorGiBps: number;
   fairFloorGiBps: number;
   perPageGiBps: number;
   /** Median floor time over median vballoon time, both ways (> 1: slower than the floor). */
   ratioToFloor: number;
+  /** The vCPU-running inflate against the fair floor (the same condition). */
   ratioToFairFloor: number;
   speedupOverPerPage: number;
   punchCalls: { vballoon: number; floor: number; perPage: number };
   /** vballoon's punch calls over the floor's (the random-half goal: within 5 %). */
   callsRatio: number;
   /** (max - min) / median of each series, in percent. */
-  spreadPercent: { vballoon: number; floor: number; fairFloor: number };
+  spreadPercent: { vballoon: number; vballoonVcpu: number; floor: number; fairFloor: number };
   rounds: number;
 }
 
@@ -302,6 +311,7 @@ export async function benchReclaim(
   try {
     for (const pattern of patterns) {
       const v: number[] = [];
+      const vv: number[] = [];
       const f: number[] = [];
       const ff: number[] = [];
       const pp: number[] = [];
@@ -310,15 +320,22 @@ export async function benchReclaim(
       for (let r = 0; r < rounds; r++) {
         // A fresh device per round: every page is new to the balloon. Measured path and
         // references alternate within the round, so drift on this shared machine hits all alike.
-        const device = new BalloonDevice({ statsQueue: false, pageReporting: false, messageQueue: false });
-        const socketPath = path.join(dir, `vm-${pattern}-${r}.sock`);
-        const backend = new VhostUserBackend(device, { log: new NullLogger() });
-        backend.listen(socketPath);
-        try {
-          const m = await ask(child, socketPath, pattern);
-          const gibps = (bytes: number, s: number): number => bytes / 2 ** 30 / s;
-          v.push(gibps(m.releasedBytes, m.seconds));
-          released = m.releasedBytes;
+        const gibps = (bytes: number, s: number): number => bytes / 2 ** 30 / s;
+        for (const vcpu of [true, false]) {
+          const device = new BalloonDevice({ statsQueue: false, pageReporting: false, messageQueue: false });
+          const socketPath = path.join(dir, `vm-${pattern}-${r}-${vcpu}.sock`);
+          const backend = new VhostUserBackend(device, { log: new NullLogger() });
+          backend.listen(socketPath);
+          try {
+            const m = await ask(child, socketPath, pattern, vcpu);
+            (vcpu ? vv : v).push(gibps(m.releasedBytes, m.seconds));
+            released = m.releasedBytes;
+            if (!vcpu) calls = { ...calls, vballoon: device.snapshot().discardCalls };
+          } finally {
+            backend.close();
+          }
+        }
+        {
           const fl = await reference(child, pattern, 'floor');
           const fa = await reference(child, pattern, 'fair');
           f.push(gibps(fl.releasedBytes, fl.seconds));
@@ -329,9 +346,7 @@ export async function benchReclaim(
             pp.push(gibps(pg.releasedBytes, pg.seconds));
             calls.perPage = pg.calls;
           }
-          calls = { ...calls, vballoon: device.snapshot().discardCalls, floor: fl.calls };
-        } finally {
-          backend.close();
+          calls = { ...calls, floor: fl.calls };
         }
       }
       const round2 = (x: number): number => Math.round(x * 100) / 100;
@@ -339,16 +354,18 @@ export async function benchReclaim(
         pattern,
         releasedMiB: Math.round(released / MiB),
         vballoonGiBps: round2(median(v)),
+        vballoonVcpuGiBps: round2(median(vv)),
         floorGiBps: round2(median(f)),
         fairFloorGiBps: round2(median(ff)),
         perPageGiBps: round2(median(pp)),
         ratioToFloor: round2(median(f) / median(v)),
-        ratioToFairFloor: round2(median(ff) / median(v)),
+        ratioToFairFloor: round2(median(ff) / median(vv)),
         speedupOverPerPage: round2(median(v) / median(pp)),
         punchCalls: calls,
         callsRatio: Math.round((calls.vballoon / calls.floor) * 1000) / 1000,
         spreadPercent: {
           vballoon: Math.round(spreadPercent(v)),
+          vballoonVcpu: Math.round(spreadPercent(vv)),
           floor: Math.round(spreadPercent(f)),
           fairFloor: Math.round(spreadPercent(ff)),
         },

@@ -48,27 +48,27 @@ async function main(): Promise<void> {
     results['reclaim'] = rs;
     const met = (ok: boolean): string => (ok ? 'met' : 'MISSED');
     for (const r of rs) {
-      const spread = `spread ${r.spreadPercent.vballoon}% / ${r.spreadPercent.floor}% / ${r.spreadPercent.fairFloor}%`;
+      const sp = r.spreadPercent;
       if (r.pattern === 'contiguous') {
         rows.push([
           `reclaim contiguous 1 GiB (GiB/s released)`,
           String(r.vballoonGiBps),
-          `${r.floorGiBps} floor (${r.punchCalls.floor} punch), ${spread}`,
+          `${r.floorGiBps} floor (${r.punchCalls.floor} punch); spread ${sp.vballoon}/${sp.floor} %`,
           r2(r.ratioToFloor),
           `<= 1.25 x floor: ${met(r.ratioToFloor <= 1.25)}`,
         ]);
       } else {
         rows.push([
-          `reclaim ${r.pattern} (GiB/s released)`,
-          String(r.vballoonGiBps),
-          `${r.fairFloorGiBps} fair floor, ${spread}`,
+          `reclaim ${r.pattern}, vCPU running (GiB/s)`,
+          String(r.vballoonVcpuGiBps),
+          `${r.fairFloorGiBps} fair floor; spread ${sp.vballoonVcpu}/${sp.fairFloor} %`,
           r2(r.ratioToFairFloor),
           `<= 1.25 x fair floor: ${met(r.ratioToFairFloor <= 1.25)}`,
         ]);
         rows.push([
-          `reclaim ${r.pattern} vs idle-mapping floor`,
+          `reclaim ${r.pattern}, mapping idle (GiB/s)`,
           String(r.vballoonGiBps),
-          `${r.floorGiBps} floor (${r.punchCalls.floor} punches)`,
+          `${r.floorGiBps} floor (${r.punchCalls.floor} punches); spread ${sp.vballoon}/${sp.floor} %`,
           r2(r.ratioToFloor),
           '',
         ]);

@@ -43,6 +43,20 @@ import { DiscardRange, planDiscards, ReclaimRegion } from './reclaim';
  */
 export const DISCARD_BATCH_BYTES = 128 * 1024 * 1024;
 export const DISCARD_BATCH_DELAY_MS = 2;
+/**
+ * Holding back small runs that may still grow. A scattered inflate (random pages) makes runs
+ * whose neighbours arrive later, in another batch: punched apart, they cost a punch each (a
+ * hole and a cross-CPU TLB flush), merged they cost one. When at least DISCARD_HOLD_JOIN_RATE of
+ * the small runs (shorter than DISCARD_HOLD_MAX_PAGES) ballooned since the inflate started
+ * touched an already ballooned page (merges that came too late), small runs with a neighbour not
+ * yet ballooned wait, while the inflate goes on (a buffer in the last DISCARD_QUIET_MS) and for
+ * at most DISCARD_HOLD_MAX_MS; batches then go every DISCARD_QUIET_MS. Runs that never merge
+ * (every other page) or are long (a contiguous inflate) are never held: nothing to gain.
+ */
+export const DISCARD_HOLD_JOIN_RATE = 0.01;
+export const DISCARD_HOLD_MAX_PAGES = 64;
+export const DISCARD_HOLD_MAX_MS = 500;
+export const DISCARD_QUIET_MS = 20;
 /** Failed punches logged before the scheduler goes quiet about them (still counted). */
 const MAX_ERROR_LOGS = 10;
 
@@ -83,7 +97,11 @@ interface InFlight {
 
 /** Batches and hands to a worker thread the host-side discards of one balloon device. */
 export class DiscardScheduler {
+  /** Runs enqueued since the last submission (unsorted), and their pages. */
   private pendingRuns: PageRun[] = [];
+  private newPages = 0;
+  /** Small runs held back at the last submission (sorted, disjoint). */
+  private heldRuns: PageRun[] = [];
   private pending = 0;
   /** PFNs deflated while runs were pending: left out at submission if no longer ballooned. */
   private deflated: number[] = [];
@@ -92,6 +110,12 @@ export class DiscardScheduler {
   /** Kept here: the addon holds it only weakly while the queue is idle. */
   private readonly onDone = (records: Float64Array): void => this.completed(records, false);
   private timer: TimerHandle | undefined;
+  /** Since the inflate started (reset when it goes quiet): fresh runs, and those that touched a ballooned page. */
+  private freshRuns = 0;
+  private joinedRuns = 0;
+  private lastEnqueueMs = 0;
+  /** When the oldest page still pending arrived. */
+  private pendingSinceMs: number | undefined;
   private inhibit: boolean;
   private log: Logger;
   private readonly counters: DiscardCounters = {
@@ -132,12 +156,22 @@ export class DiscardScheduler {
   /** Newly ballooned runs (sorted, as PageTracker.add returns them): punched in a later batch. */
   enqueue(runs: readonly PageRun[], pages: number): void {
     if (this.inhibit || runs.length === 0) return;
-    for (const r of runs) this.pendingRuns.push(r);
+    const ballooned = (pfn: number): boolean => pfn >= 0 && this.options.isBallooned(pfn);
+    for (const r of runs) {
+      this.pendingRuns.push(r);
+      if (r.count < DISCARD_HOLD_MAX_PAGES) {
+        this.freshRuns++;
+        if (ballooned(r.start - 1) || ballooned(r.start + r.count)) this.joinedRuns++;
+      }
+    }
     this.pending += pages;
+    this.lastEnqueueMs = this.options.clock.now();
+    this.pendingSinceMs ??= this.lastEnqueueMs;
     // While the worker punches, what arrives forms the next batch (submitted on completion).
     if (this.inFlight.length > 0) return;
-    if (this.pending * BALLOON_PAGE_BYTES >= DISCARD_BATCH_BYTES) this.submit();
-    else this.timer ??= this.options.clock.setTimer(DISCARD_BATCH_DELAY_MS, () => this.submit());
+    this.newPages += pages;
+    if (this.newPages * BALLOON_PAGE_BYTES >= DISCARD_BATCH_BYTES) this.submit(false);
+    else this.armTimer(this.holding() ? DISCARD_QUIET_MS : DISCARD_BATCH_DELAY_MS);
   }
 
   /**
@@ -145,7 +179,7 @@ export class DiscardScheduler {
    * be left out of their batch; a batch in flight holding one of them is waited for.
    */
   beforeDeflate(pfns: readonly number[]): void {
-    if (this.pendingRuns.length > 0) for (const p of pfns) this.deflated.push(p);
+    if (this.hasPending()) for (const p of pfns) this.deflated.push(p);
     let waitFor = 0;
     for (const b of this.inFlight) {
       if (b.seq <= waitFor) continue;
@@ -161,7 +195,7 @@ export class DiscardScheduler {
 
   /** Punches every pending hole and waits until the worker has done so. */
   flush(): void {
-    this.submit();
+    this.submit(true);
     const last = this.inFlight[this.inFlight.length - 1];
     if (last !== undefined) this.wait(last.seq);
   }
@@ -171,8 +205,15 @@ export class DiscardScheduler {
     this.timer?.cancel();
     this.timer = undefined;
     this.pendingRuns = [];
+    this.heldRuns = [];
     this.pending = 0;
+    this.newPages = 0;
+    this.pendingSinceMs = undefined;
     this.deflated = [];
+  }
+
+  private hasPending(): boolean {
+    return this.pendingRuns.length > 0 || this.heldRuns.length > 0;
   }
 
   /**
@@ -212,20 +253,64 @@ export class DiscardScheduler {
     }
   }
 
-  /** Hands what is pending to the worker. */
-  private submit(): void {
+  /** Whether small runs that may still grow are held back (see DISCARD_HOLD_JOIN_RATE). */
+  private holding(): boolean {
+    return this.joinedRuns > 0 && this.joinedRuns >= this.freshRuns * DISCARD_HOLD_JOIN_RATE;
+  }
+
+  private armTimer(ms: number): void {
+    this.timer ??= this.options.clock.setTimer(ms, () => {
+      this.timer = undefined;
+      this.submit(false);
+    });
+  }
+
+  /**
+   * Hands what is pending to the worker: everything (`all`, or once the inflate went quiet or
+   * the oldest page waited DISCARD_HOLD_MAX_MS), else all but the small runs that may still grow.
+   */
+  private submit(all: boolean): void {
     this.timer?.cancel();
     this.timer = undefined;
-    if (this.pendingRuns.length === 0) return;
-    let runs = compactRunList(this.pendingRuns);
+    if (!this.hasPending()) return;
+    const now = this.options.clock.now();
+    const since = this.pendingSinceMs ?? now;
+    const quiet = now - this.lastEnqueueMs >= DISCARD_QUIET_MS;
+    const aged = now - since >= DISCARD_HOLD_MAX_MS;
+    const hold = !all && !quiet && !aged && this.holding();
+    if (quiet) {
+      this.freshRuns = 0;
+      this.joinedRuns = 0;
+    }
+    // The held runs are sorted already: only what is new is sorted, then merged in one pass.
+    let runs = mergeRunLists(this.heldRuns, compactRunList(this.pendingRuns));
     this.pendingRuns = [];
+    this.heldRuns = [];
     this.pending = 0;
+    this.newPages = 0;
+    this.pendingSinceMs = undefined;
     if (this.deflated.length > 0) {
       const gone = this.deflated.filter((p) => !this.options.isBallooned(p));
       this.deflated = [];
       if (gone.length > 0) runs = subtractPfns(runs, gone);
     }
     if (this.inhibit) return;
+    if (hold) {
+      const ballooned = (pfn: number): boolean => pfn >= 0 && this.options.isBallooned(pfn);
+      const ready: PageRun[] = [];
+      for (const r of runs) {
+        const open = !ballooned(r.start - 1) || !ballooned(r.start + r.count);
+        if (r.count < DISCARD_HOLD_MAX_PAGES && open) {
+          this.heldRuns.push(r);
+          this.pending += r.count;
+        } else ready.push(r);
+      }
+      if (this.heldRuns.length > 0) {
+        this.pendingSinceMs = since;
+        this.armTimer(DISCARD_QUIET_MS);
+      }
+      runs = ready;
+    }
     this.submitRuns(
       runs,
       runs.reduce((n, r) => n + r.count, 0),
@@ -282,11 +367,12 @@ export class DiscardScheduler {
     }
     if (last === 0) return;
     while (this.inFlight.length > 0 && this.inFlight[0].seq <= last) this.inFlight.shift();
-    if (this.inFlight.length > 0 || this.pendingRuns.length === 0) return;
+    if (this.inFlight.length > 0 || !this.hasPending()) return;
     // The worker is idle and runs arrived meanwhile: they go now, unless we are inside a wait
     // (a deflate has not taken its pages out of the tracker yet): then on a later turn.
-    if (fromWait) this.timer ??= this.options.clock.setTimer(0, () => this.submit());
-    else this.submit();
+    if (fromWait) this.armTimer(0);
+    else if (this.holding()) this.armTimer(DISCARD_QUIET_MS);
+    else this.submit(false);
   }
 
   private failed(calls: number, length: number, error: string): void {
@@ -295,6 +381,23 @@ export class DiscardScheduler {
       this.log.error('cannot give memory back to the host', { calls, length, error });
     }
   }
+}
+
+/** Merges two sorted lists of runs, joining those that touch or overlap: one pass. */
+export function mergeRunLists(a: readonly PageRun[], b: readonly PageRun[]): PageRun[] {
+  if (a.length === 0) return b as PageRun[];
+  const out: PageRun[] = [];
+  let i = 0;
+  let j = 0;
+  // Bounded by the two lists' lengths.
+  while (i < a.length || j < b.length) {
+    const r = j >= b.length || (i < a.length && a[i].start <= b[j].start) ? a[i++] : b[j++];
+    const last = out[out.length - 1];
+    if (last !== undefined && r.start <= last.start + last.count)
+      last.count = Math.max(last.count, r.start + r.count - last.start);
+    else out.push({ start: r.start, count: r.count });
+  }
+  return out;
 }
 
 /** True if `pfn` lies in one of `runs` (sorted, disjoint). */

@@ -7,7 +7,14 @@
  */
 import { expect } from 'chai';
 import { ManualClock } from '../../lib/clock';
-import { DISCARD_BATCH_DELAY_MS, DiscardScheduler, subtractPfns } from '../../lib/device/discard-scheduler';
+import {
+  DISCARD_BATCH_DELAY_MS,
+  DISCARD_HOLD_MAX_MS,
+  DISCARD_QUIET_MS,
+  DiscardScheduler,
+  mergeRunLists,
+  subtractPfns,
+} from '../../lib/device/discard-scheduler';
 import { PageRun, PageTracker } from '../../lib/device/page-tracker';
 import { ReclaimRegion } from '../../lib/device/reclaim';
 import { MemoryLogger } from '../../lib/log';
@@ -135,6 +142,60 @@ describe('discard scheduler (worker thread)', () => {
     r.inflate(range(768, 256));
     await until(() => r!.scheduler.pendingPages === 0, 'both batches');
     expect(r.scheduler.stats).to.include({ batches: 2, calls: 2, reclaimedBytes: 1024 * PAGE });
+  });
+
+  it('holds small runs that may still grow while a scattered inflate goes on, then punches them merged', async () => {
+    r = rig();
+    r.inflate([10]);
+    r.inflate([11]); // joins a ballooned page: a merge that came late, so small runs are held
+    r.clock.advance(DISCARD_BATCH_DELAY_MS);
+    expect(r.scheduler.stats.batches).to.equal(0);
+    r.inflate([12, 500]);
+    r.clock.advance(DISCARD_QUIET_MS - 1);
+    expect(r.scheduler.stats.batches).to.equal(0);
+    expect(r.scheduler.pendingPages).to.equal(4);
+    r.clock.advance(DISCARD_QUIET_MS); // quiet: everything goes
+    await until(() => r!.scheduler.pendingPages === 0, 'completion');
+    expect(r.scheduler.stats).to.include({ batches: 1, calls: 2, reclaimedBytes: 4 * PAGE });
+  });
+
+  it('holds small runs at most DISCARD_HOLD_MAX_MS while the inflate never pauses', async () => {
+    r = rig();
+    r.inflate([10]);
+    r.inflate([11]);
+    // Buffers every few milliseconds, never quiet, each pair joining (so holding goes on).
+    let t = 0;
+    for (; t < 2 * DISCARD_HOLD_MAX_MS && r.scheduler.stats.batches === 0; t += 5) {
+      r.inflate([1000 + 4 * t]);
+      r.inflate([1001 + 4 * t]);
+      r.clock.advance(5);
+    }
+    expect(r.scheduler.stats.batches).to.equal(1);
+    expect(t).to.be.within(DISCARD_HOLD_MAX_MS, DISCARD_HOLD_MAX_MS + DISCARD_QUIET_MS + 5);
+    await until(() => {
+      r!.clock.advance(DISCARD_QUIET_MS);
+      return r!.scheduler.pendingPages === 0;
+    }, 'completion');
+  });
+
+  it('merges sorted run lists', () => {
+    expect(
+      mergeRunLists(
+        [
+          { start: 0, count: 2 },
+          { start: 10, count: 1 },
+        ],
+        [
+          { start: 2, count: 3 },
+          { start: 8, count: 2 },
+          { start: 20, count: 1 },
+        ],
+      ),
+    ).to.deep.equal([
+      { start: 0, count: 5 },
+      { start: 8, count: 3 },
+      { start: 20, count: 1 },
+    ]);
   });
 
   it('flush() submits and waits: the holes exist when it returns', () => {
@@ -275,8 +336,11 @@ describe('discard scheduler (worker thread)', () => {
         }
         if (rand(3) === 0) await new Promise((resolve) => setImmediate(resolve)); // let completions in
       }
-      r.clock.advance(DISCARD_BATCH_DELAY_MS);
-      await until(() => r!.scheduler.pendingPages === 0, 'completion');
+      // Held runs go once the inflate is quiet; completions may arm the timer again.
+      await until(() => {
+        r!.clock.advance(DISCARD_QUIET_MS);
+        return r!.scheduler.pendingPages === 0;
+      }, 'completion');
       for (const [p, value] of reused)
         expect(r.view.getUint32(p * PAGE, true), `page ${p} (round ${round})`).to.equal(value);
       for (const run of r.tracker.runs())
