@@ -2,12 +2,13 @@
  * `npm run bench`: runs every benchmark, prints one table (figure, reference measured in the same
  * run, ratio) and writes machine-readable results to bench/results/latest.json.
  * `--quick` runs fewer rounds; `--only NAME[,NAME]` picks benchmarks (latency, reclaim,
- * pressure, cost, qemu, guest).
+ * pressure, fleet, cost, qemu, guest).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { benchCost } from './cost';
+import { benchFleet } from './fleet';
 import { benchGuestPressure, firstDeflateMedian, firstDeflateText } from './guest-pressure';
 import { benchKickLatency } from './kick-latency';
 import { benchPressureLatency } from './pressure-latency';
@@ -155,6 +156,24 @@ async function main(): Promise<void> {
       'event-loop delay p99, same load without the inflate (us)',
       String(b.eventLoopDelayWithoutInflate.p99),
       `p50 ${b.eventLoopDelayWithoutInflate.p50}, max ${b.eventLoopDelayWithoutInflate.max}`,
+      '',
+      '',
+    ]);
+  }
+  if (want('fleet')) {
+    const f = await benchFleet(quick ? { vms: 16 } : {});
+    results['fleet'] = f;
+    rows.push([
+      `${f.vms} VMs inflate at once: GiB/s released`,
+      String(f.aggregateGiBps),
+      `${f.releasedGiB} GiB in ${f.seconds} s`,
+      '',
+      '',
+    ]);
+    rows.push([
+      `${f.vms} VMs inflating: slowest VM's pressure ack p99 (us)`,
+      String(f.pressure.slowestVmP99),
+      `median VM p99 ${f.pressure.medianVmP99}, p50 ${f.pressure.medianVmP50}; max ${f.pressure.slowestMax} (${f.pressure.messages} messages)`,
       '',
       '',
     ]);

@@ -5,6 +5,12 @@
  * (an eventfd underneath) that calls the queue's JavaScript callback, or by waiting for a batch
  * synchronously (punchQueueWait) where the device must not go on before the holes exist.
  *
+ * One thread per queue (so a queue's order and its waits are its own), but at most
+ * vb_punch_slots() of them punch at the same time, process-wide: with many VMs reclaiming at
+ * once, punching never takes every CPU from the event loop that answers them all. A queue the
+ * event loop is waiting for (punchQueueWait) may punch beyond that bound: the loop's own CPU is
+ * idle meanwhile.
+ *
  * Must not: punch a descriptor number it does not own (every batch carries its own dup() of the
  * caller's fd, closed by the worker when the batch is done, so a region closed and its number
  * reused meanwhile cannot be hit); keep the process alive when idle (the async handle is
@@ -50,7 +56,43 @@ typedef struct vb_punch_queue {
   bool async_closed; /* uv_close finished */
   bool finalized;    /* the JS handle was collected */
   bool hook;         /* the env cleanup hook is registered */
+  atomic_bool urgent; /* the event loop waits for this queue (see vb_punch_slot_take) */
 } vb_punch_queue;
+
+/* ---- the process-wide bound on threads punching at once ---------------------------------- */
+
+static pthread_mutex_t vb_slot_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t vb_slot_free = PTHREAD_COND_INITIALIZER;
+static int vb_slots_used = 0;
+
+/* Threads that may punch at once: one CPU is left to the event loop (at least one slot). */
+static int vb_punch_slots(void) {
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  return cpus > 2 ? (int)(cpus - 1) : 1;
+}
+
+static void vb_punch_slot_take(vb_punch_queue *q) {
+  int slots = vb_punch_slots();
+  pthread_mutex_lock(&vb_slot_lock);
+  /* Waits while every slot is taken, unless the event loop waits for this very queue. */
+  while (vb_slots_used >= slots && !atomic_load(&q->urgent)) pthread_cond_wait(&vb_slot_free, &vb_slot_lock);
+  vb_slots_used++;
+  pthread_mutex_unlock(&vb_slot_lock);
+}
+
+static void vb_punch_slot_give(void) {
+  pthread_mutex_lock(&vb_slot_lock);
+  vb_slots_used--;
+  pthread_cond_broadcast(&vb_slot_free);
+  pthread_mutex_unlock(&vb_slot_lock);
+}
+
+/* Wakes the threads waiting for a slot, so an urgent one can go. */
+static void vb_punch_slot_poke(void) {
+  pthread_mutex_lock(&vb_slot_lock);
+  pthread_cond_broadcast(&vb_slot_free);
+  pthread_mutex_unlock(&vb_slot_lock);
+}
 
 static int64_t vb_now_ns(void) {
   struct timespec ts;
@@ -96,7 +138,9 @@ static void *vb_punch_main(void *arg) {
     if (q->head == NULL) q->tail = NULL;
     b->next = NULL;
     pthread_mutex_unlock(&q->lock);
+    vb_punch_slot_take(q);
     vb_punch_run(b);
+    vb_punch_slot_give();
     pthread_mutex_lock(&q->lock);
     if (q->done_tail) q->done_tail->next = b;
     else q->done_head = b;
@@ -212,6 +256,9 @@ static void vb_punch_close(vb_punch_queue *q, bool from_hook) {
     vb_punch_batch_free(b);
     b = next;
   }
+  /* A batch the worker took may wait for a slot: let it through, the loop waits for it now. */
+  atomic_store(&q->urgent, true);
+  vb_punch_slot_poke();
   if (q->thread_started) pthread_join(q->thread, NULL);
   b = q->done_head;
   while (b != NULL) {
@@ -255,6 +302,7 @@ napi_value vb_punch_queue_create(napi_env env, napi_callback_info info) {
   if (q == NULL) return vb_throw_errno(env, ENOMEM, "punchQueueCreate");
   q->env = env;
   q->next_seq = 1;
+  atomic_init(&q->urgent, false);
   pthread_mutex_init(&q->lock, NULL);
   pthread_cond_init(&q->work, NULL);
   pthread_cond_init(&q->done, NULL);
@@ -373,7 +421,12 @@ napi_value vb_punch_queue_wait(napi_env env, napi_callback_info info) {
   if (q == NULL || !vb_int64(env, argv[1], &seq, "seq")) return NULL;
   if (seq < 0 || (uint64_t)seq >= q->next_seq) return vb_throw_errno(env, EINVAL, "punchQueueWait");
   pthread_mutex_lock(&q->lock);
-  while (q->completed_seq < (uint64_t)seq) pthread_cond_wait(&q->done, &q->lock);
+  if (q->completed_seq < (uint64_t)seq) {
+    atomic_store(&q->urgent, true);
+    vb_punch_slot_poke();
+    while (q->completed_seq < (uint64_t)seq) pthread_cond_wait(&q->done, &q->lock);
+    atomic_store(&q->urgent, false);
+  }
   uint64_t taken = 0;
   napi_value out = vb_punch_take_locked(env, q, &taken);
   pthread_mutex_unlock(&q->lock);
