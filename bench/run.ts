@@ -173,7 +173,8 @@ async function main(): Promise<void> {
     rows.push([
       `${f.vms} VMs inflating: slowest VM's pressure ack p99 (us)`,
       String(f.pressure.slowestVmP99),
-      `median VM p99 ${f.pressure.medianVmP99}, p50 ${f.pressure.medianVmP50}; max ${f.pressure.slowestMax} (${f.pressure.messages} messages)`,
+      `median VM p99 ${f.pressure.medianVmP99}, p50 ${f.pressure.medianVmP50}; ` +
+        `max ${f.pressure.slowestMax} (${f.pressure.messages} messages)`,
       '',
       '',
     ]);
