@@ -11,7 +11,7 @@ import { ChildProcess, fork } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { monitorEventLoopDelay, performance, PerformanceObserver } from 'node:perf_hooks';
 import { BalloonDevice } from '../lib/device/balloon';
 import { NullLogger } from '../lib/log';
 import { native } from '../lib/native';
@@ -162,6 +162,12 @@ export interface PressureLatencyResult {
     eventLoopDelay: { p50: number; p99: number; max: number };
     /** The same over a second with only A's messages (the machine's own noise). */
     eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
+    /** Share of the inflate the event loop spent running (not waiting for events). */
+    eventLoopUtilization: number;
+    /** Involuntary context switches of the event loop's thread per second of the inflate. */
+    preemptionsPerSecond: number;
+    /** Garbage collection pauses of this process during the inflate. */
+    gc: { pauses: number; totalMs: number; maxMs: number; over1ms: number };
   };
 }
 
@@ -266,6 +272,12 @@ export async function benchPressureLatency(
   }
 }
 
+/** Involuntary context switches of this process's main thread (the event loop) so far. */
+function preemptions(): number {
+  const status = fs.readFileSync('/proc/self/status', 'utf8');
+  return Number(/^nonvoluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0);
+}
+
 /** Microseconds by which a 1 ms timer tick (ns) came late. */
 function beyondTick(ns: number): number {
   return Math.max(0, Math.round((ns - 1e6) / 1000));
@@ -288,6 +300,9 @@ async function measureBigInflate(
   pressure: { p50: number; p99: number; p999: number; n: number };
   eventLoopDelay: { p50: number; p99: number; max: number };
   eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
+  eventLoopUtilization: number;
+  preemptionsPerSecond: number;
+  gc: { pauses: number; totalMs: number; maxMs: number; over1ms: number };
 }> {
   await ask(bigChild, { kind: 'big-guest', socketPath: sockC });
   const pages = BIG_INFLATE_BYTES / 4096;
@@ -301,6 +316,13 @@ async function measureBigInflate(
   baseline.disable();
   const reclaimedBefore = c.snapshot().reclaimedBytes;
   const delay = monitorEventLoopDelay({ resolution: 1 });
+  const elu0 = performance.eventLoopUtilization();
+  const gcPauses: number[] = [];
+  const gc = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) gcPauses.push(e.duration);
+  });
+  gc.observe({ entryTypes: ['gc'] });
+  const preempted0 = preemptions();
   const t0 = process.hrtime.bigint();
   delay.enable();
   c.setTargetPages(pages, 'bench');
@@ -314,6 +336,9 @@ async function measureBigInflate(
   }
   const t1 = process.hrtime.bigint();
   delay.disable();
+  const elu = performance.eventLoopUtilization(elu0).utilization;
+  gc.disconnect();
+  const preempted = preemptions() - preempted0;
   child.send({ kind: 'stop' } satisfies Req);
   const stamped = await sampling;
   const inside: number[] = [];
@@ -335,6 +360,14 @@ async function measureBigInflate(
       p50: beyondTick(baseline.percentile(50)),
       p99: beyondTick(baseline.percentile(99)),
       max: beyondTick(baseline.max),
+    },
+    eventLoopUtilization: Math.round(elu * 1000) / 1000,
+    preemptionsPerSecond: Math.round(preempted / (Number(t1 - t0) / 1e9)),
+    gc: {
+      pauses: gcPauses.length,
+      totalMs: Math.round(gcPauses.reduce((a, b) => a + b, 0) * 10) / 10,
+      maxMs: Math.round(Math.max(0, ...gcPauses) * 100) / 100,
+      over1ms: gcPauses.filter((d) => d > 1).length,
     },
   };
 }

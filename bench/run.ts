@@ -148,7 +148,9 @@ async function main(): Promise<void> {
     rows.push([
       'event-loop delay p99 during the 4 GiB inflate (us)',
       String(b.eventLoopDelay.p99),
-      `1000 (p50 ${b.eventLoopDelay.p50}, max ${b.eventLoopDelay.max})`,
+      `1000 (p50 ${b.eventLoopDelay.p50}, max ${b.eventLoopDelay.max}; loop busy ` +
+        `${Math.round(b.eventLoopUtilization * 100)} %, preempted ${b.preemptionsPerSecond}/s; ` +
+        `GC ${b.gc.pauses} pauses, ${b.gc.over1ms} > 1 ms, max ${b.gc.maxMs} ms)`,
       r2(b.eventLoopDelay.p99 / 1000),
       `< 1 ms: ${met(b.eventLoopDelay.p99 < 1000)}`,
     ]);
