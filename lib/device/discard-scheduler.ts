@@ -3,7 +3,8 @@
  * files behind guest RAM, carried out by a worker thread of the addon (lib/native/punch.c, one
  * per device), so that the event loop that answers every VM only plans and submits. Runs from
  * many inflate buffers merge into one punch: whatever arrives while the worker punches one batch
- * forms the next.
+ * forms the next, and during a scattered inflate small runs that may still grow wait for their
+ * neighbours (bounded in time, see DISCARD_HOLD_JOIN_RATE).
  *
  * Ordering (the rule the whole device relies on; see also docs/balloon.md): an inflate is
  * acknowledged at once and its pages wait here, first pending (not yet submitted), then in
@@ -13,8 +14,9 @@
  * - deflate (beforeDeflate, called before the PFNs leave the tracker and so before the ack):
  *   pending pages are not punched if they are no longer ballooned when their batch is
  *   submitted (every submission happens on a later turn or in flush, after the deflate took
- *   them out of the tracker); a batch in flight that holds one of the pages is waited for,
- *   synchronously, before the deflate goes on. A deflate of pages not in flight waits for nothing.
+ *   them out of the tracker; held runs are pending too); a batch in flight that holds one of the
+ *   pages is waited for, synchronously, before the deflate goes on. A deflate of pages not in
+ *   flight waits for nothing.
  * - free page report (beforeReport): if a reported page is ballooned (a guest reporting what it
  *   gave us), everything is flushed first; the report's own ranges are punched before its ack.
  * - device reset, queue stop (inside GET_VRING_BASE, before QEMU gets its reply; a memory table
