@@ -112,7 +112,8 @@ export class DiscardScheduler {
   /** Kept here: the addon holds it only weakly while the queue is idle. */
   private readonly onDone = (records: Float64Array): void => this.completed(records, false);
   private timer: TimerHandle | undefined;
-  /** Since the inflate started (reset when it goes quiet): fresh runs, and those that touched a ballooned page. */
+  /** Since the inflate started (reset when it goes quiet): small fresh runs, and those of them
+   * that touched a page ballooned before (see DISCARD_HOLD_JOIN_RATE). */
   private freshRuns = 0;
   private joinedRuns = 0;
   private lastEnqueueMs = 0;
@@ -167,11 +168,11 @@ export class DiscardScheduler {
       }
     }
     this.pending += pages;
+    this.newPages += pages;
     this.lastEnqueueMs = this.options.clock.now();
     this.pendingSinceMs ??= this.lastEnqueueMs;
     // While the worker punches, what arrives forms the next batch (submitted on completion).
     if (this.inFlight.length > 0) return;
-    this.newPages += pages;
     if (this.newPages * BALLOON_PAGE_BYTES >= DISCARD_BATCH_BYTES) this.submit(false);
     else this.armTimer(this.holding() ? DISCARD_QUIET_MS : DISCARD_BATCH_DELAY_MS);
   }
