@@ -167,7 +167,9 @@ export interface PressureLatencyResult {
     /** Involuntary context switches of the event loop's thread per second of the inflate. */
     preemptionsPerSecond: number;
     /** Garbage collection pauses of this process during the inflate. */
-    gc: { pauses: number; totalMs: number; maxMs: number; over1ms: number };
+    gc: GcStats;
+    /** The same figures over the second without the inflate. */
+    withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
   };
 }
 
@@ -272,6 +274,33 @@ export async function benchPressureLatency(
   }
 }
 
+/** Garbage collection pauses seen while watching. */
+export interface GcStats {
+  pauses: number;
+  totalMs: number;
+  maxMs: number;
+  over1ms: number;
+}
+
+function watchGc(): { stop(): GcStats } {
+  const pauses: number[] = [];
+  const observer = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) pauses.push(e.duration);
+  });
+  observer.observe({ entryTypes: ['gc'] });
+  return {
+    stop(): GcStats {
+      observer.disconnect();
+      return {
+        pauses: pauses.length,
+        totalMs: Math.round(pauses.reduce((a, b) => a + b, 0) * 10) / 10,
+        maxMs: Math.round(Math.max(0, ...pauses) * 100) / 100,
+        over1ms: pauses.filter((d) => d > 1).length,
+      };
+    },
+  };
+}
+
 /** Involuntary context switches of this process's main thread (the event loop) so far. */
 function preemptions(): number {
   const status = fs.readFileSync('/proc/self/status', 'utf8');
@@ -302,7 +331,8 @@ async function measureBigInflate(
   eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
   eventLoopUtilization: number;
   preemptionsPerSecond: number;
-  gc: { pauses: number; totalMs: number; maxMs: number; over1ms: number };
+  gc: GcStats;
+  withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
 }> {
   await ask(bigChild, { kind: 'big-guest', socketPath: sockC });
   const pages = BIG_INFLATE_BYTES / 4096;
@@ -311,17 +341,17 @@ async function measureBigInflate(
   // The same measurement for a second with A sending and no inflate: what the machine does to
   // the loop (other processes and threads contending for its 2 CPUs) without our reclaim.
   const baseline = monitorEventLoopDelay({ resolution: 1 });
+  const baselineGc = watchGc();
+  const baselinePreempted0 = preemptions();
   baseline.enable();
   await new Promise((res) => setTimeout(res, 1000));
   baseline.disable();
+  const baselineGcStats = baselineGc.stop();
+  const baselinePreempted = preemptions() - baselinePreempted0;
   const reclaimedBefore = c.snapshot().reclaimedBytes;
   const delay = monitorEventLoopDelay({ resolution: 1 });
   const elu0 = performance.eventLoopUtilization();
-  const gcPauses: number[] = [];
-  const gc = new PerformanceObserver((list) => {
-    for (const e of list.getEntries()) gcPauses.push(e.duration);
-  });
-  gc.observe({ entryTypes: ['gc'] });
+  const gc = watchGc();
   const preempted0 = preemptions();
   const t0 = process.hrtime.bigint();
   delay.enable();
@@ -337,7 +367,7 @@ async function measureBigInflate(
   const t1 = process.hrtime.bigint();
   delay.disable();
   const elu = performance.eventLoopUtilization(elu0).utilization;
-  gc.disconnect();
+  const gcStats = gc.stop();
   const preempted = preemptions() - preempted0;
   child.send({ kind: 'stop' } satisfies Req);
   const stamped = await sampling;
@@ -363,12 +393,8 @@ async function measureBigInflate(
     },
     eventLoopUtilization: Math.round(elu * 1000) / 1000,
     preemptionsPerSecond: Math.round(preempted / (Number(t1 - t0) / 1e9)),
-    gc: {
-      pauses: gcPauses.length,
-      totalMs: Math.round(gcPauses.reduce((a, b) => a + b, 0) * 10) / 10,
-      maxMs: Math.round(Math.max(0, ...gcPauses) * 100) / 100,
-      over1ms: gcPauses.filter((d) => d > 1).length,
-    },
+    gc: gcStats,
+    withoutInflate: { preemptionsPerSecond: baselinePreempted, gc: baselineGcStats },
   };
 }
 

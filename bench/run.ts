@@ -157,7 +157,9 @@ async function main(): Promise<void> {
     rows.push([
       'event-loop delay p99, same load without the inflate (us)',
       String(b.eventLoopDelayWithoutInflate.p99),
-      `p50 ${b.eventLoopDelayWithoutInflate.p50}, max ${b.eventLoopDelayWithoutInflate.max}`,
+      `p50 ${b.eventLoopDelayWithoutInflate.p50}, max ${b.eventLoopDelayWithoutInflate.max}; preempted ` +
+        `${b.withoutInflate.preemptionsPerSecond}/s; GC ${b.withoutInflate.gc.pauses} pauses, ` +
+        `${b.withoutInflate.gc.over1ms} > 1 ms, max ${b.withoutInflate.gc.maxMs} ms`,
       '',
       '',
     ]);
