@@ -10,6 +10,7 @@
         "lib/native/fd-io.c",
         "lib/native/memory.c",
         "lib/native/notify.c",
+        "lib/native/punch.c",
         "lib/native/unaccounted.cc"
       ],
       "cflags": ["-Wall", "-Wextra", "-Werror", "-O2"],

@@ -2,13 +2,16 @@
  * Pressure acknowledgement latency: a guest driver (another process) sends a pressure message,
  * kicks, and waits for the used buffer; in between, the device runs the pressure listener, which
  * changes the target (config space + CONFIG_CHANGE_MSG on the back-end channel) as the policy
- * does. Measured next to an eventfd ping-pong between the same two processes, and again while
- * another VM's balloon inflates continuously (a second driver in a third process).
+ * does. Measured next to an eventfd ping-pong between the same two processes, again while
+ * another VM's balloon inflates and deflates continuously (a second driver in a third process),
+ * and while another VM inflates 4 GiB at once (its holes punched by the worker thread), with the
+ * event loop's own delay measured over that inflate (perf_hooks.monitorEventLoopDelay).
  */
 import { ChildProcess, fork } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { monitorEventLoopDelay, performance, PerformanceObserver } from 'node:perf_hooks';
 import { BalloonDevice } from '../lib/device/balloon';
 import { NullLogger } from '../lib/log';
 import { native } from '../lib/native';
@@ -22,13 +25,27 @@ const MiB = 1024 * 1024;
 const PING_FD = 4;
 const PONG_FD = 5;
 
+/** The other VM's inflate: 4 GiB of a guest with a little more RAM. */
+const BIG_INFLATE_BYTES = 4096 * MiB;
+const BIG_GUEST_BYTES = BIG_INFLATE_BYTES + 128 * MiB;
+
 type Req =
   | { kind: 'pressure'; socketPath: string; iterations: number }
+  | { kind: 'pressure-until-stop'; socketPath: string }
+  | { kind: 'stop' }
+  | { kind: 'big-guest'; socketPath: string }
   | { kind: 'pingpong'; iterations: number }
   | { kind: 'churn'; socketPath: string; seconds: number }
   | { kind: 'exit' };
 
-async function pressureLoop(socketPath: string, iterations: number): Promise<number[]> {
+/** Set by a 'stop' request: pressureLoop(Infinity) returns at its next iteration. */
+let stopRequested = false;
+
+/**
+ * Samples are kick-to-used nanoseconds; with `stamps`, pairs (start on the monotonic clock
+ * shared by every process, ns) and latency, so the parent can keep those inside a window.
+ */
+async function pressureLoop(socketPath: string, iterations: number, stamps = false): Promise<number[]> {
   // The seed's driver, reduced to its message queue: realize, start all queues, then messages.
   const fe = TestFrontend.connect(socketPath, { numQueues: 3, configSize: 8, ramBytes: 64 * MiB, layout: 'flat' });
   try {
@@ -40,7 +57,8 @@ async function pressureLoop(socketPath: string, iterations: number): Promise<num
     fe.ram.memory.writeU32(buf, 1);
     const samples: number[] = [];
     try {
-      for (let i = 0; i < iterations; i++) {
+      // Bounded by `iterations`, or by the parent's stop request.
+      for (let i = 0; i < iterations && !stopRequested; i++) {
         const t0 = process.hrtime.bigint();
         const used = waker.next();
         d.setUsedEvent(d.availIdxPublished);
@@ -48,6 +66,7 @@ async function pressureLoop(socketPath: string, iterations: number): Promise<num
         d.kick();
         await used;
         d.takeUsed();
+        if (stamps) samples.push(Number(t0));
         samples.push(Number(process.hrtime.bigint() - t0));
       }
     } finally {
@@ -72,15 +91,41 @@ async function churn(socketPath: string, seconds: number): Promise<number[]> {
   }
 }
 
+/** The other VM of the 4 GiB inflate: boots, writes all its memory, then follows its target. */
+let bigGuest: BalloonGuest | undefined;
+async function startBigGuest(socketPath: string): Promise<number[]> {
+  bigGuest = await BalloonGuest.boot(socketPath, {
+    mode: 'stock',
+    numQueues: 5,
+    ramBytes: BIG_GUEST_BYTES,
+    queueSize: 256,
+  });
+  bigGuest.touchFree();
+  return [];
+}
+
 function runChild(): void {
   process.on('message', (req: Req) => {
-    if (req.kind === 'exit') process.exit(0);
+    if (req.kind === 'exit') {
+      void bigGuest?.close().finally(() => process.exit(0));
+      if (bigGuest === undefined) process.exit(0);
+      return;
+    }
+    if (req.kind === 'stop') {
+      stopRequested = true;
+      return;
+    }
+    stopRequested = false;
     const work =
       req.kind === 'pressure'
         ? pressureLoop(req.socketPath, req.iterations)
-        : req.kind === 'pingpong'
-          ? pingPong(PING_FD, PONG_FD, req.iterations)
-          : churn(req.socketPath, req.seconds);
+        : req.kind === 'pressure-until-stop'
+          ? pressureLoop(req.socketPath, Infinity, true)
+          : req.kind === 'big-guest'
+            ? startBigGuest(req.socketPath)
+            : req.kind === 'pingpong'
+              ? pingPong(PING_FD, PONG_FD, req.iterations)
+              : churn(req.socketPath, req.seconds);
     work.then(
       (samples) => process.send!({ ok: true, samples }),
       (err: unknown) =>
@@ -107,6 +152,25 @@ export interface PressureLatencyResult {
   pressureUnderLoad: { p50: number; p99: number; p999: number };
   ratioP50: number;
   ratioP50UnderLoad: number;
+  /** While another VM inflates 4 GiB (one round, every message sent during that inflate). */
+  bigInflate: {
+    seconds: number;
+    releasedGiB: number;
+    pressure: { p50: number; p99: number; p999: number; n: number };
+    ratioP50: number;
+    /** The event loop's delay over the inflate (monitorEventLoopDelay, 1 ms resolution), us. */
+    eventLoopDelay: { p50: number; p99: number; max: number };
+    /** The same over a second with only A's messages (the machine's own noise). */
+    eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
+    /** Share of the inflate the event loop spent running (not waiting for events). */
+    eventLoopUtilization: number;
+    /** Involuntary context switches of the event loop's thread per second of the inflate. */
+    preemptionsPerSecond: number;
+    /** Garbage collection pauses of this process during the inflate. */
+    gc: GcStats;
+    /** The same figures over the second without the inflate. */
+    withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
+  };
 }
 
 export async function benchPressureLatency(
@@ -130,8 +194,14 @@ export async function benchPressureLatency(
   const backendB = new VhostUserBackend(b, { log: new NullLogger() });
   const sockB = path.join(dir, 'b.sock');
   backendB.listen(sockB);
+  // VM C: the 4 GiB inflate.
+  const c = new BalloonDevice({ statsQueue: false, pageReporting: false, messageQueue: false });
+  const backendC = new VhostUserBackend(c, { log: new NullLogger() });
+  const sockC = path.join(dir, 'c.sock');
+  backendC.listen(sockC);
   const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
   const loadChild = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
+  const bigChild = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
   try {
     await ask(child, { kind: 'pingpong', iterations: 1000 });
     await ask(child, { kind: 'pressure', socketPath: sockA, iterations: 1000 });
@@ -159,6 +229,7 @@ export async function benchPressureLatency(
     clearInterval(resize);
     await load;
     if (inflatesDuring === 0) throw new Error('the other VM did not inflate during the measurement');
+    const big = await measureBigInflate(child, sockA, bigChild, sockC, c);
     const us = (ns: number): number => Math.round(ns / 10) / 100;
     const agg = (list: Array<ReturnType<typeof summarize>>) => ({
       p50: us(median(list.map((s) => s.p50))),
@@ -177,10 +248,23 @@ export async function benchPressureLatency(
       pressureUnderLoad,
       ratioP50: Math.round((pressure.p50 / pingpong.p50) * 100) / 100,
       ratioP50UnderLoad: Math.round((pressureUnderLoad.p50 / pingpong.p50) * 100) / 100,
+      bigInflate: {
+        ...big,
+        pressure: {
+          p50: us(big.pressure.p50),
+          p99: us(big.pressure.p99),
+          p999: us(big.pressure.p999),
+          n: big.pressure.n,
+        },
+        ratioP50: Math.round((us(big.pressure.p50) / pingpong.p50) * 100) / 100,
+      },
     };
   } finally {
     child.send({ kind: 'exit' } satisfies Req);
     if (loadChild.connected) loadChild.send({ kind: 'exit' } satisfies Req);
+    if (bigChild.connected) bigChild.send({ kind: 'exit' } satisfies Req);
+    await new Promise((res) => (bigChild.exitCode !== null ? res(undefined) : bigChild.once('exit', res)));
+    backendC.close();
     native.pollStop(echo);
     backendA.close();
     backendB.close();
@@ -188,6 +272,130 @@ export async function benchPressureLatency(
     native.close(pong);
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** Garbage collection pauses seen while watching. */
+export interface GcStats {
+  pauses: number;
+  totalMs: number;
+  maxMs: number;
+  over1ms: number;
+}
+
+function watchGc(): { stop(): GcStats } {
+  const pauses: number[] = [];
+  const observer = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) pauses.push(e.duration);
+  });
+  observer.observe({ entryTypes: ['gc'] });
+  return {
+    stop(): GcStats {
+      observer.disconnect();
+      return {
+        pauses: pauses.length,
+        totalMs: Math.round(pauses.reduce((a, b) => a + b, 0) * 10) / 10,
+        maxMs: Math.round(Math.max(0, ...pauses) * 100) / 100,
+        over1ms: pauses.filter((d) => d > 1).length,
+      };
+    },
+  };
+}
+
+/** Involuntary context switches of this process's main thread (the event loop) so far. */
+function preemptions(): number {
+  const status = fs.readFileSync('/proc/self/status', 'utf8');
+  return Number(/^nonvoluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0);
+}
+
+/** Microseconds by which a 1 ms timer tick (ns) came late. */
+function beyondTick(ns: number): number {
+  return Math.max(0, Math.round((ns - 1e6) / 1000));
+}
+
+/**
+ * VM C's guest (in `bigChild`) inflates 4 GiB of written memory while VM A's driver sends
+ * pressure messages back to back; returns A's samples taken inside the inflate, the event loop's
+ * delay over it, and how long it took until the last hole was punched.
+ */
+async function measureBigInflate(
+  child: ChildProcess,
+  sockA: string,
+  bigChild: ChildProcess,
+  sockC: string,
+  c: BalloonDevice,
+): Promise<{
+  seconds: number;
+  releasedGiB: number;
+  pressure: { p50: number; p99: number; p999: number; n: number };
+  eventLoopDelay: { p50: number; p99: number; max: number };
+  eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
+  eventLoopUtilization: number;
+  preemptionsPerSecond: number;
+  gc: GcStats;
+  withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
+}> {
+  await ask(bigChild, { kind: 'big-guest', socketPath: sockC });
+  const pages = BIG_INFLATE_BYTES / 4096;
+  const sampling = ask(child, { kind: 'pressure-until-stop', socketPath: sockA });
+  await new Promise((res) => setTimeout(res, 200)); // A's driver is up and sending
+  // The same measurement for a second with A sending and no inflate: what the machine does to
+  // the loop (other processes and threads contending for its 2 CPUs) without our reclaim.
+  const baseline = monitorEventLoopDelay({ resolution: 1 });
+  const baselineGc = watchGc();
+  const baselinePreempted0 = preemptions();
+  baseline.enable();
+  await new Promise((res) => setTimeout(res, 1000));
+  baseline.disable();
+  const baselineGcStats = baselineGc.stop();
+  const baselinePreempted = preemptions() - baselinePreempted0;
+  const reclaimedBefore = c.snapshot().reclaimedBytes;
+  const delay = monitorEventLoopDelay({ resolution: 1 });
+  const elu0 = performance.eventLoopUtilization();
+  const gc = watchGc();
+  const preempted0 = preemptions();
+  const t0 = process.hrtime.bigint();
+  delay.enable();
+  c.setTargetPages(pages, 'bench');
+  // Bounded: 4 GiB inflates in seconds; two minutes is a broken run.
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const snap = c.snapshot();
+    if (snap.actualPages >= pages && snap.pendingDiscardPages === 0) break;
+    if (Date.now() > deadline) throw new Error(`4 GiB inflate stuck at ${snap.actualPages} pages`);
+    await new Promise((res) => setTimeout(res, 5));
+  }
+  const t1 = process.hrtime.bigint();
+  delay.disable();
+  const elu = performance.eventLoopUtilization(elu0).utilization;
+  const gcStats = gc.stop();
+  const preempted = preemptions() - preempted0;
+  child.send({ kind: 'stop' } satisfies Req);
+  const stamped = await sampling;
+  const inside: number[] = [];
+  for (let i = 0; i + 1 < stamped.length; i += 2)
+    if (stamped[i] >= Number(t0) && stamped[i] <= Number(t1)) inside.push(stamped[i + 1]);
+  const snap = c.snapshot();
+  c.setTargetPages(0, 'bench');
+  return {
+    seconds: Math.round((Number(t1 - t0) / 1e9) * 1000) / 1000,
+    releasedGiB: Math.round(((snap.reclaimedBytes - reclaimedBefore) / 2 ** 30) * 100) / 100,
+    pressure: summarize(inside),
+    // The histogram holds the time between ticks of a 1 ms timer: the delay is what exceeds 1 ms.
+    eventLoopDelay: {
+      p50: beyondTick(delay.percentile(50)),
+      p99: beyondTick(delay.percentile(99)),
+      max: beyondTick(delay.max),
+    },
+    eventLoopDelayWithoutInflate: {
+      p50: beyondTick(baseline.percentile(50)),
+      p99: beyondTick(baseline.percentile(99)),
+      max: beyondTick(baseline.max),
+    },
+    eventLoopUtilization: Math.round(elu * 1000) / 1000,
+    preemptionsPerSecond: Math.round(preempted / (Number(t1 - t0) / 1e9)),
+    gc: gcStats,
+    withoutInflate: { preemptionsPerSecond: baselinePreempted, gc: baselineGcStats },
+  };
 }
 
 if (require.main === module && process.argv[2] === 'child') runChild();

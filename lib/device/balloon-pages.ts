@@ -14,6 +14,12 @@ import { DiscardScheduler } from './discard-scheduler';
 import { readPfnBuffer, ReportInvalid } from './guest-input';
 import { PageRun, PageTracker } from './page-tracker';
 import { alignedFileRange, DiscardRange } from './reclaim';
+import { BALLOON_PAGE_BYTES } from './constants';
+
+/** 4 KiB pages touched by the byte range [addr, addr + len). */
+function pagesSpanned(addr: number, len: number): number {
+  return Math.ceil((addr + len) / BALLOON_PAGE_BYTES) - Math.floor(addr / BALLOON_PAGE_BYTES);
+}
 
 export interface PageCounters {
   inflate: { requests: number; pages: number; alreadyBallooned: number };
@@ -63,6 +69,7 @@ export class BalloonPages {
         clock: options.clock,
         findRegion: (gpa) => options.memory()?.find(gpa),
         isFull: (pfn, n) => this.tracker.isFull(pfn, n),
+        isBallooned: (pfn) => this.tracker.has(pfn),
         inhibited: options.inhibited,
       },
       log,
@@ -106,7 +113,10 @@ export class BalloonPages {
     this.discards.setInhibited(inhibited, () => [...this.tracker.runs()]);
   }
 
-  /** Carries out every pending discard now (before the guest may touch a ballooned page again). */
+  /**
+   * Carries out every pending discard and waits until the worker has punched it (before the guest
+   * may touch a ballooned page again: a queue stop, a detach).
+   */
   flush(): void {
     this.discards.flush();
   }
@@ -168,11 +178,12 @@ export class BalloonPages {
    * Returns the pages that really left, or undefined for an unusable buffer.
    */
   deflate(descriptors: readonly Descriptor[], requested: boolean): number | undefined {
-    // The guest touches deflated pages once this is acknowledged: finish their discards first.
-    this.discards.flush();
     this.counters.deflate.requests++;
     const pfns = this.readPfns('deflate', descriptors);
     if (pfns === undefined || pfns.length === 0) return undefined;
+    // The guest touches deflated pages once this is acknowledged: none of them may be punched
+    // afterwards (a batch in flight holding one is waited for; pending ones are left out).
+    this.discards.beforeDeflate(pfns);
     const removed = this.tracker.remove(pfns);
     this.options.journal?.removed(pfns);
     this.counters.deflate.pages += removed;
@@ -183,11 +194,11 @@ export class BalloonPages {
 
   /** A free page report: the ranges go back to the host now, before the acknowledgement. */
   report(descriptors: readonly Descriptor[]): void {
-    this.discards.flush();
     this.counters.reporting.requests++;
     const memory = this.options.memory();
     if (memory === undefined) return;
     const ranges: DiscardRange[] = [];
+    let flushed = false;
     for (const d of descriptors) {
       if (!d.writable) {
         this.options.report('readable_buffer', 'reported range is not device-writable');
@@ -204,6 +215,12 @@ export class BalloonPages {
         const range = alignedFileRange(r, at, pieceEnd - at);
         if (range !== undefined) ranges.push(range);
         at = pieceEnd;
+      }
+      // Reported pages are the guest's again at the ack: if one is ballooned (a guest reporting
+      // what it gave us), whatever is pending or in flight is punched first, never after.
+      if (!flushed && this.tracker.anyIn(Math.floor(d.addr / BALLOON_PAGE_BYTES), pagesSpanned(d.addr, d.len))) {
+        this.discards.flush();
+        flushed = true;
       }
     }
     this.discards.punchNow(ranges);

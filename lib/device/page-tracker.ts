@@ -1,16 +1,15 @@
 /**
- * Which 4 KiB guest pages are in the balloon. Compact: a 16-bit count per 2 MiB chunk of guest
- * physical address space (1 KiB per GiB), plus a 64-byte bitmap only for chunks that are
- * partly ballooned. An empty or full chunk costs its count alone, so a fully ballooned 1 GiB
- * costs 1 KiB; only scattered balloons cost up to 1 bit per page. Pure: no I/O.
+ * Which 4 KiB guest pages are in the balloon. The representation follows the density:
+ * - runs (sorted, disjoint [start, last] pairs of u32, 8 bytes a run) while that is smaller than
+ *   a bitmap over the ballooned span: a contiguous balloon of any size costs a few bytes;
+ * - a bitmap over the ballooned span (1 bit a page, from a base PFN) once the runs would cost
+ *   more, so a fragmented balloon (every other page) costs what a plain bitmap costs, no more;
+ *   the number of runs is kept up to date, and the tracker goes back to runs when they are four
+ *   times smaller than the bitmap again (the factor keeps it from flapping).
+ * The public API (add, remove, has, isFull, anyIn, runs, size, memoryBytes, clear) is the same
+ * in both; runs() lists every ballooned run in order, and add() of those runs restores a tracker.
+ * Pure: no I/O.
  */
-
-/** 4 KiB pages per chunk: 2 MiB, the common huge page size. */
-export const CHUNK_PAGES = 512;
-const CHUNK_SHIFT = 9;
-const WORDS_PER_CHUNK = CHUNK_PAGES / 32;
-/** PFNs are u32: the highest chunk index + 1. */
-const MAX_CHUNKS = 2 ** 32 / CHUNK_PAGES;
 
 /** A run of pages [start, start + count). */
 export interface PageRun {
@@ -18,9 +17,24 @@ export interface PageRun {
   count: number;
 }
 
+/** Below this many runs the tracker stays with runs whatever the span (a bitmap saves little). */
+const MIN_RUNS_FOR_BITMAP = 64;
+/** Bytes a run costs in the runs representation (two u32). */
+const RUN_BYTES = 8;
+/** Back to runs when they cost this many times less than the bitmap. */
+const BACK_TO_RUNS_FACTOR = 4;
+/** The bitmap grows in whole granules of this many 32-bit words (4 KiB: 128 MiB of guest). */
+const MIN_GRANULE_WORDS = 1024;
+
 export class PageTracker {
-  private counts = new Uint16Array(0);
-  private readonly partial = new Map<number, Uint32Array>();
+  // Runs representation (bits === undefined): starts[i]..lasts[i] inclusive, i < n, sorted.
+  private starts = new Uint32Array(4);
+  private lasts = new Uint32Array(4);
+  private n = 0;
+  // Bitmap representation: bit (pfn - base) of bits; base is a multiple of 32.
+  private bits: Uint32Array | undefined;
+  private base = 0;
+  private bitmapRuns = 0;
   private total = 0;
 
   /** Pages in the balloon. */
@@ -28,71 +42,25 @@ export class PageTracker {
     return this.total;
   }
 
-  /** Approximate bytes this structure uses. */
+  /** Bytes this structure's arrays use. */
   get memoryBytes(): number {
-    return this.counts.byteLength + this.partial.size * (WORDS_PER_CHUNK * 4 + 64);
+    return this.bits !== undefined ? this.bits.byteLength : this.starts.byteLength + this.lasts.byteLength;
   }
 
-  private ensure(chunk: number): void {
-    if (chunk < this.counts.length) return;
-    if (chunk >= MAX_CHUNKS) throw new RangeError(`pfn chunk ${chunk} beyond the 32-bit PFN space`);
-    let n = Math.max(64, this.counts.length);
-    while (n <= chunk) n *= 2;
-    const next = new Uint16Array(Math.min(n, MAX_CHUNKS));
-    next.set(this.counts);
-    this.counts = next;
+  /** Number of maximal runs of ballooned pages. */
+  get runCount(): number {
+    return this.bits !== undefined ? this.bitmapRuns : this.n;
+  }
+
+  /** Which representation is in use (for tests and the benchmark). */
+  get representation(): 'runs' | 'bitmap' {
+    return this.bits !== undefined ? 'bitmap' : 'runs';
   }
 
   has(pfn: number): boolean {
-    const chunk = pfn >>> CHUNK_SHIFT;
-    const c = chunk < this.counts.length ? this.counts[chunk] : 0;
-    if (c === 0) return false;
-    if (c === CHUNK_PAGES) return true;
-    const idx = pfn & (CHUNK_PAGES - 1);
-    return (this.partial.get(chunk)![idx >>> 5] & (1 << (idx & 31))) !== 0;
-  }
-
-  private bitmap(chunk: number, fill: boolean): Uint32Array {
-    let bm = this.partial.get(chunk);
-    if (bm === undefined) {
-      bm = new Uint32Array(WORDS_PER_CHUNK);
-      if (fill) bm.fill(0xffffffff);
-      this.partial.set(chunk, bm);
-    }
-    return bm;
-  }
-
-  /** Marks one page; returns true if it was not in the balloon. */
-  private set(pfn: number): boolean {
-    const chunk = pfn >>> CHUNK_SHIFT;
-    this.ensure(chunk);
-    const c = this.counts[chunk];
-    if (c === CHUNK_PAGES) return false;
-    const idx = pfn & (CHUNK_PAGES - 1);
-    const bm = this.bitmap(chunk, false);
-    const mask = 1 << (idx & 31);
-    if (bm[idx >>> 5] & mask) return false;
-    bm[idx >>> 5] |= mask;
-    this.counts[chunk] = c + 1;
-    if (c + 1 === CHUNK_PAGES) this.partial.delete(chunk);
-    this.total++;
-    return true;
-  }
-
-  /** Clears one page; returns true if it was in the balloon. */
-  private unset(pfn: number): boolean {
-    const chunk = pfn >>> CHUNK_SHIFT;
-    const c = chunk < this.counts.length ? this.counts[chunk] : 0;
-    if (c === 0) return false;
-    const idx = pfn & (CHUNK_PAGES - 1);
-    const bm = this.bitmap(chunk, c === CHUNK_PAGES);
-    const mask = 1 << (idx & 31);
-    if ((bm[idx >>> 5] & mask) === 0) return false;
-    bm[idx >>> 5] &= ~mask;
-    this.counts[chunk] = c - 1;
-    if (c - 1 === 0) this.partial.delete(chunk);
-    this.total--;
-    return true;
+    if (this.bits !== undefined) return this.bit(pfn);
+    const i = this.runAtOrBefore(pfn);
+    return i >= 0 && this.lasts[i] >= pfn;
   }
 
   /**
@@ -101,61 +69,370 @@ export class PageTracker {
    */
   add(pfns: readonly number[]): PageRun[] {
     const fresh: number[] = [];
-    for (const pfn of pfns) if (this.set(pfn)) fresh.push(pfn);
-    return compactRuns(fresh);
+    for (const pfn of pfns) if (!this.has(pfn)) fresh.push(pfn);
+    const runs = compactRuns(fresh);
+    if (runs.length === 0) return runs;
+    let pages = 0;
+    for (const r of runs) pages += r.count;
+    if (this.bits !== undefined) {
+      this.ensureSpan(runs[0].start, runs[runs.length - 1].start + runs[runs.length - 1].count - 1);
+      // A fresh run joins the runs it touches: one run more, minus one per neighbour.
+      for (const r of runs) {
+        const last = r.start + r.count - 1;
+        this.bitmapRuns += 1 - (this.bit(r.start - 1) ? 1 : 0) - (this.bit(last + 1) ? 1 : 0);
+        this.setBits(r.start, last, true);
+      }
+    } else if (runs.length === 1) {
+      this.insertRun(runs[0].start, runs[0].start + runs[0].count - 1);
+    } else {
+      this.mergeRuns(runs);
+    }
+    this.total += pages;
+    this.choose();
+    return runs;
   }
 
   /** Removes pages; returns how many were in the balloon. */
   remove(pfns: readonly number[]): number {
+    const present: number[] = [];
+    for (const pfn of pfns) if (this.has(pfn)) present.push(pfn);
+    const runs = compactRuns(present);
     let removed = 0;
-    for (const pfn of pfns) if (this.unset(pfn)) removed++;
+    for (const r of runs) removed += r.count;
+    if (removed === 0) return 0;
+    if (this.bits !== undefined) {
+      for (const r of runs) {
+        const last = r.start + r.count - 1;
+        // Taking a whole stretch out: its run splits in two (both neighbours stay), shrinks (one)
+        // or disappears (none).
+        this.bitmapRuns += (this.bit(r.start - 1) ? 1 : 0) + (this.bit(last + 1) ? 1 : 0) - 1;
+        this.setBits(r.start, last, false);
+      }
+    } else {
+      this.subtractRuns(runs);
+    }
+    this.total -= removed;
+    this.choose();
     return removed;
   }
 
   /** True if every page of [start, start + count) is in the balloon. */
   isFull(start: number, count: number): boolean {
-    let pfn = start;
-    const end = start + count;
-    // Whole chunks are checked by their count; bounded by count / 512 + 2 iterations of chunks.
-    while (pfn < end) {
-      const chunk = pfn >>> CHUNK_SHIFT;
-      const chunkEnd = (chunk + 1) * CHUNK_PAGES;
-      const c = chunk < this.counts.length ? this.counts[chunk] : 0;
-      if (pfn % CHUNK_PAGES === 0 && end >= chunkEnd) {
-        if (c !== CHUNK_PAGES) return false;
-      } else {
-        for (let p = pfn; p < Math.min(end, chunkEnd); p++) if (!this.has(p)) return false;
-      }
-      pfn = chunkEnd;
+    if (count <= 0) return true;
+    const last = start + count - 1;
+    if (this.bits === undefined) {
+      const i = this.runAtOrBefore(start);
+      return i >= 0 && this.lasts[i] >= last;
     }
-    return true;
+    return this.countBits(start, last, true);
+  }
+
+  /** True if any page of [start, start + count) is in the balloon. */
+  anyIn(start: number, count: number): boolean {
+    if (count <= 0) return false;
+    const last = start + count - 1;
+    if (this.bits === undefined) {
+      const i = this.runAtOrBefore(last);
+      return i >= 0 && this.lasts[i] >= start;
+    }
+    return !this.countBits(start, last, false);
   }
 
   /** Every ballooned run, in address order. */
   *runs(): Generator<PageRun> {
-    let open: PageRun | undefined;
-    for (let chunk = 0; chunk < this.counts.length; chunk++) {
-      const c = this.counts[chunk];
-      if (c === 0) continue;
-      const base = chunk * CHUNK_PAGES;
-      for (let i = 0; i < CHUNK_PAGES; i++) {
-        if (c !== CHUNK_PAGES && !this.has(base + i)) continue;
-        const pfn = base + i;
-        if (open !== undefined && open.start + open.count === pfn) open.count++;
-        else {
-          if (open !== undefined) yield open;
-          open = { start: pfn, count: 1 };
-        }
-      }
+    if (this.bits === undefined) {
+      for (let i = 0; i < this.n; i++) yield { start: this.starts[i], count: this.lasts[i] - this.starts[i] + 1 };
+      return;
     }
-    if (open !== undefined) yield open;
+    yield* bitmapRuns(this.bits, this.base);
   }
 
   clear(): void {
-    this.counts = new Uint16Array(0);
-    this.partial.clear();
+    this.starts = new Uint32Array(4);
+    this.lasts = new Uint32Array(4);
+    this.n = 0;
+    this.bits = undefined;
+    this.base = 0;
+    this.bitmapRuns = 0;
     this.total = 0;
   }
+
+  // ---- runs ------------------------------------------------------------------------------------
+
+  /** Index of the last run starting at or before `pfn`, or -1. */
+  private runAtOrBefore(pfn: number): number {
+    let lo = 0;
+    let hi = this.n - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.starts[mid] <= pfn) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return hi;
+  }
+
+  private reserve(n: number): void {
+    if (n <= this.starts.length) return;
+    let cap = this.starts.length;
+    while (cap < n) cap *= 2;
+    const s = new Uint32Array(cap);
+    const l = new Uint32Array(cap);
+    s.set(this.starts.subarray(0, this.n));
+    l.set(this.lasts.subarray(0, this.n));
+    this.starts = s;
+    this.lasts = l;
+  }
+
+  private shrinkRuns(): void {
+    const cap = Math.max(4, 2 * this.n);
+    this.starts = this.starts.slice(0, cap);
+    this.lasts = this.lasts.slice(0, cap);
+  }
+
+  /** Inserts one run of pages none of which is present (the common contiguous inflate). */
+  private insertRun(start: number, last: number): void {
+    const i = this.runAtOrBefore(start); // run i ends before start
+    const joinsLeft = i >= 0 && this.lasts[i] + 1 === start;
+    const joinsRight = i + 1 < this.n && this.starts[i + 1] === last + 1;
+    if (joinsLeft && joinsRight) {
+      this.lasts[i] = this.lasts[i + 1];
+      this.starts.copyWithin(i + 1, i + 2, this.n);
+      this.lasts.copyWithin(i + 1, i + 2, this.n);
+      this.n--;
+    } else if (joinsLeft) {
+      this.lasts[i] = last;
+    } else if (joinsRight) {
+      this.starts[i + 1] = start;
+    } else {
+      this.reserve(this.n + 1);
+      this.starts.copyWithin(i + 2, i + 1, this.n);
+      this.lasts.copyWithin(i + 2, i + 1, this.n);
+      this.starts[i + 1] = start;
+      this.lasts[i + 1] = last;
+      this.n++;
+    }
+  }
+
+  /** Merges sorted runs of absent pages into the runs: one pass over both. */
+  private mergeRuns(add: readonly PageRun[]): void {
+    const s = new Uint32Array(Math.max(4, this.n + add.length));
+    const l = new Uint32Array(s.length);
+    let m = 0;
+    let i = 0;
+    let j = 0;
+    const push = (start: number, last: number): void => {
+      if (m > 0 && l[m - 1] + 1 >= start) l[m - 1] = Math.max(l[m - 1], last);
+      else {
+        s[m] = start;
+        l[m] = last;
+        m++;
+      }
+    };
+    // Bounded by the two inputs' lengths.
+    while (i < this.n || j < add.length) {
+      if (j >= add.length || (i < this.n && this.starts[i] < add[j].start)) {
+        push(this.starts[i], this.lasts[i]);
+        i++;
+      } else {
+        push(add[j].start, add[j].start + add[j].count - 1);
+        j++;
+      }
+    }
+    this.starts = s;
+    this.lasts = l;
+    this.n = m;
+  }
+
+  /** Takes sorted runs of present pages out of the runs: one pass over both. */
+  private subtractRuns(cut: readonly PageRun[]): void {
+    const s = new Uint32Array(Math.max(4, this.n + cut.length));
+    const l = new Uint32Array(s.length);
+    let m = 0;
+    let j = 0;
+    for (let i = 0; i < this.n; i++) {
+      let start = this.starts[i];
+      const last = this.lasts[i];
+      while (j < cut.length && cut[j].start + cut[j].count - 1 < start) j++;
+      // Each cut inside this run splits it once: bounded by the cuts.
+      while (j < cut.length && cut[j].start <= last) {
+        if (cut[j].start > start) {
+          s[m] = start;
+          l[m] = cut[j].start - 1;
+          m++;
+        }
+        start = cut[j].start + cut[j].count;
+        if (start > last) break;
+        j++;
+      }
+      if (start <= last) {
+        s[m] = start;
+        l[m] = last;
+        m++;
+      }
+    }
+    this.starts = s;
+    this.lasts = l;
+    this.n = m;
+  }
+
+  // ---- bitmap ----------------------------------------------------------------------------------
+
+  private bit(pfn: number): boolean {
+    const bits = this.bits!;
+    const i = pfn - this.base;
+    if (i < 0 || i >= bits.length * 32) return false;
+    return (bits[i >>> 5] & (1 << (i & 31))) !== 0;
+  }
+
+  /** Sets or clears the bits of pages first..last (inside the span). */
+  private setBits(first: number, last: number, on: boolean): void {
+    const bits = this.bits!;
+    let i = first - this.base;
+    const end = last - this.base;
+    // Partial words bit by bit, whole words at once: bounded by the run's length.
+    while (i <= end) {
+      if ((i & 31) === 0 && i + 31 <= end) {
+        bits[i >>> 5] = on ? 0xffffffff : 0;
+        i += 32;
+      } else {
+        const mask = 1 << (i & 31);
+        if (on) bits[i >>> 5] |= mask;
+        else bits[i >>> 5] &= ~mask;
+        i++;
+      }
+    }
+  }
+
+  /** True if every page of first..last is `on` (all set, or all clear). */
+  private countBits(first: number, last: number, on: boolean): boolean {
+    const bits = this.bits!;
+    const spanFirst = this.base;
+    const spanLast = this.base + bits.length * 32 - 1;
+    // Outside the span every page is clear.
+    if (on && (first < spanFirst || last > spanLast)) return false;
+    let i = Math.max(first, spanFirst) - this.base;
+    const end = Math.min(last, spanLast) - this.base;
+    // Bounded by the range's length (whole words at once).
+    while (i <= end) {
+      if ((i & 31) === 0 && i + 31 <= end) {
+        if (bits[i >>> 5] !== (on ? 0xffffffff : 0)) return false;
+        i += 32;
+      } else {
+        if (((bits[i >>> 5] & (1 << (i & 31))) !== 0) !== on) return false;
+        i++;
+      }
+    }
+    return true;
+  }
+
+  /** Grows the bitmap (in granules, see MIN_GRANULE_WORDS) to hold pages first..last. */
+  private ensureSpan(first: number, last: number): void {
+    const bits = this.bits!;
+    const loWord = this.base / 32;
+    const hiWord = loWord + bits.length; // exclusive
+    const needLo = Math.floor(first / 32);
+    const needHi = Math.floor(last / 32) + 1;
+    if (needLo >= loWord && needHi <= hiWord) return;
+    const granule = granuleWords(Math.max(hiWord, needHi) - Math.min(loWord, needLo));
+    const newLo = Math.min(loWord, Math.floor(needLo / granule) * granule);
+    const newHi = Math.max(hiWord, Math.ceil(needHi / granule) * granule);
+    const next = new Uint32Array(newHi - newLo);
+    next.set(bits, loWord - newLo);
+    this.bits = next;
+    this.base = newLo * 32;
+  }
+
+  /** Picks the representation for the current density. */
+  private choose(): void {
+    if (this.bits === undefined) {
+      // A big deflate leaves few runs in large arrays: give the memory back (at 4x, so a
+      // balloon moving up and down around one size does not reallocate each time).
+      if (this.starts.length > 4 * Math.max(4, this.n)) this.shrinkRuns();
+      if (this.n < MIN_RUNS_FOR_BITMAP) return;
+      const first = this.starts[0];
+      const last = this.lasts[this.n - 1];
+      if (this.n * RUN_BYTES <= spanBounds(first, last).words * 4) return;
+      this.toBitmap(first, last);
+    } else if (this.total === 0) {
+      this.clear();
+    } else if (this.bitmapRuns * RUN_BYTES * BACK_TO_RUNS_FACTOR < this.bits.byteLength) {
+      this.toRuns();
+    }
+  }
+
+  private toBitmap(first: number, last: number): void {
+    const { loWord, words } = spanBounds(first, last);
+    this.bits = new Uint32Array(words);
+    this.base = loWord * 32;
+    for (let i = 0; i < this.n; i++) this.setBits(this.starts[i], this.lasts[i], true);
+    this.bitmapRuns = this.n;
+    this.starts = new Uint32Array(4);
+    this.lasts = new Uint32Array(4);
+    this.n = 0;
+  }
+
+  private toRuns(): void {
+    const bits = this.bits!;
+    const base = this.base;
+    this.bits = undefined;
+    this.base = 0;
+    this.n = 0;
+    this.reserve(Math.max(4, this.bitmapRuns));
+    for (const r of bitmapRuns(bits, base)) {
+      this.starts[this.n] = r.start;
+      this.lasts[this.n] = r.start + r.count - 1;
+      this.n++;
+    }
+    this.bitmapRuns = 0;
+  }
+}
+
+/** The first word and the number of words of a bitmap over pages first..last, in whole granules. */
+function spanBounds(first: number, last: number): { loWord: number; words: number } {
+  const lo = Math.floor(first / 32);
+  const hi = Math.floor(last / 32) + 1;
+  const granule = granuleWords(hi - lo);
+  const loWord = Math.floor(lo / granule) * granule;
+  return { loWord, words: Math.ceil(hi / granule) * granule - loWord };
+}
+
+/** Growth granule for a bitmap of `words`: 4 KiB, or a sixteenth of it for big ones (amortised). */
+function granuleWords(words: number): number {
+  let g = MIN_GRANULE_WORDS;
+  while (g * 16 < words) g *= 2;
+  return g;
+}
+
+/** The runs of set bits of a bitmap whose bit 0 is page `base`. */
+function* bitmapRuns(bits: Uint32Array, base: number): Generator<PageRun> {
+  let open: PageRun | undefined;
+  // Bounded by the bitmap's length; empty and full words are skipped or taken whole.
+  for (let w = 0; w < bits.length; w++) {
+    const word = bits[w];
+    const pfn0 = base + w * 32;
+    if (word === 0) {
+      if (open !== undefined) {
+        yield open;
+        open = undefined;
+      }
+      continue;
+    }
+    if (word === 0xffffffff) {
+      if (open !== undefined) open.count += 32;
+      else open = { start: pfn0, count: 32 };
+      continue;
+    }
+    for (let b = 0; b < 32; b++) {
+      if ((word & (1 << b)) !== 0) {
+        if (open !== undefined) open.count++;
+        else open = { start: pfn0 + b, count: 1 };
+      } else if (open !== undefined) {
+        yield open;
+        open = undefined;
+      }
+    }
+  }
+  if (open !== undefined) yield open;
 }
 
 /** Sorts PFNs and merges them into maximal runs (duplicates collapse). */

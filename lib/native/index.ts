@@ -51,6 +51,16 @@ export interface FileStatus {
   nonBlocking: boolean;
 }
 
+/** Opaque handle of a punch queue (a worker thread that punches holes). */
+export type PunchQueueHandle = { readonly __punchQueue: unique symbol };
+
+/**
+ * Layout of the completion records of a punch queue: RECORD doubles per batch, at these offsets.
+ * `firstErrno` is the positive errno of the first failed punch (0 if none); `busyNs` the time
+ * the worker spent in fallocate for the batch.
+ */
+export const PUNCH_RECORD = { size: 6, seq: 0, calls: 1, bytes: 2, errors: 3, firstErrno: 4, busyNs: 5 } as const;
+
 /** Opaque handle of an fd watcher. */
 export type PollHandle = { readonly __pollHandle: unique symbol };
 
@@ -140,6 +150,25 @@ export interface NativeAddon {
   addSeals(fd: number, seals: number): void;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE). */
   punchHole(fd: number, offset: number, length: number): void;
+  /**
+   * A punch queue: a worker thread that punches submitted batches of file ranges in order, off
+   * the event loop. `onDone` runs on the event loop with the records of completed batches (see
+   * {@link PUNCH_RECORD}) that punchQueueWait did not already hand back. An idle queue keeps
+   * neither the process alive nor `onDone` from being collected (keep a reference to it).
+   */
+  punchQueueCreate(onDone: (records: Float64Array) => void): PunchQueueHandle;
+  /**
+   * Queues one batch: `ranges` holds (offset, length) pairs on `fd`, punched on the worker's own
+   * dup() of `fd` (closing `fd` meanwhile is safe). Returns the batch's sequence number (from 1).
+   */
+  punchQueueSubmit(queue: PunchQueueHandle, fd: number, ranges: Float64Array): number;
+  /**
+   * Blocks until batch `seq` and every batch before it are punched; returns the records of every
+   * completed batch not yet handed back. Only for what the device must not go on without.
+   */
+  punchQueueWait(queue: PunchQueueHandle, seq: number): Float64Array;
+  /** Drops batches not started, waits for the one in progress, stops the thread. Idempotent. */
+  punchQueueClose(queue: PunchQueueHandle): void;
   memfdCreate(name: string, hugetlb?: boolean): number;
   ftruncate(fd: number, size: number): void;
   fstat(fd: number): FileStatus;

@@ -8,6 +8,7 @@
  *   fd-io.c      reads and writes that never block on a front-end descriptor; eventfd
  *   memory.c     guest memory: mappings, the SIGBUS plan, seals, hole punching, memfd, fstat
  *   notify.c     the service manager's notify datagrams with descriptors (fd store), FD_CLOEXEC
+ *   punch.c      hole punching off the event loop: a worker thread per punch queue
  *   vballoon.c   small descriptor calls and the module's registration
  */
 #ifndef VB_H
@@ -103,6 +104,10 @@ napi_value vb_notify_send(napi_env env, napi_callback_info info);
 napi_value vb_dgram_listen(napi_env env, napi_callback_info info);
 napi_value vb_dgram_recv(napi_env env, napi_callback_info info);
 napi_value vb_set_close_on_exec(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_create(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_submit(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_wait(napi_env env, napi_callback_info info);
+napi_value vb_punch_queue_close(napi_env env, napi_callback_info info);
 
 
 #endif

@@ -3,7 +3,7 @@
  *
  * Unix stream sockets with SCM_RIGHTS, readiness watching of any fd from the Node event loop
  * (uv_poll, no busy polling and no threadpool), eventfd, mmap/munmap of shared guest memory as
- * detachable ArrayBuffers, fallocate(PUNCH_HOLE), memfd_create, ftruncate, fstat, socketpair.
+ * detachable ArrayBuffers, fallocate(PUNCH_HOLE) (also on a worker thread per punch queue), memfd_create, ftruncate, fstat, socketpair.
  *
  * This file must not contain protocol logic: it moves bytes and descriptors and reports errno.
  * Every failing syscall throws a JS Error with `code` (e.g. "EBADF"), `errno` (negative, as in
@@ -115,6 +115,10 @@ static napi_value vb_init(napi_env env, napi_value exports) {
       {"fileSeals", NULL, vb_file_seals, NULL, NULL, NULL, napi_enumerable, NULL},
       {"addSeals", NULL, vb_add_seals, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, vb_punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchQueueCreate", NULL, vb_punch_queue_create, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchQueueSubmit", NULL, vb_punch_queue_submit, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchQueueWait", NULL, vb_punch_queue_wait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchQueueClose", NULL, vb_punch_queue_close, NULL, NULL, NULL, napi_enumerable, NULL},
       {"memfdCreate", NULL, vb_memfd_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ftruncate", NULL, vb_ftruncate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fstat", NULL, vb_fstat, NULL, NULL, NULL, napi_enumerable, NULL},

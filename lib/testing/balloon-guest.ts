@@ -353,6 +353,24 @@ export class BalloonGuest {
     }
   }
 
+  /**
+   * Sends one pressure message now, outside the balloon thread (benchmarks: the host's
+   * acknowledgement latency while the balloon moves), and resolves with the kick-to-used time in
+   * nanoseconds. Seed mode with the message queue negotiated; not while eat() may send one.
+   */
+  async measurePressureAck(): Promise<number> {
+    const d = this.driver('message');
+    const v = new Uint8Array(4);
+    new DataView(v.buffer).setUint32(0, 1, true);
+    this.fe.ram.memory.write(this.messageBuf, v);
+    const t0 = process.hrtime.bigint();
+    d.addBuffer([{ addr: this.messageBuf, len: 4 }]);
+    d.kick();
+    await d.waitUsed(1);
+    this.pressureMessages++;
+    return Number(process.hrtime.bigint() - t0);
+  }
+
   /** Writes `pfn` in guest RAM (the host allocates it). */
   private touch(pfn: number, value: number): void {
     this.fe.ram.memory.writeU32(pfn * PAGE, value);

@@ -274,7 +274,7 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
     });
   });
 
-  it("QEMU's one memfd for several regions, kept once by a store that dedupes like systemd, serves them all", async () => {
+  it("QEMU's one memfd for several regions, kept once by a deduplicating store, serves them all", async () => {
     /** Keeps an open file once, under its first name (what systemd 252 does). */
     class DedupingStore implements FdHolder {
       readonly enabled = true;
@@ -298,7 +298,8 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
     // q35 above 3 GiB: low and high memory are two regions of one memfd.
     const ram = new GuestRam({ sizeBytes: 4 * 1024 * 1024 * 1024, layout: 'q35' });
     const guest = await BalloonGuest.boot(fx.socketPath, { mode: 'seed', numQueues: deviceA.numQueues, ram });
-    const backendB = new VhostUserBackend(new BalloonDevice(), { log: new MemoryLogger() });
+    const deviceB = new BalloonDevice();
+    const backendB = new VhostUserBackend(deviceB, { log: new MemoryLogger() });
     let keeperB: VmSurvival | undefined;
     try {
       const regionsA = fx.backend.current!.image().regions;
@@ -317,7 +318,6 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
       fx.backend.current!.close();
       const { byVm } = groupByVm(inherited, ['vm0']);
       keeperB = new VmSurvival('vm0', holder, new MemoryLogger(), byVm.get('vm0'));
-      const deviceB = backendB.device as BalloonDevice;
       deviceB.restore(keeperB.previous!.doc.device, keeperB.bitmap.runs());
       backendB.resume(keeperB.takeSession()!);
       keeperB.dropUnused();

@@ -36,6 +36,86 @@ describe('ballooned page tracking', () => {
     );
   });
 
+  it('property: behaves like a set of PFNs through every change of representation', () => {
+    // Blocks that are contiguous, strided (every k-th page: fragmented) or scattered, added and
+    // removed in any order, so the tracker moves between runs and bitmap in both directions.
+    const block = fc.record({
+      add: fc.boolean(),
+      start: fc.nat({ max: 200_000 }),
+      length: fc.integer({ min: 1, max: 3000 }),
+      stride: fc.constantFrom(1, 1, 2, 3, 7),
+    });
+    const modes = new Set<string>();
+    fc.assert(
+      fc.property(fc.array(block, { maxLength: 25 }), (ops) => {
+        const t = new PageTracker();
+        const model = new Set<number>();
+        for (const o of ops) {
+          const pfns: number[] = [];
+          for (let p = o.start; p < o.start + o.length; p += o.stride) pfns.push(p);
+          if (o.add) {
+            const fresh = t.add(pfns);
+            const expected = pfns.filter((p) => !model.has(p));
+            expect(fresh.reduce((n, r) => n + r.count, 0)).to.equal(expected.length);
+            for (const r of fresh)
+              for (let p = r.start; p < r.start + r.count; p++) expect(model.has(p)).to.equal(false);
+            for (const p of pfns) model.add(p);
+          } else {
+            const before = model.size;
+            for (const p of pfns) model.delete(p);
+            expect(t.remove(pfns)).to.equal(before - model.size);
+          }
+          modes.add(t.representation);
+          expect(t.size).to.equal(model.size);
+          // Spot checks around the block's edges.
+          for (const p of [o.start - 1, o.start, o.start + 1, o.start + o.length - 1, o.start + o.length])
+            expect(t.has(p), `has(${p})`).to.equal(model.has(p));
+          let all = true;
+          let any = false;
+          for (let p = o.start; p < o.start + o.length; p++) {
+            all &&= model.has(p);
+            any ||= model.has(p);
+          }
+          expect(t.isFull(o.start, o.length)).to.equal(all);
+          expect(t.anyIn(o.start, o.length)).to.equal(any);
+        }
+        const sorted = [...model].sort((a, b) => a - b);
+        const listed = [...t.runs()];
+        expect(listed.flatMap((r) => Array.from({ length: r.count }, (_, i) => r.start + i))).to.deep.equal(sorted);
+        // Runs are maximal: never adjacent.
+        for (let i = 1; i < listed.length; i++)
+          expect(listed[i].start).to.be.greaterThan(listed[i - 1].start + listed[i - 1].count);
+        expect(t.runCount).to.equal(listed.length);
+        // Restoring through add(runs()) gives the same set (how a saved balloon comes back).
+        const restored = new PageTracker();
+        for (const r of listed) restored.add(Array.from({ length: r.count }, (_, i) => r.start + i));
+        expect([...restored.runs()]).to.deep.equal(listed);
+        // Never more than the smaller representation, within its growth granule.
+        if (sorted.length > 0) {
+          const span = sorted[sorted.length - 1] - sorted[0] + 1;
+          expect(t.memoryBytes).to.be.at.most(Math.max(2 * listed.length * 8 * 4, span / 8 + 8192, 64));
+        }
+      }),
+      { numRuns: 200 },
+    );
+    expect([...modes].sort()).to.deep.equal(['bitmap', 'runs']);
+  });
+
+  it('picks a bitmap for every other page: no more than a plain bitmap over the same GiB', () => {
+    const t = new PageTracker();
+    const pages = 1024 ** 3 / 4096;
+    for (let p = 0; p < pages; p += 512) t.add(Array.from({ length: 256 }, (_, i) => p + 2 * i));
+    expect(t.representation).to.equal('bitmap');
+    expect(t.size).to.equal(pages / 2);
+    expect(t.memoryBytes).to.be.at.most(pages / 8);
+    expect(t.runCount).to.equal(pages / 2);
+    // Deflating the odd ones out again leaves a few runs: back to runs.
+    t.add(Array.from({ length: pages / 2 }, (_, i) => 2 * i + 1));
+    expect(t.representation).to.equal('runs');
+    expect(t.runCount).to.equal(1);
+    expect(t.memoryBytes).to.be.at.most(64);
+  });
+
   it('costs about 1 KiB per GiB when whole chunks are ballooned', () => {
     const t = new PageTracker();
     const pages = 1024 ** 3 / 4096;
