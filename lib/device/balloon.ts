@@ -122,6 +122,13 @@ export interface BalloonEvents {
   connection: [boolean];
 }
 
+/**
+ * A pass over one queue stops after this much time (more follows after the event loop served
+ * other I/O): a 4 GiB inflate must not delay another VM's pressure acknowledgement by the
+ * milliseconds its thousands of buffers take to read.
+ */
+export const PASS_BUDGET_MS = 0.25;
+
 export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostUserDevice {
   readonly numQueues: number;
   readonly maxQueueSize: number;
@@ -462,7 +469,7 @@ export class BalloonDevice extends EventEmitter<BalloonEvents> implements VhostU
         this.invalid('bad_chain', `queue ${vring.index} (${role}): ${error.message}`),
     };
     // At most one ring's worth of chains per pass; the back-end runs another pass for the rest.
-    const result = processRing(vring, handler, vring.queue.size);
+    const result = processRing(vring, handler, vring.queue.size, PASS_BUDGET_MS);
     if (messages > 0) {
       const seconds = (this.clock.now() - started) / 1000;
       this.messageQueue.countAcks(messages, seconds);

@@ -26,14 +26,23 @@ export interface PassResult {
 
 /**
  * One pass over `vring`, at most `maxChains` chains (a bound per pass so that a guest that keeps
- * refilling its ring cannot monopolise the event loop).
+ * refilling its ring cannot monopolise the event loop), and no longer than `budgetMs` of this
+ * thread's time when given: the rest of the ring waits for the next pass, after the event loop
+ * has served everyone else's I/O (another VM's pressure message among them).
  */
-export function processRing(vring: Vring, handler: ChainHandler, maxChains: number): PassResult {
+export function processRing(vring: Vring, handler: ChainHandler, maxChains: number, budgetMs?: number): PassResult {
   const q = vring.queue;
   const result: PassResult = { chains: 0, badChains: 0, broken: false, more: false };
+  const deadline = budgetMs === undefined ? Infinity : performance.now() + budgetMs;
   q.disableNotifications();
   for (;;) {
     while (result.chains + result.badChains < maxChains) {
+      if (result.chains > 0 && performance.now() > deadline) {
+        // Out of time: publish what is done; the caller schedules the next pass.
+        vring.flushAndNotify();
+        result.more = true;
+        return result;
+      }
       const item = q.pop();
       if (item === null) break;
       if (item.kind === 'broken') {
