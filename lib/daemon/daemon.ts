@@ -247,7 +247,7 @@ export class Daemon {
       events: {
         onError: (code) => this.metrics.error(vm.name, code),
       },
-      ...(keeper === undefined ? {} : { onHandled: () => keeper.save() }),
+      ...(keeper === undefined ? {} : { onHandled: (request, last) => keeper.afterMessage(request, last) }),
     });
     device.on('invalid', (e: { reason: string }) => this.metrics.error(vm.name, e.reason));
     device.on('ack', (e: { seconds: number }) => this.metrics.ack(vm.name, e.seconds));

@@ -26,6 +26,7 @@ import { ErrorCode, ErrorCodeValue, errorMessage } from '../errors';
 import { Logger, LogRateLimiter } from '../log';
 import { closeQuietly, native } from '../native';
 import { Mode } from '../policy/engine';
+import { FrontendRequest } from '../vhost/constants';
 import { VhostUserBackend } from '../vhost/server';
 import { SessionImage } from '../vhost/session';
 
@@ -54,6 +55,13 @@ export interface NamedFd {
 const SLOT_BYTES = 1024 * 1024;
 const SLOT_HEADER_BYTES = 36;
 const SLOT_MAGIC = 0x31534256; // "VBS1"
+/**
+ * After the two slots, one record of the last front-end message handled (its digest and reply),
+ * written for every message: small, so a GET_CONFIG costs one short write, not a whole state.
+ * A write of it cut short is harmless: it happens before the message leaves the socket.
+ */
+const RECORD_OFFSET = 2 * SLOT_BYTES;
+const RECORD_BYTES = 64 * 1024;
 
 function sha1(data: Uint8Array): Buffer {
   return createHash('sha1').update(data).digest();
@@ -69,7 +77,7 @@ export class StateFile {
   static create(vm: string): StateFile {
     const fd = native.memfdCreate(`vballoon-state-${vm}`);
     try {
-      native.ftruncate(fd, 2 * SLOT_BYTES);
+      native.ftruncate(fd, RECORD_OFFSET + RECORD_BYTES);
     } catch (err) {
       closeQuietly(fd);
       throw err;
@@ -82,25 +90,29 @@ export class StateFile {
     return new StateFile(fd);
   }
 
+  /** The JSON in a slot at `offset` with its sequence, if its hash matches. */
+  private readSlot(offset: number, capacity: number): { seq: number; doc: unknown } | undefined {
+    const header = Buffer.alloc(SLOT_HEADER_BYTES);
+    if (fs.readSync(this.fd, header, 0, SLOT_HEADER_BYTES, offset) !== SLOT_HEADER_BYTES) return undefined;
+    if (header.readUInt32LE(0) !== SLOT_MAGIC) return undefined;
+    const length = header.readUInt32LE(4);
+    if (length > capacity - SLOT_HEADER_BYTES) return undefined;
+    const body = Buffer.alloc(length);
+    if (fs.readSync(this.fd, body, 0, length, offset + SLOT_HEADER_BYTES) !== length) return undefined;
+    if (!sha1(body).equals(header.subarray(16, 36))) return undefined;
+    try {
+      return { seq: header.readDoubleLE(8), doc: JSON.parse(body.toString('utf8')) as unknown };
+    } catch {
+      return undefined; // a hash that matches over something that is not JSON: not ours
+    }
+  }
+
   /** The newest valid state, or undefined if neither slot holds one. */
   read(): unknown {
     let best: { seq: number; doc: unknown; slot: number } | undefined;
     for (let slot = 0; slot < 2; slot++) {
-      const header = Buffer.alloc(SLOT_HEADER_BYTES);
-      if (fs.readSync(this.fd, header, 0, SLOT_HEADER_BYTES, slot * SLOT_BYTES) !== SLOT_HEADER_BYTES) continue;
-      if (header.readUInt32LE(0) !== SLOT_MAGIC) continue;
-      const length = header.readUInt32LE(4);
-      if (length > SLOT_BYTES - SLOT_HEADER_BYTES) continue;
-      const seq = header.readDoubleLE(8);
-      const body = Buffer.alloc(length);
-      if (fs.readSync(this.fd, body, 0, length, slot * SLOT_BYTES + SLOT_HEADER_BYTES) !== length) continue;
-      if (!sha1(body).equals(header.subarray(16, 36))) continue;
-      if (best !== undefined && best.seq >= seq) continue;
-      try {
-        best = { seq, doc: JSON.parse(body.toString('utf8')) as unknown, slot };
-      } catch {
-        // A slot whose hash matched but that is not JSON was not written by us: ignore it.
-      }
+      const got = this.readSlot(slot * SLOT_BYTES, SLOT_BYTES);
+      if (got !== undefined && (best === undefined || got.seq > best.seq)) best = { ...got, slot };
     }
     if (best === undefined) return undefined;
     this.sequence = best.seq;
@@ -108,18 +120,35 @@ export class StateFile {
     return best.doc;
   }
 
-  /** Writes `doc` as the newest state. Throws if it does not fit a slot. */
-  write(doc: unknown): void {
-    const body = Buffer.from(JSON.stringify(doc), 'utf8');
-    if (body.length > SLOT_BYTES - SLOT_HEADER_BYTES)
-      throw new Error(`state of ${body.length} bytes does not fit the ${SLOT_BYTES}-byte slot`);
+  /** The last message record, if one was written whole. */
+  readRecord(): unknown {
+    return this.readSlot(RECORD_OFFSET, RECORD_BYTES)?.doc;
+  }
+
+  private encode(body: Buffer, capacity: number, seq: number): Buffer {
+    if (body.length > capacity - SLOT_HEADER_BYTES)
+      throw new Error(`state of ${body.length} bytes does not fit the ${capacity}-byte slot`);
     const out = Buffer.alloc(SLOT_HEADER_BYTES + body.length);
     out.writeUInt32LE(SLOT_MAGIC, 0);
     out.writeUInt32LE(body.length, 4);
-    out.writeDoubleLE(++this.sequence, 8);
+    out.writeDoubleLE(seq, 8);
     sha1(body).copy(out, 16);
     body.copy(out, SLOT_HEADER_BYTES);
+    return out;
+  }
+
+  /** Writes the last message record (one write). */
+  writeRecord(json: string): void {
+    const out = this.encode(Buffer.from(json, 'utf8'), RECORD_BYTES, 0);
+    fs.writeSync(this.fd, out, 0, out.length, RECORD_OFFSET);
+  }
+
+  /** Writes `doc` (or its JSON) as the newest state. Throws if it does not fit a slot. */
+  write(doc: unknown): void {
+    const json = typeof doc === 'string' ? doc : JSON.stringify(doc);
+    const out = this.encode(Buffer.from(json, 'utf8'), SLOT_BYTES, this.sequence + 1);
     fs.writeSync(this.fd, out, 0, out.length, this.nextSlot * SLOT_BYTES);
+    this.sequence++;
     this.nextSlot = 1 - this.nextSlot;
   }
 
@@ -258,7 +287,7 @@ export class PageBitmap implements PagesJournal {
 // ---- one VM ---------------------------------------------------------------------------------
 
 /** A SessionImage with descriptor names instead of numbers. */
-type NamedSessionImage = Omit<SessionImage, 'connFd' | 'channelFd' | 'regions' | 'rings'> & {
+type NamedSessionImage = Omit<SessionImage, 'connFd' | 'channelFd' | 'regions' | 'rings' | 'lastHandled'> & {
   conn: string;
   channel: string | null;
   regions: Array<Omit<SessionImage['regions'][number], 'fd'> & { fd: string }>;
@@ -291,6 +320,16 @@ export interface Restored {
   listenFd: number | undefined;
 }
 
+/** Front-end requests that change nothing: their handling writes only the message record. */
+const READ_ONLY_REQUESTS: ReadonlySet<number> = new Set([
+  FrontendRequest.GET_FEATURES,
+  FrontendRequest.GET_PROTOCOL_FEATURES,
+  FrontendRequest.GET_QUEUE_NUM,
+  FrontendRequest.GET_MAX_MEM_SLOTS,
+  FrontendRequest.GET_CONFIG,
+  FrontendRequest.GET_STATUS,
+]);
+
 /** Names are `<vm>.<what>`; systemd allows printable ASCII without ':' (VM names have none). */
 const STATE_NAME = 'state';
 const PAGES_NAME = 'pages';
@@ -319,6 +358,10 @@ export class VmSurvival {
   private broken = false;
   private readonly errorLog = new LogRateLimiter(1, 60_000, () => performance.now());
   private readonly restored: Restored | undefined;
+  /** The last message record the previous process left. */
+  private readonly lastRecord: SessionImage['lastHandled'] = null;
+  /** The session part of the state as last written; undefined once the session changed. */
+  private sessionJson: string | undefined;
 
   /**
    * `inherited`: this VM's descriptors from the previous process (names without the VM prefix);
@@ -340,6 +383,8 @@ export class VmSurvival {
       this.bitmap = PageBitmap.open(pagesFd, () => this.log);
       doc = this.parse(this.state.read());
       if (doc === undefined) log.warn('the previous process left no usable state for this VM; starting afresh');
+      const record = this.state.readRecord() as SessionImage['lastHandled'] | undefined;
+      if (record !== undefined && record !== null && typeof record.digest === 'string') this.lastRecord = record;
     } else {
       if (stateFd !== undefined) closeQuietly(stateFd);
       if (pagesFd !== undefined) closeQuietly(pagesFd);
@@ -426,6 +471,7 @@ export class VmSurvival {
     }
     return {
       ...s,
+      lastHandled: this.lastRecord,
       connFd,
       channelFd: take(s.channel),
       regions: s.regions.map((r) => ({ ...r, fd: take(r.fd) })),
@@ -456,13 +502,33 @@ export class VmSurvival {
     this.device = device;
     this.backend = backend;
     this.policy = policy;
-    const save = (): void => this.save();
-    device.on('target', save);
-    device.on('actual', save);
-    device.on('reset', save);
-    device.on('connection', save);
-    backend.onSession(save);
+    // `actual` changes only through SET_CONFIG, which afterMessage saves.
+    const changed = (): void => {
+      this.sessionJson = undefined;
+      this.save();
+    };
+    device.on('target', changed);
+    device.on('reset', changed);
+    device.on('connection', changed);
+    backend.onSession(changed);
     this.save();
+  }
+
+  /**
+   * A front-end message was handled (SessionOptions.onHandled): the state it changed is written
+   * (the session part too unless it was a config write), then its record. Requests that only
+   * read write the record alone.
+   */
+  afterMessage(request: number, last: NonNullable<SessionImage['lastHandled']>): void {
+    if (!READ_ONLY_REQUESTS.has(request)) {
+      if (request !== FrontendRequest.SET_CONFIG) this.sessionJson = undefined;
+      this.save();
+    }
+    try {
+      this.state.writeRecord(JSON.stringify(last));
+    } catch (err) {
+      this.failed(err);
+    }
   }
 
   setLogger(log: Logger): void {
@@ -483,7 +549,6 @@ export class VmSurvival {
       const hint = new Map<number, string>();
       const listenFd = backend.listener;
       const session = backend.current;
-      const image = session === undefined || session.isClosed ? undefined : session.image();
       const name = (fd: number, role: string): string | null => {
         if (fd < 0) return null;
         let full = this.nameOf(fd);
@@ -497,34 +562,43 @@ export class VmSurvival {
         return full.slice(this.vm.length + 1);
       };
       if (listenFd >= 0) name(listenFd, 'listen');
-      let named: NamedSessionImage | null = null;
-      if (image !== undefined) {
-        const { connFd, channelFd, regions, rings, ...rest } = image;
-        named = {
-          ...rest,
-          conn: name(connFd, 'conn')!,
-          channel: name(channelFd, 'channel'),
-          regions: regions.map((r, i) => ({ ...r, fd: name(r.fd, `mem${i}`)! })),
-          rings: rings.map((r) => {
-            const { kickFd, callFd, errFd, ...ring } = r;
-            return {
-              ...ring,
-              kick: name(kickFd, `kick${r.index}`),
-              call: name(callFd, `call${r.index}`),
-              err: name(errFd, `err${r.index}`),
-            };
-          }),
-        };
+      let sessionJson = this.sessionJson;
+      if (sessionJson === undefined) {
+        let named: NamedSessionImage | null = null;
+        const image = session === undefined || session.isClosed ? undefined : session.image();
+        if (image !== undefined) {
+          const { connFd, channelFd, regions, rings, lastHandled: _recordedApart, ...rest } = image;
+          named = {
+            ...rest,
+            conn: name(connFd, 'conn')!,
+            channel: name(channelFd, 'channel'),
+            regions: regions.map((r, i) => ({ ...r, fd: name(r.fd, `mem${i}`)! })),
+            rings: rings.map((r) => {
+              const { kickFd, callFd, errFd, ...ring } = r;
+              return {
+                ...ring,
+                kick: name(kickFd, `kick${r.index}`),
+                call: name(callFd, `call${r.index}`),
+                err: name(errFd, `err${r.index}`),
+              };
+            }),
+          };
+        }
+        sessionJson = JSON.stringify(named);
+      } else {
+        // Unchanged since the last write: its descriptors are still the named ones.
+        for (const name of this.hint.values()) used.add(name);
+        for (const [fd, full] of this.hint) hint.set(fd, full);
       }
-      const doc: VmStateDoc = {
+      const head: Omit<VmStateDoc, 'session'> = {
         version: 1,
         vm: this.vm,
         nextName: this.nextName,
         ...this.policy(),
         device: device.image(),
-        session: named,
       };
-      this.state.write(doc);
+      this.state.write(`${JSON.stringify(head).slice(0, -1)},"session":${sessionJson}}`);
+      this.sessionJson = sessionJson;
       // Only now that no state names them: what the session let go of.
       for (const [full, copy] of [...this.entries]) {
         if (used.has(full)) continue;
@@ -535,14 +609,18 @@ export class VmSurvival {
       this.hint = hint;
       this.broken = false;
     } catch (err) {
-      this.broken = true;
-      this.errors++;
-      this.onError(ErrorCode.RESTART_STATE);
-      if (this.errorLog.take() !== undefined)
-        this.log.error('cannot record the state a restart needs: a restart now would drop this VM', {
-          error: errorMessage(err),
-        });
+      this.failed(err);
     }
+  }
+
+  private failed(err: unknown): void {
+    this.broken = true;
+    this.errors++;
+    this.onError(ErrorCode.RESTART_STATE);
+    if (this.errorLog.take() !== undefined)
+      this.log.error('cannot record the state a restart needs: a restart now would drop this VM', {
+        error: errorMessage(err),
+      });
   }
 
   /** State writes that failed (a restart at that moment would have lost the VM). */

@@ -24,7 +24,7 @@ export interface BackendOptions {
   /** Drop a front-end that sends nothing after connecting for this long (default 30 s). */
   firstMessageTimeoutMs?: number;
   /** After each front-end message is handled, before its reply (SessionOptions.onHandled). */
-  onHandled?(): void;
+  onHandled?: SessionOptions['onHandled'];
 }
 
 /** After accept(2) fails, the listener is not watched for this long (no spin, no log flood). */

@@ -83,11 +83,11 @@ export interface SessionOptions {
   /** Drop a front-end that sends nothing after connecting for this long (default 30 s). */
   firstMessageTimeoutMs?: number;
   /**
-   * After each front-end message was handled, before its reply goes out: a restartable daemon
-   * records the new state here, so that a reply the front-end has seen is never one the next
-   * process does not know about.
+   * After each front-end message was handled, before it is taken off the socket and its reply
+   * goes out: a restartable daemon records the new state (and the message's digest and reply)
+   * here, so that a reply the front-end has seen is never one the next process does not know about.
    */
-  onHandled?(): void;
+  onHandled?(request: number, last: NonNullable<SessionImage['lastHandled']>): void;
   /** Taking over a connection a previous process served (SessionImage): no first-message wait. */
   resumed?: boolean;
 }
@@ -404,7 +404,7 @@ export class Session implements DeviceHost {
       digest: frameDigest(frame),
       reply: out === undefined ? null : Buffer.from(out).toString('base64'),
     };
-    this.options.onHandled?.();
+    this.options.onHandled?.(msg.request, this.lastHandled);
     this.conn.commit();
     if (out !== undefined) this.conn.send(out);
   }

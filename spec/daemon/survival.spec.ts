@@ -293,7 +293,9 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
     const keeperA = new VmSurvival('vm0', holder, new MemoryLogger());
     const deviceA = new BalloonDevice({ journal: keeperA.bitmap });
     let crashed = false;
-    const fx = startBackend(deviceA, { onHandled: () => crashed || keeperA.save() });
+    const fx = startBackend(deviceA, {
+      onHandled: (request, last) => crashed || keeperA.afterMessage(request, last),
+    });
     keeperA.follow(deviceA, fx.backend, policy);
     // q35 above 3 GiB: low and high memory are two regions of one memfd.
     const ram = new GuestRam({ sizeBytes: 4 * 1024 * 1024 * 1024, layout: 'q35' });
