@@ -66,12 +66,21 @@ export class DaemonService {
   /** Starts the daemon under its manager and waits for READY=1. */
   static async start(options: DaemonServiceOptions): Promise<DaemonService> {
     const want = options.manager ?? 'auto';
-    const reason = want === 'supervisor' ? 'asked for the supervisor' : unavailableReason();
+    let reason = want === 'supervisor' ? 'asked for the supervisor' : unavailableReason();
     if (want === 'systemd' && reason !== undefined) throw new Error(`systemd cannot run here: ${reason}`);
+    let manager: SystemdUser | undefined;
+    if (reason === undefined) {
+      try {
+        manager = await SystemdUser.launch();
+      } catch (err) {
+        if (want === 'systemd') throw err;
+        reason = `the user manager did not start: ${(err as Error).message}`;
+      }
+    }
     const s = new DaemonService(options, reason);
     const command = [process.execPath, VBALLOON_BIN, 'serve', '--config', s.configFile];
-    if (reason === undefined) {
-      s.systemd = await SystemdUser.launch();
+    if (manager !== undefined) {
+      s.systemd = manager;
       const { unit, logFile } = await s.systemd.writeService('vballoon', {
         command,
         restart: 'on-failure',

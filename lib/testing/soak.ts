@@ -76,8 +76,17 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-function fdCount(pid: number): number {
-  return fs.readdirSync(`/proc/${pid}/fd`).length;
+/**
+ * The daemon's open descriptors at a quiet moment: the least of a few looks 50 ms apart (the
+ * control connection of the status request just answered may not be closed on its side yet).
+ */
+async function fdCount(pid: number): Promise<number> {
+  let least = Infinity;
+  for (let i = 0; i < 5; i++) {
+    least = Math.min(least, fs.readdirSync(`/proc/${pid}/fd`).length);
+    await sleep(50);
+  }
+  return least;
 }
 
 export function percentile(values: readonly number[], p: number): number {
@@ -149,7 +158,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakReport> {
       (graceful.has(i) ? restartStallsMs : killStallsMs).push(stall);
       log(`${graceful.has(i) ? 'restart' : 'kill'} ${i + 1}/${total}: stall ${stall.toFixed(0)} ms`);
       if (firstFds === undefined)
-        firstFds = { daemon: fdCount(await service.pid()), stored: await service.storedDescriptors() };
+        firstFds = { daemon: await fdCount(await service.pid()), stored: await service.storedDescriptors() };
     }
     // The end: one last target, reached exactly; everything must agree.
     const finalTarget = 256 * MiB;
@@ -185,7 +194,7 @@ export async function runSoak(o: SoakOptions): Promise<SoakReport> {
       pagesLost,
       hostReleasedBytes: residentFull - (end.hostResidentBytes ?? 0),
       statsAgeSeconds: end.statsAgeSeconds,
-      daemonFds: { afterFirstRestart: firstFds?.daemon ?? -1, atEnd: fdCount(await service.pid()) },
+      daemonFds: { afterFirstRestart: firstFds?.daemon ?? -1, atEnd: await fdCount(await service.pid()) },
       storedFds: { afterFirstRestart: firstFds?.stored ?? -1, atEnd: await service.storedDescriptors() },
       stillConnected: end.connected,
       lostRepliesResent: 0,

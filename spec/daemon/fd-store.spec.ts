@@ -348,8 +348,15 @@ const noSystemd = unavailableReason();
     const actionsFile = (): string => path.join(dir, 'actions.json');
     const actions = (a: ChildAction[]): void => fs.writeFileSync(actionsFile(), JSON.stringify(a));
 
-    before(async () => {
-      manager = await SystemdUser.launch();
+    before(async function () {
+      try {
+        manager = await SystemdUser.launch();
+      } catch (err) {
+        // The binary is there but the manager would not come up (cgroups, namespaces): the
+        // supervisor tests above cover the protocol; say why these did not run.
+        console.log(`      real systemd could not start here: ${(err as Error).message}`);
+        this.skip();
+      }
       dir = manager.dir;
     });
     after(async () => {
