@@ -7,7 +7,7 @@
  * and while another VM inflates 4 GiB at once (its holes punched by the worker thread), with the
  * event loop's own delay measured over that inflate (perf_hooks.monitorEventLoopDelay).
  */
-import { ChildProcess, fork } from 'node:child_process';
+import { ChildProcess, execFileSync, fork } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -202,6 +202,13 @@ export async function benchPressureLatency(
   const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
   const loadChild = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
   const bigChild = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
+  // VBALLOON_BENCH_PIN=1: the guest processes on CPU 1 (as vCPUs elsewhere), the daemon's
+  // event loop thread on CPU 0, to separate CPU contention from the daemon's own pauses.
+  if (process.env['VBALLOON_BENCH_PIN'] === '1') {
+    for (const c of [child, loadChild, bigChild])
+      execFileSync('taskset', ['-a', '-p', '-c', '1', String(c.pid)], { stdio: 'ignore' });
+    execFileSync('taskset', ['-p', '-c', '0', String(process.pid)], { stdio: 'ignore' });
+  }
   try {
     await ask(child, { kind: 'pingpong', iterations: 1000 });
     await ask(child, { kind: 'pressure', socketPath: sockA, iterations: 1000 });
