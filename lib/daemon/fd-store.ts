@@ -73,6 +73,16 @@ export function inheritedFds(env: NodeJS.ProcessEnv = process.env): InheritedFd[
   return out;
 }
 
+/** The KEY=VALUE lines of one notify datagram (sd_notify(3)); later keys win. */
+export function parseNotifyFields(text: string): Partial<Record<string, string>> {
+  const fields: Partial<Record<string, string>> = {};
+  for (const line of text.split('\n')) {
+    const eq = line.indexOf('=');
+    if (eq > 0) fields[line.slice(0, eq)] = line.slice(eq + 1);
+  }
+  return fields;
+}
+
 /** Throws unless `name` is acceptable as an FDNAME=: 1..255 printable ASCII characters, no ':'. */
 export function validateFdName(name: string): void {
   if (name.length < 1 || name.length > FDNAME_MAX_LENGTH) {

@@ -382,7 +382,10 @@ export class VmSurvival {
       this.state = StateFile.open(stateFd);
       this.bitmap = PageBitmap.open(pagesFd, () => this.log);
       doc = this.parse(this.state.read());
-      if (doc === undefined) log.warn('the previous process left no usable state for this VM; starting afresh');
+      if (doc === undefined) {
+        log.warn('the previous process left no usable state for this VM; starting afresh');
+        this.bitmap.cleared(); // an inherited bitmap without a state to go with it describes nothing
+      }
       const record = this.state.readRecord() as SessionImage['lastHandled'] | undefined;
       if (record !== undefined && record !== null && typeof record.digest === 'string') this.lastRecord = record;
     } else {
@@ -401,8 +404,6 @@ export class VmSurvival {
       inherited.delete(LISTEN_NAME);
       this.restored = { doc, listenFd };
       if (listenFd !== undefined) this.keep(this.fullName(LISTEN_NAME), listenFd);
-    } else {
-      this.bitmap.cleared();
     }
   }
 

@@ -19,7 +19,7 @@ import * as path from 'node:path';
 import { ErrorCode, VballoonError } from '../errors';
 import { Logger } from '../log';
 import { closeQuietly, native, PollHandle, POLL_READABLE } from '../native';
-import { FdStore } from './fd-store';
+import { FdStore, parseNotifyFields } from './fd-store';
 import { NamedFd } from './survival';
 
 /** How long the new process waits for the running daemon to hand everything over and exit. */
@@ -33,15 +33,6 @@ export function handoverSender(log: Logger, address: string): FdStore & { finish
   return Object.assign(store, {
     finish: (): void => native.notifySend(address, 'READY=1\n'),
   });
-}
-
-function parseFields(text: string): Map<string, string> {
-  const out = new Map<string, string>();
-  for (const line of text.split('\n')) {
-    const eq = line.indexOf('=');
-    if (eq > 0) out.set(line.slice(0, eq), line.slice(eq + 1));
-  }
-  return out;
 }
 
 /**
@@ -85,14 +76,14 @@ export async function receiveHandover(controlSocket: string, log: Logger): Promi
         for (let i = 0; i < DATAGRAMS_PER_WAKEUP; i++) {
           const d = native.dgramRecv(fd);
           if (d === null) return;
-          const fields = parseFields(d.text);
-          const name = fields.get('FDNAME');
-          if (fields.get('FDSTORE') === '1' && name !== undefined) {
+          const fields = parseNotifyFields(d.text);
+          const name = fields['FDNAME'];
+          if (fields['FDSTORE'] === '1' && name !== undefined) {
             for (const f of d.fds) received.push({ name, fd: f });
           } else {
             for (const f of d.fds) closeQuietly(f);
           }
-          if (fields.get('READY') === '1') {
+          if (fields['READY'] === '1') {
             ready = true;
             check();
           }

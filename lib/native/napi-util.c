@@ -94,3 +94,68 @@ napi_value vb_null(napi_env env) {
   napi_get_null(env, &out);
   return out;
 }
+
+/* Calls `cb` from a libuv callback with make_callback (so promise jobs run after it); an
+ * exception it throws becomes Node's uncaught exception, as it would from any event handler. */
+void vb_make_callback(napi_env env, napi_async_context ctx, napi_value cb, size_t argc, const napi_value *argv) {
+  napi_value recv, result;
+  napi_get_global(env, &recv);
+  if (napi_make_callback(env, ctx, recv, cb, argc, argv, &result) == napi_ok) return;
+  bool pending = false;
+  napi_is_exception_pending(env, &pending);
+  if (!pending) return;
+  napi_value err;
+  napi_get_and_clear_last_exception(env, &err);
+  napi_fatal_exception(env, err);
+}
+
+/* Reads an optional array (undefined or null: none) of at most `max` descriptors into `fds`;
+ * returns how many, or -1 after throwing. */
+int vb_fd_list(napi_env env, napi_value value, int *fds, uint32_t max, const char *syscall) {
+  napi_valuetype t;
+  napi_typeof(env, value, &t);
+  if (t == napi_undefined || t == napi_null) return 0;
+  bool is_array = false;
+  napi_is_array(env, value, &is_array);
+  if (!is_array) {
+    vb_throw_type(env, "fds must be an array");
+    return -1;
+  }
+  uint32_t n = 0;
+  if (napi_get_array_length(env, value, &n) != napi_ok) {
+    vb_throw_napi(env, "napi_get_array_length");
+    return -1;
+  }
+  if (n > max) {
+    vb_throw_errno(env, EINVAL, syscall);
+    return -1;
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value v;
+    if (napi_get_element(env, value, i, &v) != napi_ok) {
+      vb_throw_napi(env, "napi_get_element");
+      return -1;
+    }
+    if (!vb_int32(env, v, &fds[i], "fd")) return -1;
+  }
+  return (int)n;
+}
+
+/* Appends the descriptors of one SCM_RIGHTS message to fds (up to max; the rest are closed:
+ * they arrived, so they are ours to close). */
+void vb_take_rights(const struct cmsghdr *c, int *fds, size_t *nfds, size_t max) {
+  size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+  const uint8_t *p = CMSG_DATA(c);
+  for (size_t i = 0; i < count; i++) {
+    int one;
+    memcpy(&one, p + i * sizeof(int), sizeof one);
+    if (*nfds < max)
+      fds[(*nfds)++] = one;
+    else
+      close(one);
+  }
+}
+
+void vb_close_fds(const int *fds, size_t n) {
+  for (size_t i = 0; i < n; i++) close(fds[i]);
+}

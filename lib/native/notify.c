@@ -18,69 +18,6 @@
 #define VB_NOTIFY_SEND_TIMEOUT_MS 5000
 
 /*
- * Fills `addr` from "path" or "@abstract" and returns the address length to pass to bind() or
- * sendmsg(), or 0 after throwing. An abstract name has no terminating NUL and its length is
- * exactly offsetof(sun_path) + 1 + strlen(name): names are compared over that length, so a
- * padded length would name a different socket.
- */
-static socklen_t vb_dgram_address(napi_env env, napi_value value, struct sockaddr_un *addr, const char *syscall) {
-  char text[sizeof addr->sun_path + 2];
-  size_t len = 0;
-  if (napi_get_value_string_utf8(env, value, text, sizeof text, &len) != napi_ok) {
-    vb_throw_type(env, "address must be a string");
-    return 0;
-  }
-  if (len == 0 || len >= sizeof addr->sun_path || memchr(text, '\0', len) != NULL) {
-    vb_throw_errno(env, len == 0 ? EINVAL : ENAMETOOLONG, syscall);
-    return 0;
-  }
-  memset(addr, 0, sizeof *addr);
-  addr->sun_family = AF_UNIX;
-  if (text[0] == '@') {
-    if (len < 2) {
-      vb_throw_errno(env, EINVAL, syscall);
-      return 0;
-    }
-    addr->sun_path[0] = '\0';
-    memcpy(addr->sun_path + 1, text + 1, len - 1);
-    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
-  }
-  memcpy(addr->sun_path, text, len);
-  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + 1);
-}
-
-/* Reads an optional array of at most VB_SCM_MAX_FDS descriptors; -1 after throwing. */
-static int vb_fd_list(napi_env env, napi_value value, int *fds, const char *syscall) {
-  napi_valuetype t;
-  napi_typeof(env, value, &t);
-  if (t == napi_undefined || t == napi_null) return 0;
-  bool is_array = false;
-  napi_is_array(env, value, &is_array);
-  if (!is_array) {
-    vb_throw_type(env, "fds must be an array");
-    return -1;
-  }
-  uint32_t n = 0;
-  if (napi_get_array_length(env, value, &n) != napi_ok) {
-    vb_throw_napi(env, "napi_get_array_length");
-    return -1;
-  }
-  if (n > VB_SCM_MAX_FDS) {
-    vb_throw_errno(env, EINVAL, syscall);
-    return -1;
-  }
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value v;
-    if (napi_get_element(env, value, i, &v) != napi_ok) {
-      vb_throw_napi(env, "napi_get_element");
-      return -1;
-    }
-    if (!vb_int32(env, v, &fds[i], "fd")) return -1;
-  }
-  return (int)n;
-}
-
-/*
  * notifySend(address, text, fds?): one datagram, the descriptors as SCM_RIGHTS, on a new
  * blocking socket. Returns once the kernel queued it on the receiver (the descriptors are then
  * the receiver's as well: closing ours afterwards is safe); throws otherwise. The kernel adds
@@ -90,7 +27,7 @@ napi_value vb_notify_send(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   if (!vb_get_args(env, info, 3, argv)) return NULL;
   struct sockaddr_un addr;
-  socklen_t addr_len = vb_dgram_address(env, argv[0], &addr, "sendmsg");
+  socklen_t addr_len = vb_unix_address(env, argv[0], &addr, "sendmsg");
   if (addr_len == 0) return NULL;
   size_t text_len = 0;
   if (napi_get_value_string_utf8(env, argv[1], NULL, 0, &text_len) != napi_ok)
@@ -100,7 +37,7 @@ napi_value vb_notify_send(napi_env env, napi_callback_info info) {
   if (text == NULL) return vb_throw_errno(env, ENOMEM, "sendmsg");
   napi_get_value_string_utf8(env, argv[1], text, text_len + 1, &text_len);
   int fds[VB_SCM_MAX_FDS];
-  int nfds = vb_fd_list(env, argv[2], fds, "sendmsg");
+  int nfds = vb_fd_list(env, argv[2], fds, VB_SCM_MAX_FDS, "sendmsg");
   if (nfds < 0) {
     free(text);
     return NULL;
@@ -152,7 +89,7 @@ napi_value vb_dgram_listen(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   if (!vb_get_args(env, info, 2, argv)) return NULL;
   struct sockaddr_un addr;
-  socklen_t addr_len = vb_dgram_address(env, argv[0], &addr, "bind");
+  socklen_t addr_len = vb_unix_address(env, argv[0], &addr, "bind");
   if (addr_len == 0) return NULL;
   bool pass_cred = true;
   napi_valuetype t;
@@ -210,16 +147,7 @@ napi_value vb_dgram_recv(napi_env env, napi_callback_info info) {
   for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET) continue;
     if (c->cmsg_type == SCM_RIGHTS) {
-      size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      const uint8_t *p = CMSG_DATA(c);
-      for (size_t i = 0; i < count; i++) {
-        int one;
-        memcpy(&one, p + i * sizeof(int), sizeof one);
-        if (nfds < VB_SCM_MAX_FDS)
-          fds[nfds++] = one;
-        else
-          close(one);
-      }
+      vb_take_rights(c, fds, &nfds, VB_SCM_MAX_FDS);
     } else if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len >= CMSG_LEN(sizeof(struct ucred))) {
       struct ucred cred;
       memcpy(&cred, CMSG_DATA(c), sizeof cred);
@@ -229,7 +157,7 @@ napi_value vb_dgram_recv(napi_env env, napi_callback_info info) {
   }
   bool truncated = (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) != 0;
   if (truncated) {
-    for (size_t i = 0; i < nfds; i++) close(fds[i]);
+    vb_close_fds(fds, nfds);
     nfds = 0;
   }
   napi_value result, text, fd_array, trunc_value;

@@ -204,22 +204,11 @@ static void vb_punch_async_cb(uv_async_t *h) {
   napi_value records = q->done_head != NULL ? vb_punch_take_locked(env, q, &taken) : NULL;
   pthread_mutex_unlock(&q->lock);
   if (records != NULL) {
-    napi_value cb = NULL, recv, result;
+    napi_value cb = NULL;
     napi_get_reference_value(env, q->callback, &cb);
     /* Settle first: the callback may submit again (and so take a new reference). */
     vb_punch_settle(q, taken);
-    if (cb != NULL) {
-      napi_get_global(env, &recv);
-      if (napi_make_callback(env, q->actx, recv, cb, 1, &records, &result) != napi_ok) {
-        bool pending = false;
-        napi_is_exception_pending(env, &pending);
-        if (pending) {
-          napi_value err;
-          napi_get_and_clear_last_exception(env, &err);
-          napi_fatal_exception(env, err);
-        }
-      }
-    }
+    if (cb != NULL) vb_make_callback(env, q->actx, cb, 1, &records);
   }
   napi_close_handle_scope(env, scope);
 }

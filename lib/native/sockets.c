@@ -4,21 +4,36 @@
  */
 #include "vb.h"
 
-static bool vb_fill_sockaddr(napi_env env, napi_value path_value, struct sockaddr_un *addr) {
-  char path[sizeof addr->sun_path + 1];
+/*
+ * Fills `addr` from a path, or an abstract name written "@name", and returns the address length to pass to bind() or
+ * sendmsg(), or 0 after throwing. An abstract name has no terminating NUL and its length is
+ * exactly offsetof(sun_path) + 1 + strlen(name): names are compared over that length, so a
+ * padded length would name a different socket.
+ */
+socklen_t vb_unix_address(napi_env env, napi_value value, struct sockaddr_un *addr, const char *syscall) {
+  char text[sizeof addr->sun_path + 2];
   size_t len = 0;
-  if (napi_get_value_string_utf8(env, path_value, path, sizeof path, &len) != napi_ok) {
-    vb_throw_type(env, "path must be a string");
-    return false;
+  if (napi_get_value_string_utf8(env, value, text, sizeof text, &len) != napi_ok) {
+    vb_throw_type(env, "address must be a string");
+    return 0;
   }
-  if (len == 0 || len >= sizeof addr->sun_path) {
-    vb_throw_errno(env, ENAMETOOLONG, "bind");
-    return false;
+  if (len == 0 || len >= sizeof addr->sun_path || memchr(text, '\0', len) != NULL) {
+    vb_throw_errno(env, len == 0 ? EINVAL : ENAMETOOLONG, syscall);
+    return 0;
   }
   memset(addr, 0, sizeof *addr);
   addr->sun_family = AF_UNIX;
-  memcpy(addr->sun_path, path, len);
-  return true;
+  if (text[0] == '@') {
+    if (len < 2) {
+      vb_throw_errno(env, EINVAL, syscall);
+      return 0;
+    }
+    addr->sun_path[0] = '\0';
+    memcpy(addr->sun_path + 1, text + 1, len - 1);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+  }
+  memcpy(addr->sun_path, text, len);
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + 1);
 }
 
 /* listen(path, backlog) -> fd. The listening socket is non-blocking (accept never blocks). */
@@ -27,11 +42,11 @@ napi_value vb_listen(napi_env env, napi_callback_info info) {
   if (!vb_get_args(env, info, 2, argv)) return NULL;
   struct sockaddr_un addr;
   int32_t backlog;
-  if (!vb_fill_sockaddr(env, argv[0], &addr) || !vb_int32(env, argv[1], &backlog, "backlog"))
-    return NULL;
+  socklen_t addr_len = vb_unix_address(env, argv[0], &addr, "bind");
+  if (addr_len == 0 || !vb_int32(env, argv[1], &backlog, "backlog")) return NULL;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return vb_throw_errno(env, errno, "socket");
-  if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+  if (bind(fd, (struct sockaddr *)&addr, addr_len) < 0) {
     int err = errno;
     close(fd);
     return vb_throw_errno(env, err, "bind");
@@ -67,12 +82,13 @@ napi_value vb_connect(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (!vb_get_args(env, info, 1, argv)) return NULL;
   struct sockaddr_un addr;
-  if (!vb_fill_sockaddr(env, argv[0], &addr)) return NULL;
+  socklen_t addr_len = vb_unix_address(env, argv[0], &addr, "connect");
+  if (addr_len == 0) return NULL;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return vb_throw_errno(env, errno, "socket");
   int rc;
   do {
-    rc = connect(fd, (struct sockaddr *)&addr, sizeof addr);
+    rc = connect(fd, (struct sockaddr *)&addr, addr_len);
   } while (rc < 0 && errno == EINTR);
   if (rc < 0) {
     int err = errno;
@@ -128,10 +144,6 @@ napi_value vb_socketpair(napi_env env, napi_callback_info info) {
   return vb_fd_pair(env, sv);
 }
 
-static void vb_close_fds(const int *fds, size_t n) {
-  for (size_t i = 0; i < n; i++) close(fds[i]);
-}
-
 /*
  * recvmsg(fd, maxBytes) -> { data: Buffer, fds: number[], truncated: boolean } | null
  * null: nothing to read now (EAGAIN). data.length === 0: the peer closed the connection.
@@ -173,17 +185,8 @@ napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
   }
   int fds[VB_MAX_FDS];
   size_t nfds = 0;
-  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    int *p = (int *)CMSG_DATA(c);
-    for (size_t i = 0; i < count; i++) {
-      if (nfds < VB_MAX_FDS)
-        fds[nfds++] = p[i];
-      else
-        close(p[i]);
-    }
-  }
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c))
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) vb_take_rights(c, fds, &nfds, VB_MAX_FDS);
   bool truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
   if (truncated) {
     vb_close_fds(fds, nfds);
@@ -221,21 +224,8 @@ napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
   NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &base, &ab, &byte_offset));
   if (type != napi_uint8_array) return vb_throw_type(env, "data must be a Uint8Array");
   int fds[VB_MAX_FDS];
-  uint32_t nfds = 0;
-  napi_valuetype t;
-  napi_typeof(env, argv[2], &t);
-  if (t != napi_undefined && t != napi_null) {
-    bool is_array = false;
-    napi_is_array(env, argv[2], &is_array);
-    if (!is_array) return vb_throw_type(env, "fds must be an array");
-    NAPI_CALL(env, napi_get_array_length(env, argv[2], &nfds));
-    if (nfds > VB_MAX_FDS) return vb_throw_errno(env, EINVAL, "sendmsg");
-    for (uint32_t i = 0; i < nfds; i++) {
-      napi_value v;
-      NAPI_CALL(env, napi_get_element(env, argv[2], i, &v));
-      if (!vb_int32(env, v, &fds[i], "fd")) return NULL;
-    }
-  }
+  int nfds = vb_fd_list(env, argv[2], fds, VB_MAX_FDS, "sendmsg");
+  if (nfds < 0) return NULL;
   union {
     struct cmsghdr align;
     uint8_t buf[CMSG_SPACE(sizeof(int) * VB_MAX_FDS)];

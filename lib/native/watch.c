@@ -78,22 +78,12 @@ static void vb_watch_event(uv_poll_t *p, int status, int events) {
   napi_env env = w->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-  napi_value cb, recv, argv[3], result;
+  napi_value cb, argv[3];
   if (napi_get_reference_value(env, w->callback, &cb) == napi_ok && cb != NULL) {
-    napi_get_global(env, &recv);
     napi_create_int32(env, status, &argv[0]);
     napi_create_int32(env, events, &argv[1]);
     napi_create_double(env, count, &argv[2]);
-    /* make_callback (not call_function) so that promise jobs run after the callback. */
-    if (napi_make_callback(env, w->async, recv, cb, w->eventfd ? 3 : 2, argv, &result) != napi_ok) {
-      bool pending = false;
-      napi_is_exception_pending(env, &pending);
-      if (pending) {
-        napi_value err;
-        napi_get_and_clear_last_exception(env, &err);
-        napi_fatal_exception(env, err);
-      }
-    }
+    vb_make_callback(env, w->async, cb, w->eventfd ? 3 : 2, argv);
   }
   napi_close_handle_scope(env, scope);
 }

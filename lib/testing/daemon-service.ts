@@ -23,6 +23,30 @@ export interface DaemonServiceOptions {
   unitExtra?: readonly string[];
 }
 
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `vballoon ARGS --control CONTROL` as a child process (SIGKILLed after `timeoutMs`). */
+export function runCli(control: string, args: readonly string[], timeoutMs = 60_000): Promise<CliResult> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [VBALLOON_BIN, ...args, '--control', control], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
+    p.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
+    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
+    p.on('close', (code) => {
+      clearTimeout(t);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
 export interface ServiceLogLine {
   msg: string;
   level: string;
@@ -177,21 +201,8 @@ export class DaemonService {
   }
 
   /** Runs the CLI against this daemon's control socket. */
-  cli(args: readonly string[], timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-    return new Promise((resolve) => {
-      const p = spawn(process.execPath, [VBALLOON_BIN, ...args, '--control', this.control], {
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-      p.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-      const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-      p.on('close', (code) => {
-        clearTimeout(t);
-        resolve({ code, stdout, stderr });
-      });
-    });
+  cli(args: readonly string[], timeoutMs = 60_000): Promise<CliResult> {
+    return runCli(this.control, args, timeoutMs);
   }
 
   /** Stops the daemon for good (its manager releases the store) and the manager. */

@@ -18,6 +18,7 @@
 import { ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { parseNotifyFields } from '../daemon/fd-store';
 import { closeQuietly, native, PollHandle, POLL_READABLE } from '../native';
 
 export interface FdSupervisorOptions {
@@ -115,11 +116,7 @@ export class FdSupervisor {
     for (;;) {
       const d = native.dgramRecv(this.socket);
       if (d === null) return;
-      const fields: Partial<Record<string, string>> = {};
-      for (const line of d.text.split('\n')) {
-        const eq = line.indexOf('=');
-        if (eq > 0) fields[line.slice(0, eq)] = line.slice(eq + 1);
-      }
+      const fields = parseNotifyFields(d.text);
       const fromMain = d.pid !== undefined && d.pid === this.child?.pid;
       const ignored = d.truncated || ((this.options.notifyAccess ?? 'main') === 'main' && !fromMain);
       this.messages.push({ fields, fdCount: d.fds.length, pid: d.pid, ignored });

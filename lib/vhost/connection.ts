@@ -192,19 +192,8 @@ export class Connection {
    * read, which reports it the usual way.
    */
   private readCommitted(): 'empty' | 'handled' | 'ordinary' {
-    const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES, true);
-    if (msg === null) return 'empty';
-    // The peeked descriptors are duplicates: ours to close whatever happens to the frames.
-    const peek = new MessageReader(this.expectReplies);
-    let frames: Frame[];
-    try {
-      if (msg.data.length === 0 || msg.truncated) throw new Error('ordinary');
-      frames = peek.push(msg.data, msg.fds);
-    } catch (err) {
-      for (const fd of err instanceof FramingError ? err.orphanFds : msg.fds) closeQuietly(fd);
-      return 'ordinary';
-    }
-    for (const fd of peek.takeFds()) closeQuietly(fd); // a trailing partial message: peeked again later
+    const frames = this.peekFrames();
+    if (frames === 'empty') return 'empty';
     if (frames.length === 0) return 'ordinary';
     if (!this.received) {
       this.received = true;
@@ -248,18 +237,31 @@ export class Connection {
    * the first whole message (frameDigest), or 'partial'. Nothing is taken off the socket.
    */
   peekHead(): string {
+    const frames = this.peekFrames();
+    if (frames === 'empty') return 'empty';
+    for (const fd of frames.flatMap((f) => f.fds)) closeQuietly(fd);
+    return frames[0] === undefined ? 'partial' : frameDigest(frames[0]);
+  }
+
+  /**
+   * The whole messages queued on the socket, left there (MSG_PEEK; their descriptors are new
+   * duplicates, the caller's). None when what is queued is not a whole message, ends the stream,
+   * was truncated or does not parse: the ordinary read reports those.
+   */
+  private peekFrames(): Frame[] | 'empty' {
     const msg = native.recvmsg(this.fd, READ_CHUNK_BYTES, true);
     if (msg === null) return 'empty';
-    let frames: Frame[] = [];
     const peek = new MessageReader(this.expectReplies);
+    let frames: Frame[] = [];
     try {
       if (msg.data.length > 0 && !msg.truncated) frames = peek.push(msg.data, msg.fds);
       else for (const fd of msg.fds) closeQuietly(fd);
     } catch (err) {
       if (err instanceof FramingError) for (const fd of err.orphanFds) closeQuietly(fd);
+      return [];
     }
-    for (const fd of [...peek.takeFds(), ...frames.flatMap((f) => f.fds)]) closeQuietly(fd);
-    return frames[0] === undefined ? 'partial' : frameDigest(frames[0]);
+    for (const fd of peek.takeFds()) closeQuietly(fd); // a trailing partial message: peeked again later
+    return frames;
   }
 
   /**

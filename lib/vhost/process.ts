@@ -8,6 +8,9 @@ import { VirtqueueError } from '../errors';
 import { Descriptor } from '../virtio/virtqueue';
 import { Vring } from './device';
 
+/** How many chains a pass serves between two looks at the clock (budgetMs). */
+const CLOCK_EVERY_CHAINS = 8;
+
 export interface ChainHandler {
   /** Handles a well-formed chain; returns the bytes written into it, or 'defer' to keep it
    * (the device will push it to the used ring itself later, e.g. the stats buffer). */
@@ -37,7 +40,8 @@ export function processRing(vring: Vring, handler: ChainHandler, maxChains: numb
   q.disableNotifications();
   for (;;) {
     while (result.chains + result.badChains < maxChains) {
-      if (result.chains > 0 && performance.now() > deadline) {
+      // The clock is read every CLOCK_EVERY_CHAINS chains, not for each (the ring walker is hot).
+      if (result.chains > 0 && result.chains % CLOCK_EVERY_CHAINS === 0 && performance.now() > deadline) {
         // Out of time: publish what is done; the caller schedules the next pass.
         vring.flushAndNotify();
         result.more = true;

@@ -14,7 +14,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { VmStatus } from '../../lib/daemon/daemon';
 import { BalloonGuest } from '../../lib/testing/balloon-guest';
-import { DaemonService, VBALLOON_BIN } from '../../lib/testing/daemon-service';
+import { DaemonService, runCli, VBALLOON_BIN } from '../../lib/testing/daemon-service';
 import { tmpDir, until } from '../helpers';
 
 const PAGES_PER_MIB = 256;
@@ -133,15 +133,7 @@ describe('daemon takeover without a service manager (vballoon serve --takeover)'
       p.stderr.setEncoding('utf8').on('data', (c: string) => (err += c));
       return { p, err: () => err, exited: new Promise<number | null>((r) => p.on('exit', (c) => r(c))) };
     };
-    const cli = (args: string[]) =>
-      new Promise<{ code: number | null; stdout: string }>((resolve) => {
-        const c = spawn(process.execPath, [VBALLOON_BIN, ...args, '--control', control], {
-          stdio: ['ignore', 'pipe', 'ignore'],
-        });
-        let out = '';
-        c.stdout.setEncoding('utf8').on('data', (x: string) => (out += x));
-        c.on('close', (code) => resolve({ code, stdout: out }));
-      });
+    const cli = (args: string[]) => runCli(control, args);
     const first = startDaemon([]);
     let second: ReturnType<typeof startDaemon> | undefined;
     let g: BalloonGuest | undefined;
