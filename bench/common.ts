@@ -1,5 +1,59 @@
 /** Pieces shared by the benchmarks that run a child process. */
+import { ChildProcess, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { native, PollHandle, POLL_READABLE } from '../lib/native';
+
+/** Polls `cond` every `pollMs` until it holds; rejects naming `what` after `timeoutMs`. */
+export function waitFor(cond: () => boolean, timeoutMs: number, what: string, pollMs = 10): Promise<void> {
+  const start = Date.now();
+  return new Promise((resolve, reject) => {
+    const check = (): void => {
+      if (cond()) resolve();
+      else if (Date.now() - start > timeoutMs) reject(new Error(`timed out waiting for ${what}`));
+      else setTimeout(check, pollMs);
+    };
+    check();
+  });
+}
+
+/** The real daemon (`vballoon serve`) in a child process with `vms`, in a fresh directory. */
+export interface BenchDaemon {
+  dir: string;
+  control: string;
+  process: ChildProcess;
+  /** Stops it (SIGTERM) and removes the directory. */
+  stop(): Promise<void>;
+}
+
+/** Starts the daemon with one VM per entry of `vms(dir)` and waits for its control socket. */
+export async function startBenchDaemon(
+  prefix: string,
+  vms: (dir: string) => Array<Record<string, unknown>>,
+): Promise<BenchDaemon> {
+  const bin = path.resolve(__dirname, '..', 'bin', 'vballoon.js');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `vballoon-${prefix}-`));
+  const control = path.join(dir, 'control.sock');
+  const config = path.join(dir, 'config.json');
+  fs.writeFileSync(
+    config,
+    JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms: vms(dir) }),
+  );
+  const child = spawn(process.execPath, [bin, 'serve', '--config', config], { stdio: 'ignore' });
+  const stop = async (): Promise<void> => {
+    child.kill('SIGTERM');
+    await new Promise((r) => (child.exitCode !== null ? r(undefined) : child.once('exit', r)));
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    await waitFor(() => fs.existsSync(control), 10_000, 'the control socket');
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { dir, control, process: child, stop };
+}
 
 /**
  * A persistent watcher on an eventfd; next() resolves at its next readiness. Every measured path

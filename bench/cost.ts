@@ -4,13 +4,13 @@
  * (the reference) measured in the same run; and the ballooned-page tracker's memory per GiB of
  * guest RAM next to a plain bitmap (1 bit per 4 KiB page).
  */
-import { ChildProcess, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { callDaemon } from '../lib/daemon/client';
 import { PageTracker } from '../lib/device/page-tracker';
 import { BalloonGuest } from '../lib/testing/balloon-guest';
+import { startBenchDaemon, waitFor } from './common';
 
 const MiB = 1024 * 1024;
 const TICKS_PER_SECOND = 100; // USER_HZ on Linux
@@ -32,18 +32,6 @@ async function sample(pid: number, seconds: number): Promise<{ rssMiB: number; c
     rssMiB: Math.round((b.rssBytes / MiB) * 10) / 10,
     cpuPercent: Math.round(((b.cpuSeconds - a.cpuSeconds) / seconds) * 1000) / 10,
   };
-}
-
-function waitFor(cond: () => boolean, timeoutMs: number): Promise<void> {
-  const start = Date.now();
-  return new Promise((resolve, reject) => {
-    const check = (): void => {
-      if (cond()) resolve();
-      else if (Date.now() - start > timeoutMs) reject(new Error('timeout'));
-      else setTimeout(check, 20);
-    };
-    check();
-  });
 }
 
 export interface CostRow {
@@ -68,7 +56,6 @@ export interface CostResult {
 export async function benchCost(options: { counts?: number[]; seconds?: number } = {}): Promise<CostResult> {
   const counts = options.counts ?? [1, 16, 64];
   const seconds = options.seconds ?? 5;
-  const bin = path.resolve(__dirname, '..', 'bin', 'vballoon.js');
   // The reference: Node.js doing nothing, measured in this same run.
   const bare = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1 << 30)'], { stdio: 'ignore' });
   await new Promise((r) => setTimeout(r, 500));
@@ -76,37 +63,31 @@ export async function benchCost(options: { counts?: number[]; seconds?: number }
   bare.kill();
   const rows: CostRow[] = [];
   for (const n of counts) {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-cost-'));
-    const control = path.join(dir, 'control.sock');
-    const vms = Array.from({ length: n }, (_, i) => ({
-      name: `vm${i}`,
-      socket: path.join(dir, `vm${i}.sock`),
-      memory: '64M',
-    }));
-    const config = path.join(dir, 'config.json');
-    fs.writeFileSync(
-      config,
-      JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms }),
-    );
-    const daemon: ChildProcess = spawn(process.execPath, [bin, 'serve', '--config', config], { stdio: 'ignore' });
+    const vms = (dir: string): Array<{ name: string; socket: string; memory: string }> =>
+      Array.from({ length: n }, (_, i) => ({ name: `vm${i}`, socket: path.join(dir, `vm${i}.sock`), memory: '64M' }));
+    const bench = await startBenchDaemon('cost', vms);
+    const daemon = bench.process;
+    const vmList = vms(bench.dir);
+    const control = bench.control;
     const guests: BalloonGuest[] = [];
     try {
-      await waitFor(() => fs.existsSync(control), 10_000);
-      for (const vm of vms)
+      for (const vm of vmList)
         guests.push(await BalloonGuest.boot(vm.socket, { mode: 'stock', numQueues: 5, ramBytes: 64 * MiB }));
       await new Promise((r) => setTimeout(r, 1000));
       const idle = await sample(daemon.pid!, seconds);
       // Serving: every VM's balloon moves 16 MiB up and down, all the time.
       let stop = false;
-      const flips = vms.map(async (vm, i) => {
+      const flips = vmList.map(async (vm, i) => {
         let up = true;
         while (!stop) {
           await callDaemon(control, 'set-target', { vm: vm.name, bytes: up ? 16 * MiB : 0 });
           // A flip that does not finish in time is not a failure of this measurement (it samples
           // CPU and memory while balloons move); the next flip goes the other way.
-          await waitFor(() => stop || guests[i].actualPages === (up ? 16 * 256 : 0), 30_000).catch((err: unknown) => {
-            process.stderr.write(`cost: ${vm.name} flip did not finish: ${String(err)}\n`);
-          });
+          await waitFor(() => stop || guests[i].actualPages === (up ? 16 * 256 : 0), 30_000, 'a flip', 20).catch(
+            (err: unknown) => {
+              process.stderr.write(`cost: ${vm.name} flip did not finish: ${String(err)}\n`);
+            },
+          );
           up = !up;
         }
       });
@@ -116,9 +97,7 @@ export async function benchCost(options: { counts?: number[]; seconds?: number }
       rows.push({ vms: n, idle, serving });
     } finally {
       for (const g of guests) await g.close();
-      daemon.kill('SIGTERM');
-      await new Promise((r) => daemon.once('exit', r));
-      fs.rmSync(dir, { recursive: true, force: true });
+      await bench.stop();
     }
   }
   const pagesPerGiB = (1024 * MiB) / 4096;

@@ -7,12 +7,10 @@
  * the slowest VM's. The guest models share this one process (and the machine's CPUs with the
  * daemon), so their latencies include their own scheduling: an upper bound on the daemon's.
  */
-import { ChildProcess, spawn } from 'node:child_process';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { callDaemon } from '../lib/daemon/client';
 import { BalloonGuest } from '../lib/testing/balloon-guest';
+import { startBenchDaemon, waitFor } from './common';
 import { summarize } from './stats';
 
 const MiB = 1024 * 1024;
@@ -32,40 +30,22 @@ export interface FleetResult {
   pressure: { messages: number; medianVmP50: number; medianVmP99: number; slowestVmP99: number; slowestMax: number };
 }
 
-function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
-  const start = Date.now();
-  return new Promise((resolve, reject) => {
-    const check = (): void => {
-      if (cond()) resolve();
-      else if (Date.now() - start > timeoutMs) reject(new Error(`fleet: timed out waiting for ${what}`));
-      else setTimeout(check, 2);
-    };
-    check();
-  });
-}
-
 export async function benchFleet(options: { vms?: number } = {}): Promise<FleetResult> {
   const n = options.vms ?? 64;
-  const bin = path.resolve(__dirname, '..', 'bin', 'vballoon.js');
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-fleet-'));
-  const control = path.join(dir, 'control.sock');
-  const vms = Array.from({ length: n }, (_, i) => ({
-    name: `vm${i}`,
-    socket: path.join(dir, `vm${i}.sock`),
-    memory: `${VM_RAM_BYTES / MiB}M`,
-    messageQueue: true,
-    policy: 'manual',
-  }));
-  const config = path.join(dir, 'config.json');
-  fs.writeFileSync(
-    config,
-    JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms }),
-  );
-  const daemon: ChildProcess = spawn(process.execPath, [bin, 'serve', '--config', config], { stdio: 'ignore' });
+  const vms = (dir: string): Array<{ name: string; socket: string; [k: string]: unknown }> =>
+    Array.from({ length: n }, (_, i) => ({
+      name: `vm${i}`,
+      socket: path.join(dir, `vm${i}.sock`),
+      memory: `${VM_RAM_BYTES / MiB}M`,
+      messageQueue: true,
+      policy: 'manual',
+    }));
+  const daemon = await startBenchDaemon('fleet', vms);
+  const vmList = vms(daemon.dir);
+  const control = daemon.control;
   const guests: BalloonGuest[] = [];
   try {
-    await waitFor(() => fs.existsSync(control), 10_000, 'the control socket');
-    for (const vm of vms)
+    for (const vm of vmList)
       guests.push(await BalloonGuest.boot(vm.socket, { mode: 'seed', numQueues: 5, ramBytes: VM_RAM_BYTES }));
     for (const g of guests) g.touchFree();
     const before = guests.map((g) => g.fe.ram.residentBytes());
@@ -81,7 +61,7 @@ export async function benchFleet(options: { vms?: number } = {}): Promise<FleetR
       }
     });
     const t0 = process.hrtime.bigint();
-    await Promise.all(vms.map((vm) => callDaemon(control, 'set-target', { vm: vm.name, bytes: VM_INFLATE_BYTES })));
+    await Promise.all(vmList.map((vm) => callDaemon(control, 'set-target', { vm: vm.name, bytes: VM_INFLATE_BYTES })));
     const expected = n * VM_INFLATE_BYTES;
     const released = (): number => guests.reduce((sum, g, i) => sum + before[i] - g.fe.ram.residentBytes(), 0);
     await waitFor(() => guests.every((g) => g.actualPages >= pages) && released() >= expected, 120_000, 'every hole');
@@ -108,8 +88,6 @@ export async function benchFleet(options: { vms?: number } = {}): Promise<FleetR
     };
   } finally {
     for (const g of guests) await g.close();
-    daemon.kill('SIGTERM');
-    await new Promise((r) => (daemon.exitCode !== null ? r(undefined) : daemon.once('exit', r)));
-    fs.rmSync(dir, { recursive: true, force: true });
+    await daemon.stop();
   }
 }

@@ -159,3 +159,10 @@ void vb_take_rights(const struct cmsghdr *c, int *fds, size_t *nfds, size_t max)
 void vb_close_fds(const int *fds, size_t n) {
   for (size_t i = 0; i < n; i++) close(fds[i]);
 }
+
+/* Closes `fd` after a failed call on it and throws that call's errno (saved before close). */
+napi_value vb_close_and_throw(napi_env env, int fd, const char *syscall) {
+  int err = errno;
+  close(fd);
+  return vb_throw_errno(env, err, syscall);
+}

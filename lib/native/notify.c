@@ -99,14 +99,10 @@ napi_value vb_dgram_listen(napi_env env, napi_callback_info info) {
   if (fd < 0) return vb_throw_errno(env, errno, "socket");
   int one = 1;
   if (pass_cred && setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof one) < 0) {
-    int err = errno;
-    close(fd);
-    return vb_throw_errno(env, err, "setsockopt");
+    return vb_close_and_throw(env, fd, "setsockopt");
   }
   if (bind(fd, (struct sockaddr *)&addr, addr_len) < 0) {
-    int err = errno;
-    close(fd);
-    return vb_throw_errno(env, err, "bind");
+    return vb_close_and_throw(env, fd, "bind");
   }
   return vb_int(env, fd);
 }

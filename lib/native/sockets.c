@@ -47,14 +47,10 @@ napi_value vb_listen(napi_env env, napi_callback_info info) {
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return vb_throw_errno(env, errno, "socket");
   if (bind(fd, (struct sockaddr *)&addr, addr_len) < 0) {
-    int err = errno;
-    close(fd);
-    return vb_throw_errno(env, err, "bind");
+    return vb_close_and_throw(env, fd, "bind");
   }
   if (listen(fd, backlog) < 0) {
-    int err = errno;
-    close(fd);
-    return vb_throw_errno(env, err, "listen");
+    return vb_close_and_throw(env, fd, "listen");
   }
   return vb_int(env, fd);
 }
