@@ -34,6 +34,7 @@ type Req =
   | { kind: 'pressure-until-stop'; socketPath: string }
   | { kind: 'stop' }
   | { kind: 'big-guest'; socketPath: string }
+  | { kind: 'touch' }
   | { kind: 'pingpong'; iterations: number }
   | { kind: 'churn'; socketPath: string; seconds: number }
   | { kind: 'exit' };
@@ -100,8 +101,14 @@ async function startBigGuest(socketPath: string): Promise<number[]> {
     ramBytes: BIG_GUEST_BYTES,
     queueSize: 256,
   });
-  bigGuest.touchFree();
   return [];
+}
+
+/** The big guest writes every free page (a memory-hungry guest before it is ballooned). */
+async function touchBigGuest(): Promise<number[]> {
+  if (bigGuest === undefined) throw new Error('no big guest');
+  bigGuest.touchFree();
+  return Promise.resolve([]);
 }
 
 function runChild(): void {
@@ -116,16 +123,22 @@ function runChild(): void {
       return;
     }
     stopRequested = false;
-    const work =
-      req.kind === 'pressure'
-        ? pressureLoop(req.socketPath, req.iterations)
-        : req.kind === 'pressure-until-stop'
-          ? pressureLoop(req.socketPath, Infinity, true)
-          : req.kind === 'big-guest'
-            ? startBigGuest(req.socketPath)
-            : req.kind === 'pingpong'
-              ? pingPong(PING_FD, PONG_FD, req.iterations)
-              : churn(req.socketPath, req.seconds);
+    const work = ((): Promise<number[]> => {
+      switch (req.kind) {
+        case 'pressure':
+          return pressureLoop(req.socketPath, req.iterations);
+        case 'pressure-until-stop':
+          return pressureLoop(req.socketPath, Infinity, true);
+        case 'big-guest':
+          return startBigGuest(req.socketPath);
+        case 'touch':
+          return touchBigGuest();
+        case 'pingpong':
+          return pingPong(PING_FD, PONG_FD, req.iterations);
+        case 'churn':
+          return churn(req.socketPath, req.seconds);
+      }
+    })();
     work.then(
       (samples) => process.send!({ ok: true, samples }),
       (err: unknown) =>
@@ -152,25 +165,34 @@ export interface PressureLatencyResult {
   pressureUnderLoad: { p50: number; p99: number; p999: number };
   ratioP50: number;
   ratioP50UnderLoad: number;
-  /** While another VM inflates 4 GiB (one round, every message sent during that inflate). */
-  bigInflate: {
-    seconds: number;
-    releasedGiB: number;
-    pressure: { p50: number; p99: number; p999: number; n: number };
-    ratioP50: number;
-    /** The event loop's delay over the inflate (monitorEventLoopDelay, 1 ms resolution), us. */
-    eventLoopDelay: { p50: number; p99: number; max: number };
-    /** The same over a second with only A's messages (the machine's own noise). */
-    eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
-    /** Share of the inflate the event loop spent running (not waiting for events). */
-    eventLoopUtilization: number;
-    /** Involuntary context switches of the event loop's thread per second of the inflate. */
-    preemptionsPerSecond: number;
-    /** Garbage collection pauses of this process during the inflate. */
-    gc: GcStats;
-    /** The same figures over the second without the inflate. */
-    withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
-  };
+  /**
+   * While another VM inflates 4 GiB (one round, every message sent during that inflate), with
+   * the daemon at the priority the shipped unit gives it (Nice= in docs/vballoon.service)...
+   */
+  bigInflate: BigInflateResult;
+  /** ...and the same at the default priority (nice 0), as when run without the unit. */
+  bigInflateDefaultPriority: BigInflateResult;
+}
+
+export interface BigInflateResult {
+  /** The daemon's nice value during the measurement, or why it could not be set. */
+  nice: number | 'not permitted';
+  seconds: number;
+  releasedGiB: number;
+  pressure: { p50: number; p99: number; p999: number; n: number };
+  ratioP50: number;
+  /** The event loop's delay over the inflate (monitorEventLoopDelay, 1 ms resolution), us. */
+  eventLoopDelay: { p50: number; p99: number; max: number };
+  /** The same over a second with only A's messages (the machine's own noise). */
+  eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
+  /** Share of the inflate the event loop spent running (not waiting for events). */
+  eventLoopUtilization: number;
+  /** Involuntary context switches of the event loop's thread per second of the inflate. */
+  preemptionsPerSecond: number;
+  /** Garbage collection pauses of this process during the inflate. */
+  gc: GcStats;
+  /** The same figures over the second without the inflate. */
+  withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
 }
 
 export async function benchPressureLatency(
@@ -199,9 +221,12 @@ export async function benchPressureLatency(
   const backendC = new VhostUserBackend(c, { log: new NullLogger() });
   const sockC = path.join(dir, 'c.sock');
   backendC.listen(sockC);
-  const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
-  const loadChild = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
-  const bigChild = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
+  // Each guest process stands in for a vCPU: one thread. V8's parallel collector would wake
+  // helper threads on every CPU at each of its collections, which no vCPU does.
+  const guest = { execArgv: [...process.execArgv, '--single-threaded-gc'] };
+  const child = fork(__filename, ['child'], { ...guest, stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
+  const loadChild = fork(__filename, ['child'], { ...guest, stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
+  const bigChild = fork(__filename, ['child'], { ...guest, stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
   // VBALLOON_BENCH_PIN=1: the guest processes on CPU 1 (as vCPUs elsewhere), the daemon's
   // event loop thread on CPU 0, to separate CPU contention from the daemon's own pauses.
   if (process.env['VBALLOON_BENCH_PIN'] === '1') {
@@ -236,7 +261,18 @@ export async function benchPressureLatency(
     clearInterval(resize);
     await load;
     if (inflatesDuring === 0) throw new Error('the other VM did not inflate during the measurement');
-    const big = await measureBigInflate(child, sockA, bigChild, sockC, c);
+    await ask(bigChild, { kind: 'big-guest', socketPath: sockC });
+    const measure = async (nice: number): Promise<BigInflateResult> => {
+      const set = setDaemonNice(nice);
+      try {
+        const m = await measureBigInflate(child, sockA, bigChild, c);
+        return { nice: set ? nice : 'not permitted', ...m, ratioP50: 0 };
+      } finally {
+        setDaemonNice(0);
+      }
+    };
+    const bigDefault = await measure(0);
+    const big = await measure(unitNice());
     const us = (ns: number): number => Math.round(ns / 10) / 100;
     const agg = (list: Array<ReturnType<typeof summarize>>) => ({
       p50: us(median(list.map((s) => s.p50))),
@@ -244,6 +280,11 @@ export async function benchPressureLatency(
       p999: us(median(list.map((s) => s.p999))),
     });
     const pingpong = agg(pp);
+    const withRatio = (b: BigInflateResult): BigInflateResult => ({
+      ...b,
+      pressure: { p50: us(b.pressure.p50), p99: us(b.pressure.p99), p999: us(b.pressure.p999), n: b.pressure.n },
+      ratioP50: Math.round((us(b.pressure.p50) / pingpong.p50) * 100) / 100,
+    });
     const pressure = agg(pr);
     const pressureUnderLoad = agg(pl);
     return {
@@ -255,16 +296,8 @@ export async function benchPressureLatency(
       pressureUnderLoad,
       ratioP50: Math.round((pressure.p50 / pingpong.p50) * 100) / 100,
       ratioP50UnderLoad: Math.round((pressureUnderLoad.p50 / pingpong.p50) * 100) / 100,
-      bigInflate: {
-        ...big,
-        pressure: {
-          p50: us(big.pressure.p50),
-          p99: us(big.pressure.p99),
-          p999: us(big.pressure.p999),
-          n: big.pressure.n,
-        },
-        ratioP50: Math.round((us(big.pressure.p50) / pingpong.p50) * 100) / 100,
-      },
+      bigInflate: withRatio(big),
+      bigInflateDefaultPriority: withRatio(bigDefault),
     };
   } finally {
     child.send({ kind: 'exit' } satisfies Req);
@@ -279,6 +312,37 @@ export async function benchPressureLatency(
     native.close(pong);
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** The Nice= of the shipped unit (docs/vballoon.service): the daemon's priority in production. */
+function unitNice(): number {
+  const unit = fs.readFileSync(path.join(__dirname, '..', '..', 'docs', 'vballoon.service'), 'utf8');
+  const m = /^Nice=(-?\d+)$/m.exec(unit);
+  return m === null ? 0 : Number(m[1]);
+}
+
+/**
+ * Gives every thread of this process (the daemon's stand-in) the nice value `nice`, as systemd
+ * does for the unit's process, except the punching threads, which drop to the default priority
+ * themselves when they start (lib/native/punch.c). False if that is not permitted (not root).
+ */
+function setDaemonNice(nice: number): boolean {
+  let ok = true;
+  for (const tid of fs.readdirSync('/proc/self/task')) {
+    let comm = '';
+    try {
+      comm = fs.readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim();
+    } catch {
+      continue; // the thread ended
+    }
+    if (comm === 'vb-punch') continue;
+    try {
+      os.setPriority(Number(tid), nice);
+    } catch {
+      ok = false;
+    }
+  }
+  return ok;
 }
 
 /** Garbage collection pauses seen while watching. */
@@ -328,20 +392,16 @@ async function measureBigInflate(
   child: ChildProcess,
   sockA: string,
   bigChild: ChildProcess,
-  sockC: string,
   c: BalloonDevice,
-): Promise<{
-  seconds: number;
-  releasedGiB: number;
-  pressure: { p50: number; p99: number; p999: number; n: number };
-  eventLoopDelay: { p50: number; p99: number; max: number };
-  eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
-  eventLoopUtilization: number;
-  preemptionsPerSecond: number;
-  gc: GcStats;
-  withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
-}> {
-  await ask(bigChild, { kind: 'big-guest', socketPath: sockC });
+): Promise<Omit<BigInflateResult, 'nice' | 'ratioP50'>> {
+  // The balloon of a previous round is gone and the guest has written all its memory again, so
+  // every round punches 4 GiB of resident memory. Bounded: a deflate takes seconds.
+  const emptyBy = Date.now() + 120_000;
+  for (let s = c.snapshot(); s.actualPages > 0 || s.balloonedPages > 0; s = c.snapshot()) {
+    if (Date.now() > emptyBy) throw new Error(`4 GiB balloon not deflated: ${s.balloonedPages} pages left`);
+    await new Promise((res) => setTimeout(res, 20));
+  }
+  await ask(bigChild, { kind: 'touch' });
   const pages = BIG_INFLATE_BYTES / 4096;
   const sampling = ask(child, { kind: 'pressure-until-stop', socketPath: sockA });
   await new Promise((res) => setTimeout(res, 200)); // A's driver is up and sending

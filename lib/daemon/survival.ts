@@ -240,8 +240,9 @@ export class PageBitmap implements PagesJournal {
     }
   }
 
-  removed(pfns: readonly number[]): void {
-    for (const pfn of pfns) {
+  removed(pfns: ArrayLike<number>): void {
+    for (let i = 0; i < pfns.length; i++) {
+      const pfn = pfns[i];
       const byte = Math.floor(pfn / 8);
       if (byte < this.bytes.length) this.bytes[byte] &= ~(1 << (pfn & 7));
     }

@@ -11,7 +11,7 @@ import { Logger } from '../log';
 import { GuestMemory } from '../virtio/guest-memory';
 import { Descriptor } from '../virtio/virtqueue';
 import { DiscardScheduler } from './discard-scheduler';
-import { readPfnBuffer, ReportInvalid } from './guest-input';
+import { PfnScratch, readPfnBuffer, ReportInvalid } from './guest-input';
 import { PageRun, PageTracker } from './page-tracker';
 import { alignedFileRange, DiscardRange } from './reclaim';
 import { BALLOON_PAGE_BYTES } from './constants';
@@ -34,7 +34,7 @@ export interface PageCounters {
  */
 export interface PagesJournal {
   added(runs: readonly PageRun[]): void;
-  removed(pfns: readonly number[]): void;
+  removed(pfns: ArrayLike<number>): void;
   cleared(): void;
 }
 
@@ -53,6 +53,8 @@ const RESTORE_BATCH_PAGES = 65536;
 
 export class BalloonPages {
   private readonly tracker = new PageTracker();
+  /** Where inflate and deflate buffers are read (one at a time, synchronously). */
+  private readonly scratch = new PfnScratch();
   private readonly discards: DiscardScheduler;
   private readonly counters: PageCounters = {
     inflate: { requests: 0, pages: 0, alreadyBallooned: 0 },
@@ -226,9 +228,9 @@ export class BalloonPages {
     this.discards.punchNow(ranges);
   }
 
-  private readPfns(kind: 'inflate' | 'deflate', descriptors: readonly Descriptor[]): number[] | undefined {
+  private readPfns(kind: 'inflate' | 'deflate', descriptors: readonly Descriptor[]): Uint32Array | undefined {
     const memory = this.options.memory();
     if (memory === undefined) return undefined;
-    return readPfnBuffer(kind, descriptors, memory, this.options.report);
+    return readPfnBuffer(kind, descriptors, memory, this.options.report, this.scratch);
   }
 }

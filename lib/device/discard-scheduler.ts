@@ -181,13 +181,13 @@ export class DiscardScheduler {
    * Before a deflate of `pfns` is handled (they leave the tracker right after): pending ones will
    * be left out of their batch; a batch in flight holding one of them is waited for.
    */
-  beforeDeflate(pfns: readonly number[]): void {
-    if (this.hasPending()) for (const p of pfns) this.deflated.push(p);
+  beforeDeflate(pfns: ArrayLike<number>): void {
+    if (this.hasPending()) for (let i = 0; i < pfns.length; i++) this.deflated.push(pfns[i]);
     let waitFor = 0;
     for (const b of this.inFlight) {
       if (b.seq <= waitFor) continue;
-      for (const p of pfns) {
-        if (containsPfn(b.runs, p)) {
+      for (let i = 0; i < pfns.length; i++) {
+        if (containsPfn(b.runs, pfns[i])) {
           waitFor = b.seq;
           break;
         }

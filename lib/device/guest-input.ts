@@ -59,17 +59,30 @@ export class InvalidInputCounter {
   }
 }
 
+/** Reused storage for reading PFN buffers: at most one buffer's worth, so it never grows. */
+export class PfnScratch {
+  readonly bytes = new Uint8Array(MAX_PFN_BUFFER_BYTES);
+  private readonly view = new DataView(this.bytes.buffer);
+  readonly pfns = new Uint32Array(VIRTIO_BALLOON_ARRAY_PFNS_MAX);
+
+  u32(at: number): number {
+    return this.view.getUint32(at, true);
+  }
+}
+
 /**
- * Reads the PFNs of an inflate or deflate chain. Returns undefined for an unusable buffer and
- * drops PFNs outside guest RAM, reporting each problem. At most 256 PFNs (MAX_PFN_BUFFER_BYTES)
- * are read, whatever the chain claims.
+ * Reads the PFNs of an inflate or deflate chain into `scratch` and returns a view of them
+ * (valid until the scratch is used again), or undefined for an unusable buffer; PFNs outside
+ * guest RAM are dropped. Each problem is reported. At most 256 PFNs (MAX_PFN_BUFFER_BYTES) are
+ * read, whatever the chain claims. Nothing is allocated but the returned view.
  */
 export function readPfnBuffer(
   kind: 'inflate' | 'deflate',
   descriptors: readonly Descriptor[],
   memory: GuestMemory,
   report: ReportInvalid,
-): number[] | undefined {
+  scratch: PfnScratch,
+): Uint32Array | undefined {
   let bytes = 0;
   for (const d of descriptors) {
     if (d.writable) {
@@ -87,21 +100,19 @@ export function readPfnBuffer(
     return undefined;
   }
   if (bytes % 4 !== 0) report('unaligned_buffer', `${kind} buffer of ${bytes} bytes is not whole PFNs`);
-  const raw = new Uint8Array(bytes);
   let done = 0;
   for (const d of descriptors) {
-    raw.set(memory.read(d.addr, d.len), done);
+    memory.copyInto(d.addr, d.len, scratch.bytes, done);
     done += d.len;
   }
-  const v = new DataView(raw.buffer);
-  const pfns: number[] = [];
+  let n = 0;
   let outside = 0;
   // Bounded by MAX_PFN_BUFFER_BYTES / 4 = 256 iterations.
   for (let i = 0; i + 4 <= bytes; i += 4) {
-    const pfn = v.getUint32(i, true);
+    const pfn = scratch.u32(i);
     if (memory.find(pfn * BALLOON_PAGE_BYTES) === undefined) outside++;
-    else pfns.push(pfn);
+    else scratch.pfns[n++] = pfn;
   }
   if (outside > 0) report('pfn_outside_ram', `${kind}: ${outside} PFNs outside guest RAM ignored`);
-  return pfns;
+  return scratch.pfns.subarray(0, n);
 }

@@ -36,6 +36,8 @@ export class PageTracker {
   private base = 0;
   private bitmapRuns = 0;
   private total = 0;
+  /** Where add() and remove() sort their pages (reused; as large as the largest input). */
+  private scratch = new Float64Array(256);
 
   /** Pages in the balloon. */
   get size(): number {
@@ -65,12 +67,11 @@ export class PageTracker {
 
   /**
    * Adds pages (any order, duplicates allowed); returns the runs of pages that were not in the
-   * balloon before, sorted and merged.
+   * balloon before, sorted and merged. Allocates only those runs (the pages are sorted in
+   * storage the tracker reuses).
    */
-  add(pfns: readonly number[]): PageRun[] {
-    const fresh: number[] = [];
-    for (const pfn of pfns) if (!this.has(pfn)) fresh.push(pfn);
-    const runs = compactRuns(fresh);
+  add(pfns: ArrayLike<number>): PageRun[] {
+    const runs = this.runsWhere(pfns, false);
     if (runs.length === 0) return runs;
     let pages = 0;
     for (const r of runs) pages += r.count;
@@ -93,10 +94,8 @@ export class PageTracker {
   }
 
   /** Removes pages; returns how many were in the balloon. */
-  remove(pfns: readonly number[]): number {
-    const present: number[] = [];
-    for (const pfn of pfns) if (this.has(pfn)) present.push(pfn);
-    const runs = compactRuns(present);
+  remove(pfns: ArrayLike<number>): number {
+    const runs = this.runsWhere(pfns, true);
     let removed = 0;
     for (const r of runs) removed += r.count;
     if (removed === 0) return 0;
@@ -116,6 +115,17 @@ export class PageTracker {
     return removed;
   }
 
+  /** The pages of `pfns` that are (`present`) or are not in the balloon, as sorted maximal runs. */
+  private runsWhere(pfns: ArrayLike<number>, present: boolean): PageRun[] {
+    if (this.scratch.length < pfns.length) this.scratch = new Float64Array(pfns.length);
+    let k = 0;
+    // Bounded by the input's length (a guest buffer: at most 256 PFNs).
+    for (let i = 0; i < pfns.length; i++) {
+      const pfn = pfns[i];
+      if (this.has(pfn) === present) this.scratch[k++] = pfn;
+    }
+    return sortedRuns(this.scratch.subarray(0, k));
+  }
   /** True if every page of [start, start + count) is in the balloon. */
   isFull(start: number, count: number): boolean {
     if (count <= 0) return true;
@@ -436,14 +446,20 @@ function* bitmapRuns(bits: Uint32Array, base: number): Generator<PageRun> {
 }
 
 /** Sorts PFNs and merges them into maximal runs (duplicates collapse). */
-export function compactRuns(pfns: readonly number[]): PageRun[] {
-  const sorted = Float64Array.from(pfns).sort();
+export function compactRuns(pfns: ArrayLike<number>): PageRun[] {
+  return sortedRuns(Float64Array.from(pfns));
+}
+
+/** Sorts `pfns` in place (numerically: a typed array) and merges them into maximal runs. */
+function sortedRuns(pfns: Float64Array): PageRun[] {
+  pfns.sort();
   const runs: PageRun[] = [];
-  for (const pfn of sorted) {
-    const last = runs[runs.length - 1];
+  let last: PageRun | undefined;
+  for (let i = 0; i < pfns.length; i++) {
+    const pfn = pfns[i];
     if (last !== undefined && pfn < last.start + last.count) continue;
     if (last !== undefined && pfn === last.start + last.count) last.count++;
-    else runs.push({ start: pfn, count: 1 });
+    else runs.push((last = { start: pfn, count: 1 }));
   }
   return runs;
 }

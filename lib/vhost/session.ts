@@ -165,7 +165,9 @@ export class Session implements DeviceHost {
   private readonly stoppedBases = new Map<number, number>();
   private readonly closeListeners: Array<(error: Error | undefined) => void> = [];
   /** The last message handled and its reply (base64), as recorded for a restart. */
-  private lastHandled: SessionImage['lastHandled'] = null;
+  private lastHandledRecord: SessionImage['lastHandled'] = null;
+  /** The last message handled and its reply, kept as they are until someone asks (image()). */
+  private lastFrame: { frame: Frame; reply: Uint8Array | undefined } | undefined;
 
   constructor(
     fd: number,
@@ -224,7 +226,7 @@ export class Session implements DeviceHost {
       })),
       rings: this.rings.images(),
       stoppedBases: [...this.stoppedBases],
-      lastHandled: this.lastHandled,
+      lastHandled: this.lastHandled(),
     };
   }
 
@@ -288,7 +290,7 @@ export class Session implements DeviceHost {
       session.close(err instanceof Error ? err : new Error(String(err)));
       throw err;
     }
-    session.lastHandled = image.lastHandled;
+    session.lastHandledRecord = image.lastHandled;
     session.checkLostReply(image.lastHandled);
     session.rings.signalAll();
     session.configChangePending = true;
@@ -368,6 +370,19 @@ export class Session implements DeviceHost {
       throw protocolError(ErrorCode.VHOST_NOT_NEGOTIATED, `${name} needs protocol feature ${ProtocolFeature[f]}`);
   }
 
+  /** The last front-end message handled (its digest) and its reply, or null before the first. */
+  private lastHandled(): SessionImage['lastHandled'] {
+    if (this.lastFrame !== undefined) {
+      const { frame, reply } = this.lastFrame;
+      this.lastHandledRecord = {
+        digest: frameDigest(frame),
+        reply: reply === undefined ? null : Buffer.from(reply).toString('base64'),
+      };
+      this.lastFrame = undefined;
+    }
+    return this.lastHandledRecord;
+  }
+
   private onFrame(frame: Frame): void {
     let msg: FrontendMessage;
     try {
@@ -400,11 +415,9 @@ export class Session implements DeviceHost {
     // before the commit leaves the message for the next one, which handles it again (the effect
     // is idempotent) and replies; killed between the commit and the reply, the next one finds
     // out whether QEMU waits for it (checkLostReply).
-    this.lastHandled = {
-      digest: frameDigest(frame),
-      reply: out === undefined ? null : Buffer.from(out).toString('base64'),
-    };
-    this.options.onHandled?.(msg.request, this.lastHandled);
+    this.lastFrame = { frame, reply: out };
+    this.lastHandledRecord = null;
+    if (this.options.onHandled !== undefined) this.options.onHandled(msg.request, this.lastHandled()!);
     this.conn.commit();
     if (out !== undefined) this.conn.send(out);
   }

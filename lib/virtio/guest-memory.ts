@@ -447,8 +447,18 @@ export class GuestMemory {
   /** Copies [gpa, gpa+len) out of guest memory. */
   read(gpa: number, len: number): Uint8Array {
     const out = new Uint8Array(len);
-    this.forEachPiece(gpa, len, (bytes, done) => out.set(bytes, done));
+    this.copyInto(gpa, len, out, 0);
     return out;
+  }
+
+  /**
+   * Copies [gpa, gpa+len) into `out` at `outOffset` (which must have room): the hot paths read
+   * guest buffers into storage they reuse instead of a new array each time.
+   */
+  copyInto(gpa: number, len: number, out: Uint8Array, outOffset: number): void {
+    const loc = this.locate(gpa, len);
+    if (loc !== undefined) out.set(new Uint8Array(loc.buffer, loc.offset, len), outOffset);
+    else this.forEachPiece(gpa, len, (bytes, done) => out.set(bytes, outOffset + done));
   }
 
   /** Copies `data` into guest memory at `gpa`. */

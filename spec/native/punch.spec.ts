@@ -119,6 +119,38 @@ describe('native punch queue (worker thread)', () => {
     }
   });
 
+  it('a worker started at a raised priority (the unit runs the daemon at Nice=-10) punches at nice 0', function () {
+    const addon = path.resolve(__dirname, '..', '..', 'lib', 'native', 'index.js');
+    // The child raises its event loop thread's priority as systemd's Nice= would, then reports
+    // the nice value of each of its threads while the worker is alive.
+    const script = `
+      const fs = require('node:fs');
+      const os = require('node:os');
+      const { native } = require(${JSON.stringify(addon)});
+      try { os.setPriority(-5); } catch { console.log('not permitted'); process.exit(0); }
+      const nice = (tid) => {
+        const stat = fs.readFileSync('/proc/self/task/' + tid + '/stat', 'utf8');
+        return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+      };
+      const fd = native.memfdCreate('nice-test');
+      native.ftruncate(fd, 1 << 20);
+      const q = native.punchQueueCreate(() => {
+        const out = {};
+        for (const tid of fs.readdirSync('/proc/self/task')) {
+          const comm = fs.readFileSync('/proc/self/task/' + tid + '/comm', 'utf8').trim();
+          if (comm === 'vb-punch') out.worker = nice(tid);
+        }
+        out.loop = nice(process.pid);
+        console.log(JSON.stringify(out));
+        native.punchQueueClose(q);
+      });
+      native.punchQueueSubmit(q, fd, Float64Array.from([0, 1 << 20]));
+    `;
+    const out = execFileSync(process.execPath, ['-e', script], { timeout: 20_000, encoding: 'utf8' }).trim();
+    if (out === 'not permitted') this.skip(); // raising a priority needs CAP_SYS_NICE
+    expect(JSON.parse(out)).to.deep.equal({ worker: 0, loop: -5 });
+  });
+
   it('a process with idle queues and a batch in flight exits on its own', () => {
     const addon = path.resolve(__dirname, '..', '..', 'lib', 'native', 'index.js');
     const script = `
