@@ -82,6 +82,8 @@ export class TestFrontend {
   protocolFeatures = 0n;
   /** CONFIG_CHANGE_MSG received on the back-end channel. */
   configChanges = 0;
+  /** Of those, the ones that asked for an ack (NEED_REPLY). */
+  configChangeAcksAsked = 0;
   /** What GET_QUEUE_NUM answered (with MQ). */
   backendQueueNum: bigint | undefined;
   /** Every request sent, by name order (for sequence checks). */
@@ -301,6 +303,7 @@ export class TestFrontend {
     for (const fd of frame.fds) closeQuietly(fd);
     if (frame.header.request === BackendRequest.CONFIG_CHANGE_MSG) {
       this.configChanges++;
+      if (frame.header.flags & VHOST_USER_NEED_REPLY_MASK) this.configChangeAcksAsked++;
       const waiters = this.configWaiters;
       this.configWaiters = [];
       for (const w of waiters) w();

@@ -2,6 +2,12 @@
  * The back-end -> front-end channel (SET_BACKEND_REQ_FD): we send CONFIG_CHANGE_MSG on it and,
  * with REPLY_ACK, read the front-end's acks as events. Nothing ever waits on an ack: QEMU may be
  * blocked reading our reply on the main channel, and waiting here would deadlock both.
+ *
+ * An ack costs the front-end a write and us a wakeup and a read, on the path of every pressure
+ * message the policy answers with a new target. So a config change asks for one only as a
+ * sample (at most one every ACK_SAMPLE_INTERVAL_MS, enough for pendingAcks to show a front-end
+ * that stopped answering) or when the caller needs proof that the front-end's main loop runs
+ * (the restart probe, Session.checkLostReply).
  */
 import { ErrorCode, ErrorCodeValue } from '../errors';
 import { Logger } from '../log';
@@ -12,10 +18,14 @@ import { Connection } from './connection';
 
 /** Acks we accept to be outstanding; beyond that the front-end is not answering. */
 const MAX_OUTSTANDING_ACKS = 64;
+/** Routine config changes ask for an ack at most this often. */
+export const ACK_SAMPLE_INTERVAL_MS = 1000;
 
 export class BackendChannel {
   private readonly conn: Connection;
   private outstanding = 0;
+  /** When a config change last asked for an ack (performance.now()). */
+  private lastAskMs = -Infinity;
   /** CONFIG_CHANGE messages sent (for tests and metrics). */
   sent = 0;
   private readonly ackListeners: Array<() => void> = [];
@@ -92,11 +102,19 @@ export class BackendChannel {
     return this.outstanding;
   }
 
-  /** Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG; asks for an ack when REPLY_ACK is negotiated. */
-  sendConfigChange(wantAck: boolean): void {
-    const ask = wantAck && this.outstanding < MAX_OUTSTANDING_ACKS;
+  /**
+   * Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG. With REPLY_ACK negotiated (`replyAck`) it asks
+   * for an ack when `needAck`, else as a sample (see ACK_SAMPLE_INTERVAL_MS).
+   */
+  sendConfigChange(replyAck: boolean, needAck = false): void {
+    const now = performance.now();
+    const due = needAck || now - this.lastAskMs >= ACK_SAMPLE_INTERVAL_MS;
+    const ask = replyAck && due && this.outstanding < MAX_OUTSTANDING_ACKS;
     const flags = VHOST_USER_VERSION | (ask ? VHOST_USER_NEED_REPLY_MASK : 0);
-    if (ask) this.outstanding++;
+    if (ask) {
+      this.outstanding++;
+      this.lastAskMs = now;
+    }
     this.sent++;
     this.conn.send(encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, flags, { kind: 'none' }));
   }

@@ -166,6 +166,8 @@ export class Session implements DeviceHost {
   private readonly closeListeners: Array<(error: Error | undefined) => void> = [];
   /** The last message handled and its reply (base64), as recorded for a restart. */
   private lastHandledRecord: SessionImage['lastHandled'] = null;
+  /** The next config change must ask for an ack (checkLostReply's probe). */
+  private probeAck = false;
   /** The last message handled and its reply, kept as they are until someone asks (image()). */
   private lastFrame: { frame: Frame; reply: Uint8Array | undefined } | undefined;
 
@@ -332,6 +334,7 @@ export class Session implements DeviceHost {
       return;
     }
     let answered = false;
+    this.probeAck = true; // the config change the resume announces next asks for an ack
     channel.onNextAck(() => (answered = true));
     const timer = setTimeout(() => {
       if (answered || this.closed) return;
@@ -356,7 +359,8 @@ export class Session implements DeviceHost {
     const channel = this.channel;
     if (!this.configChangePending || !this.rings.running || channel === undefined || channel.isClosed) return;
     this.configChangePending = false;
-    channel.sendConfigChange(this.has(ProtocolFeature.REPLY_ACK));
+    channel.sendConfigChange(this.has(ProtocolFeature.REPLY_ACK), this.probeAck);
+    this.probeAck = false;
   }
 
   // ---- dispatch -----------------------------------------------------------------------------

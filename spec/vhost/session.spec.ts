@@ -7,6 +7,7 @@ import { ErrorCode } from '../../lib/errors';
 import { native, PollHandle, POLL_READABLE } from '../../lib/native';
 import { EchoDevice } from '../../lib/testing/echo-device';
 import { TestFrontend } from '../../lib/testing/frontend';
+import { ACK_SAMPLE_INTERVAL_MS } from '../../lib/vhost/backend-channel';
 import {
   FrontendRequest,
   protocolBit,
@@ -122,6 +123,23 @@ describe('vhost-user session state machine', () => {
     await fe.waitConfigChange(1);
     device.host!.notifyConfigChange();
     await fe.waitConfigChange(2);
+  });
+
+  it('asks for an ack on a config change at most once a second, not for each (a pressure burst costs QEMU no replies)', async () => {
+    fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8 });
+    await fe.realize();
+    await fe.start(FEATURES, [0]);
+    // Bounded: 20 changes.
+    for (let i = 0; i < 20; i++) {
+      device.host!.notifyConfigChange();
+      await fe.waitConfigChange(i + 1);
+    }
+    expect(fe.configChangeAcksAsked).to.equal(1);
+    await until(() => fx.backend.current!.image().channelPendingAcks === 0, 'the one ack asked for arrived');
+    await tick(ACK_SAMPLE_INTERVAL_MS + 50);
+    device.host!.notifyConfigChange();
+    await fe.waitConfigChange(21);
+    expect(fe.configChangeAcksAsked).to.equal(2);
   });
 
   it('GET_CONFIG replies 12 + size bytes; SET_CONFIG changes only writable bytes', async () => {
