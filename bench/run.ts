@@ -193,17 +193,17 @@ async function main(): Promise<void> {
   if (want('qemu')) {
     const q = await benchQemuCompare(quick ? 1 : 3);
     results['qemuCompare'] = q;
-    if (q.skipped !== undefined) rows.push(['real guest 512 MiB', 'skipped', q.skipped, '', '']);
+    if (q.skipped !== undefined) rows.push([`real guest ${q.balloonMiB} MiB`, 'skipped', q.skipped, '', '']);
     else {
       rows.push([
-        'real guest: inflate 512 MiB (s)',
+        `real guest: inflate ${q.balloonMiB} MiB (s)`,
         String(q.vballoon!.inflateSeconds),
         `${q.builtin!.inflateSeconds} QEMU virtio-balloon-pci`,
         String(q.inflateRatio),
         '<= 1',
       ]);
       rows.push([
-        'real guest: deflate 512 MiB (s)',
+        `real guest: deflate ${q.balloonMiB} MiB (s)`,
         String(q.vballoon!.deflateSeconds),
         `${q.builtin!.deflateSeconds} QEMU virtio-balloon-pci`,
         String(q.deflateRatio),
