@@ -125,7 +125,7 @@ describe('vhost-user session state machine', () => {
     await fe.waitConfigChange(2);
   });
 
-  it('asks for an ack on a config change at most once a second, not for each (a pressure burst costs QEMU no replies)', async () => {
+  it('asks for an ack on a config change at most once a second: a pressure burst costs QEMU no replies', async () => {
     fe = TestFrontend.connect(fx.socketPath, { numQueues: 4, configSize: 8 });
     await fe.realize();
     await fe.start(FEATURES, [0]);
