@@ -126,6 +126,7 @@ export class PageTracker {
     }
     return sortedRuns(this.scratch.subarray(0, k));
   }
+
   /** True if every page of [start, start + count) is in the balloon. */
   isFull(start: number, count: number): boolean {
     if (count <= 0) return true;
