@@ -160,6 +160,39 @@ void vb_close_fds(const int *fds, size_t n) {
   for (size_t i = 0; i < n; i++) close(fds[i]);
 }
 
+/* Attaches `nfds` descriptors to `msg` as one SCM_RIGHTS message written into `buf`, which must
+ * hold CMSG_SPACE(sizeof(int) * nfds) bytes; with none, `msg` carries no control data. */
+void vb_attach_rights(struct msghdr *msg, uint8_t *buf, const int *fds, size_t nfds) {
+  if (nfds == 0) return;
+  memset(buf, 0, CMSG_SPACE(sizeof(int) * nfds));
+  msg->msg_control = buf;
+  msg->msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+  struct cmsghdr *c = CMSG_FIRSTHDR(msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+  memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+}
+
+/* A received message for JavaScript: { [key]: data, fds, truncated }. `data` is NULL when making
+ * it failed. On any failure the descriptors are closed and an error is thrown (returns NULL). */
+napi_value vb_received(napi_env env, const char *key, napi_value data, const int *fds, size_t nfds, bool truncated,
+                       const char *what) {
+  napi_value result, fd_array, trunc_value;
+  if (data == NULL || napi_create_object(env, &result) != napi_ok ||
+      napi_create_array_with_length(env, nfds, &fd_array) != napi_ok ||
+      napi_get_boolean(env, truncated, &trunc_value) != napi_ok) {
+    vb_close_fds(fds, nfds);
+    vb_throw_napi(env, what);
+    return NULL;
+  }
+  for (size_t i = 0; i < nfds; i++) napi_set_element(env, fd_array, (uint32_t)i, vb_int(env, fds[i]));
+  napi_set_named_property(env, result, key, data);
+  napi_set_named_property(env, result, "fds", fd_array);
+  napi_set_named_property(env, result, "truncated", trunc_value);
+  return result;
+}
+
 /* Closes `fd` after a failed call on it and throws that call's errno (saved before close). */
 napi_value vb_close_and_throw(napi_env env, int fd, const char *syscall) {
   int err = errno;

@@ -61,16 +61,7 @@ napi_value vb_notify_send(napi_env env, napi_callback_info info) {
   msg.msg_namelen = addr_len;
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
-  if (nfds > 0) {
-    memset(control.buf, 0, sizeof control.buf);
-    msg.msg_control = control.buf;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-  }
+  vb_attach_rights(&msg, control.buf, fds, (size_t)nfds);
   ssize_t n;
   do {
     n = sendmsg(sock, &msg, MSG_NOSIGNAL);
@@ -156,20 +147,10 @@ napi_value vb_dgram_recv(napi_env env, napi_callback_info info) {
     vb_close_fds(fds, nfds);
     nfds = 0;
   }
-  napi_value result, text, fd_array, trunc_value;
-  if (napi_create_object(env, &result) != napi_ok ||
-      napi_create_string_utf8(env, data, (size_t)n, &text) != napi_ok ||
-      napi_create_array_with_length(env, nfds, &fd_array) != napi_ok ||
-      napi_get_boolean(env, truncated, &trunc_value) != napi_ok) {
-    for (size_t i = 0; i < nfds; i++) close(fds[i]);
-    vb_throw_napi(env, "dgramRecv result");
-    return NULL;
-  }
-  for (size_t i = 0; i < nfds; i++) napi_set_element(env, fd_array, (uint32_t)i, vb_int(env, fds[i]));
-  napi_set_named_property(env, result, "text", text);
-  napi_set_named_property(env, result, "fds", fd_array);
-  napi_set_named_property(env, result, "truncated", trunc_value);
-  if (have_pid) napi_set_named_property(env, result, "pid", vb_int(env, pid));
+  napi_value text;
+  if (napi_create_string_utf8(env, data, (size_t)n, &text) != napi_ok) text = NULL;
+  napi_value result = vb_received(env, "text", text, fds, nfds, truncated, "dgramRecv result");
+  if (result != NULL && have_pid) napi_set_named_property(env, result, "pid", vb_int(env, pid));
   return result;
 }
 

@@ -188,20 +188,9 @@ napi_value vb_recvmsg(napi_env env, napi_callback_info info) {
     vb_close_fds(fds, nfds);
     nfds = 0;
   }
-  napi_value result, buffer, fd_array, trunc_value;
-  if (napi_create_object(env, &result) != napi_ok ||
-      napi_create_buffer_copy(env, (size_t)n, data, NULL, &buffer) != napi_ok ||
-      napi_create_array_with_length(env, nfds, &fd_array) != napi_ok ||
-      napi_get_boolean(env, truncated, &trunc_value) != napi_ok) {
-    vb_close_fds(fds, nfds);
-    vb_throw_napi(env, "recvmsg result");
-    return NULL;
-  }
-  for (size_t i = 0; i < nfds; i++) napi_set_element(env, fd_array, (uint32_t)i, vb_int(env, fds[i]));
-  napi_set_named_property(env, result, "data", buffer);
-  napi_set_named_property(env, result, "fds", fd_array);
-  napi_set_named_property(env, result, "truncated", trunc_value);
-  return result;
+  napi_value buffer;
+  if (napi_create_buffer_copy(env, (size_t)n, data, NULL, &buffer) != napi_ok) buffer = NULL;
+  return vb_received(env, "data", buffer, fds, nfds, truncated, "recvmsg result");
 }
 
 /* sendmsg(fd, data: Uint8Array, fds?: number[]) -> bytes sent, or -1 when the socket is full.
@@ -230,16 +219,7 @@ napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
   struct msghdr msg = {0};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
-  if (nfds > 0) {
-    memset(control.buf, 0, sizeof control.buf);
-    msg.msg_control = control.buf;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
-  }
+  vb_attach_rights(&msg, control.buf, fds, (size_t)nfds);
   ssize_t n;
   do {
     n = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);

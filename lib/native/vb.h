@@ -76,6 +76,9 @@ void vb_make_callback(napi_env env, napi_async_context ctx, napi_value cb, size_
 int vb_fd_list(napi_env env, napi_value value, int *fds, uint32_t max, const char *syscall);
 void vb_take_rights(const struct cmsghdr *c, int *fds, size_t *nfds, size_t max);
 void vb_close_fds(const int *fds, size_t n);
+void vb_attach_rights(struct msghdr *msg, uint8_t *buf, const int *fds, size_t nfds);
+napi_value vb_received(napi_env env, const char *key, napi_value data, const int *fds, size_t nfds, bool truncated,
+                       const char *what);
 napi_value vb_close_and_throw(napi_env env, int fd, const char *syscall);
 socklen_t vb_unix_address(napi_env env, napi_value value, struct sockaddr_un *addr, const char *syscall);
 napi_value vb_accept(napi_env env, napi_callback_info info);
