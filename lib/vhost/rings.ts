@@ -319,8 +319,7 @@ export class RingSet {
     if (img.addr === null) return undefined;
     const gpa = this.options.memory.userToGuest(img.addr.used, 4);
     if (gpa === undefined) return undefined;
-    const bytes = this.options.memory.read(gpa + 2, 2);
-    return bytes[0] | (bytes[1] << 8);
+    return this.options.memory.readU16(gpa + 2);
   }
 
   /**

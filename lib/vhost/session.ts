@@ -195,8 +195,10 @@ export class Session implements DeviceHost {
       { onFrame: (f) => this.onFrame(f), onClose: (e) => this.onClosed(e) },
       {
         stalledMessageTimeoutMs: options.stalledMessageTimeoutMs ?? DEFAULT_STALLED_MESSAGE_TIMEOUT_MS,
+        // Leaving each message on the socket until it is recorded costs a second read per
+        // message; only a daemon that records its state for a restart (onHandled) gains by it.
+        commitAfterHandle: options.onHandled !== undefined,
         // A resumed front-end negotiated long ago and may send nothing for months.
-        commitAfterHandle: true,
         firstMessageTimeoutMs: options.resumed
           ? 0
           : (options.firstMessageTimeoutMs ?? DEFAULT_FIRST_MESSAGE_TIMEOUT_MS),
