@@ -21,7 +21,7 @@ import * as fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import { BalloonDevice, DeviceImage } from '../device/balloon';
 import { PagesJournal } from '../device/balloon-pages';
-import { PageRun } from '../device/page-tracker';
+import { bitmapRuns, PageRun, setBitRange } from '../device/page-tracker';
 import { ErrorCode, ErrorCodeValue, errorMessage } from '../errors';
 import { Logger, LogRateLimiter } from '../log';
 import { closeQuietly, native } from '../native';
@@ -164,11 +164,12 @@ const BITMAP_MIN_BYTES = 64 * 1024;
 const BITMAP_MAX_BYTES = 2 ** 32;
 
 /**
- * One bit per 4 KiB guest page in a memfd, set while the page is in the balloon. Changed in
- * place through a shared mapping, so what a killed process set is what the next one reads.
+ * One bit per 4 KiB guest page in a memfd, set while the page is in the balloon (the page
+ * tracker's bitmap layout: bit pfn % 32 of 32-bit word pfn / 32). Changed in place through a
+ * shared mapping, so what a killed process set is what the next one reads.
  */
 export class PageBitmap implements PagesJournal {
-  private bytes: Uint8Array;
+  private words: Uint32Array;
   private mapping: ArrayBuffer;
   private failed = false;
 
@@ -178,7 +179,7 @@ export class PageBitmap implements PagesJournal {
   ) {
     const size = native.fstat(fd).size;
     this.mapping = native.mmap(fd, size, 0, true);
-    this.bytes = new Uint8Array(this.mapping);
+    this.words = new Uint32Array(this.mapping);
   }
 
   static create(vm: string, log: () => Logger): PageBitmap {
@@ -202,13 +203,17 @@ export class PageBitmap implements PagesJournal {
     }
   }
 
+  /** Pages the bitmap describes now. */
+  private get pages(): number {
+    return this.words.length * 32;
+  }
+
   /** Makes room for `pfn`; false (logged once) if it is beyond what one mapping can describe. */
   private reach(pfn: number): boolean {
-    const byte = Math.floor(pfn / 8);
-    if (byte < this.bytes.length) return true;
-    let size = this.bytes.length;
-    while (size <= byte && size < BITMAP_MAX_BYTES) size *= 2;
-    if (size <= byte) {
+    if (pfn < this.pages) return true;
+    let size = this.words.byteLength;
+    while (size * 8 <= pfn && size < BITMAP_MAX_BYTES) size *= 2;
+    if (size * 8 <= pfn) {
       if (!this.failed)
         this.log().error('ballooned page beyond what the restart bitmap describes: it will be forgotten by a restart', {
           pfn,
@@ -219,64 +224,32 @@ export class PageBitmap implements PagesJournal {
     native.ftruncate(this.fd, size);
     native.munmap(this.mapping);
     this.mapping = native.mmap(this.fd, size, 0, true);
-    this.bytes = new Uint8Array(this.mapping);
+    this.words = new Uint32Array(this.mapping);
     return true;
   }
 
   added(runs: readonly PageRun[]): void {
     for (const run of runs) {
-      if (!this.reach(run.start + run.count - 1)) continue;
-      const end = run.start + run.count;
-      let p = run.start;
-      // Bit by bit to a byte boundary, then whole bytes, then the tail.
-      for (; p < end && p % 8 !== 0; p++) this.bytes[p >> 3] |= 1 << (p & 7);
-      if (p === end) continue;
-      const wholeEnd = end - (end % 8);
-      if (wholeEnd > p) {
-        this.bytes.fill(0xff, p / 8, wholeEnd / 8);
-        p = wholeEnd;
-      }
-      for (; p < end; p++) this.bytes[p >> 3] |= 1 << (p & 7);
+      const last = run.start + run.count - 1;
+      if (this.reach(last)) setBitRange(this.words, run.start, last, true);
     }
   }
 
   removed(pfns: ArrayLike<number>): void {
     for (let i = 0; i < pfns.length; i++) {
       const pfn = pfns[i];
-      const byte = Math.floor(pfn / 8);
-      if (byte < this.bytes.length) this.bytes[byte] &= ~(1 << (pfn & 7));
+      if (pfn < this.pages) setBitRange(this.words, pfn, pfn, false);
     }
   }
 
   cleared(): void {
     // Punching the whole file zeroes it without touching (allocating) the untouched parts.
-    native.punchHole(this.fd, 0, this.bytes.length);
+    native.punchHole(this.fd, 0, this.words.byteLength);
   }
 
   /** Every ballooned run, in order. */
-  *runs(): Generator<PageRun> {
-    let start = -1;
-    const bytes = this.bytes;
-    for (let i = 0; i < bytes.length; i++) {
-      const b = bytes[i];
-      if (b === 0 || b === 0xff) {
-        if (b === 0 && start >= 0) {
-          yield { start, count: i * 8 - start };
-          start = -1;
-        } else if (b === 0xff && start < 0) start = i * 8;
-        continue;
-      }
-      for (let bit = 0; bit < 8; bit++) {
-        const p = i * 8 + bit;
-        if ((b >> bit) & 1) {
-          if (start < 0) start = p;
-        } else if (start >= 0) {
-          yield { start, count: p - start };
-          start = -1;
-        }
-      }
-    }
-    if (start >= 0) yield { start, count: bytes.length * 8 - start };
+  runs(): Generator<PageRun> {
+    return bitmapRuns(this.words, 0);
   }
 
   close(): void {

@@ -297,21 +297,7 @@ export class PageTracker {
 
   /** Sets or clears the bits of pages first..last (inside the span). */
   private setBits(first: number, last: number, on: boolean): void {
-    const bits = this.bits!;
-    let i = first - this.base;
-    const end = last - this.base;
-    // Partial words bit by bit, whole words at once: bounded by the run's length.
-    while (i <= end) {
-      if ((i & 31) === 0 && i + 31 <= end) {
-        bits[i >>> 5] = on ? 0xffffffff : 0;
-        i += 32;
-      } else {
-        const mask = 1 << (i & 31);
-        if (on) bits[i >>> 5] |= mask;
-        else bits[i >>> 5] &= ~mask;
-        i++;
-      }
-    }
+    setBitRange(this.bits!, first - this.base, last - this.base, on);
   }
 
   /** True if every page of first..last is `on` (all set, or all clear). */
@@ -414,8 +400,27 @@ function granuleWords(words: number): number {
   return g;
 }
 
-/** The runs of set bits of a bitmap whose bit 0 is page `base`. */
-function* bitmapRuns(bits: Uint32Array, base: number): Generator<PageRun> {
+/**
+ * Sets or clears bits first..last of a bitmap (bit i is bit i % 32 of word i / 32). Partial words
+ * bit by bit, whole words at once: bounded by the range's length.
+ */
+export function setBitRange(bits: Uint32Array, first: number, last: number, on: boolean): void {
+  let i = first;
+  while (i <= last) {
+    if ((i & 31) === 0 && i + 31 <= last) {
+      bits[i >>> 5] = on ? 0xffffffff : 0;
+      i += 32;
+    } else {
+      const mask = 1 << (i & 31);
+      if (on) bits[i >>> 5] |= mask;
+      else bits[i >>> 5] &= ~mask;
+      i++;
+    }
+  }
+}
+
+/** The runs of set bits of a bitmap (laid out as for setBitRange) whose bit 0 is page `base`. */
+export function* bitmapRuns(bits: Uint32Array, base: number): Generator<PageRun> {
   let open: PageRun | undefined;
   // Bounded by the bitmap's length; empty and full words are skipped or taken whole.
   for (let w = 0; w < bits.length; w++) {
