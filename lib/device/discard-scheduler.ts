@@ -159,12 +159,11 @@ export class DiscardScheduler {
   /** Newly ballooned runs (sorted, as PageTracker.add returns them): punched in a later batch. */
   enqueue(runs: readonly PageRun[], pages: number): void {
     if (this.inhibit || runs.length === 0) return;
-    const ballooned = (pfn: number): boolean => pfn >= 0 && this.options.isBallooned(pfn);
     for (const r of runs) {
       this.pendingRuns.push(r);
       if (r.count < DISCARD_HOLD_MAX_PAGES) {
         this.freshRuns++;
-        if (ballooned(r.start - 1) || ballooned(r.start + r.count)) this.joinedRuns++;
+        if (this.ballooned(r.start - 1) || this.ballooned(r.start + r.count)) this.joinedRuns++;
       }
     }
     this.pending += pages;
@@ -256,6 +255,11 @@ export class DiscardScheduler {
     }
   }
 
+  /** Whether page `pfn` is in the balloon (false below page 0: a run's left neighbour). */
+  private ballooned(pfn: number): boolean {
+    return pfn >= 0 && this.options.isBallooned(pfn);
+  }
+
   /** Whether small runs that may still grow are held back (see DISCARD_HOLD_JOIN_RATE). */
   private holding(): boolean {
     return this.joinedRuns > 0 && this.joinedRuns >= this.freshRuns * DISCARD_HOLD_JOIN_RATE;
@@ -299,10 +303,9 @@ export class DiscardScheduler {
     }
     if (this.inhibit) return;
     if (hold) {
-      const ballooned = (pfn: number): boolean => pfn >= 0 && this.options.isBallooned(pfn);
       const ready: PageRun[] = [];
       for (const r of runs) {
-        const open = !ballooned(r.start - 1) || !ballooned(r.start + r.count);
+        const open = !this.ballooned(r.start - 1) || !this.ballooned(r.start + r.count);
         if (r.count < DISCARD_HOLD_MAX_PAGES && open) {
           this.heldRuns.push(r);
           this.pending += r.count;
@@ -440,12 +443,5 @@ export function subtractPfns(runs: readonly PageRun[], pfns: readonly number[]):
 /** Sorts runs and merges those that touch or overlap. */
 export function compactRunList(runs: readonly PageRun[]): PageRun[] {
   const sorted = [...runs].sort((a, b) => a.start - b.start);
-  const out: PageRun[] = [];
-  for (const r of sorted) {
-    const last = out[out.length - 1];
-    if (last !== undefined && r.start <= last.start + last.count)
-      last.count = Math.max(last.count, r.start + r.count - last.start);
-    else out.push({ ...r });
-  }
-  return out;
+  return mergeRunLists(sorted, []);
 }
