@@ -121,11 +121,11 @@ export class NullLogger extends BaseLogger {
 }
 
 /**
+ * Allows `burst` log lines per `intervalMs`; reports how many were suppressed before a line.
  * Repeated warnings of one kind (refused connections, failed accepts) must not flood the journal
  * nor spend the event loop on log lines: every one is counted elsewhere, this decides which are
  * logged.
  */
-/** Allows `burst` log lines per `intervalMs`; reports how many were suppressed before a line. */
 export class LogRateLimiter {
   private windowStartMs: number | undefined;
   private logged = 0;
