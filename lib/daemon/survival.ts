@@ -70,6 +70,8 @@ function sha1(data: Uint8Array): Buffer {
 export class StateFile {
   private sequence = 0;
   private nextSlot = 0;
+  /** Where encode() builds a slot (grows to twice the largest one so far). */
+  private scratch = Buffer.alloc(4096);
 
   private constructor(readonly fd: number) {}
 
@@ -125,28 +127,35 @@ export class StateFile {
     return this.readSlot(RECORD_OFFSET, RECORD_BYTES)?.doc;
   }
 
-  private encode(body: Buffer, capacity: number, seq: number): Buffer {
-    if (body.length > capacity - SLOT_HEADER_BYTES)
-      throw new Error(`state of ${body.length} bytes does not fit the ${capacity}-byte slot`);
-    const out = Buffer.alloc(SLOT_HEADER_BYTES + body.length);
+  /**
+   * Encodes `json` as a slot (header, then the UTF-8 text) in a buffer reused from write to write
+   * (a save follows every front-end message that changes state and every new target: no fresh
+   * copies of the text on that path), and returns the bytes to write.
+   */
+  private encode(json: string, capacity: number, seq: number): Buffer {
+    const length = Buffer.byteLength(json, 'utf8');
+    if (length > capacity - SLOT_HEADER_BYTES)
+      throw new Error(`state of ${length} bytes does not fit the ${capacity}-byte slot`);
+    if (this.scratch.length < SLOT_HEADER_BYTES + length) this.scratch = Buffer.alloc(2 * (SLOT_HEADER_BYTES + length));
+    const out = this.scratch.subarray(0, SLOT_HEADER_BYTES + length);
+    out.write(json, SLOT_HEADER_BYTES, 'utf8');
     out.writeUInt32LE(SLOT_MAGIC, 0);
-    out.writeUInt32LE(body.length, 4);
+    out.writeUInt32LE(length, 4);
     out.writeDoubleLE(seq, 8);
-    sha1(body).copy(out, 16);
-    body.copy(out, SLOT_HEADER_BYTES);
+    sha1(out.subarray(SLOT_HEADER_BYTES)).copy(out, 16);
     return out;
   }
 
   /** Writes the last message record (one write). */
   writeRecord(json: string): void {
-    const out = this.encode(Buffer.from(json, 'utf8'), RECORD_BYTES, 0);
+    const out = this.encode(json, RECORD_BYTES, 0);
     fs.writeSync(this.fd, out, 0, out.length, RECORD_OFFSET);
   }
 
   /** Writes `doc` (or its JSON) as the newest state. Throws if it does not fit a slot. */
   write(doc: unknown): void {
     const json = typeof doc === 'string' ? doc : JSON.stringify(doc);
-    const out = this.encode(Buffer.from(json, 'utf8'), SLOT_BYTES, this.sequence + 1);
+    const out = this.encode(json, SLOT_BYTES, this.sequence + 1);
     fs.writeSync(this.fd, out, 0, out.length, this.nextSlot * SLOT_BYTES);
     this.sequence++;
     this.nextSlot = 1 - this.nextSlot;
@@ -482,7 +491,10 @@ export class VmSurvival {
       this.sessionJson = undefined;
       this.save();
     };
-    device.on('target', changed);
+    // A new target (the policy's answer to every pressure message) changes the device part
+    // only: the session part (its descriptors named, each compared with kcmp) is reused. The one
+    // session field it touches, configChangePending, a resume sets anyway.
+    device.on('target', () => this.save());
     device.on('reset', changed);
     device.on('connection', changed);
     backend.onSession(changed);
@@ -520,51 +532,10 @@ export class VmSurvival {
     const backend = this.backend;
     if (device === undefined || backend === undefined) return;
     try {
-      const used = new Set<string>();
-      const hint = new Map<number, string>();
-      const listenFd = backend.listener;
-      const session = backend.current;
-      const name = (fd: number, role: string): string | null => {
-        if (fd < 0) return null;
-        let full = this.nameOf(fd);
-        if (full === undefined) {
-          full = this.fullName(role === 'listen' ? LISTEN_NAME : `${role}.${this.nextName++}`);
-          this.holder.store(full, [fd]);
-          this.keep(full, fd);
-        }
-        used.add(full);
-        hint.set(fd, full);
-        return full.slice(this.vm.length + 1);
-      };
-      if (listenFd >= 0) name(listenFd, 'listen');
-      let sessionJson = this.sessionJson;
-      if (sessionJson === undefined) {
-        let named: NamedSessionImage | null = null;
-        const image = session === undefined || session.isClosed ? undefined : session.image();
-        if (image !== undefined) {
-          const { connFd, channelFd, regions, rings, lastHandled: _recordedApart, ...rest } = image;
-          named = {
-            ...rest,
-            conn: name(connFd, 'conn')!,
-            channel: name(channelFd, 'channel'),
-            regions: regions.map((r, i) => ({ ...r, fd: name(r.fd, `mem${i}`)! })),
-            rings: rings.map((r) => {
-              const { kickFd, callFd, errFd, ...ring } = r;
-              return {
-                ...ring,
-                kick: name(kickFd, `kick${r.index}`),
-                call: name(callFd, `call${r.index}`),
-                err: name(errFd, `err${r.index}`),
-              };
-            }),
-          };
-        }
-        sessionJson = JSON.stringify(named);
-      } else {
-        // Unchanged since the last write: its descriptors are still the named ones.
-        for (const name of this.hint.values()) used.add(name);
-        for (const [fd, full] of this.hint) hint.set(fd, full);
-      }
+      // The session part is written again as it was unless something in it changed (a new target,
+      // the policy's answer to every pressure message, does not): no descriptor is compared then.
+      const fresh = this.sessionJson === undefined ? this.nameSession(backend) : undefined;
+      const sessionJson = fresh?.json ?? this.sessionJson!;
       const head: Omit<VmStateDoc, 'session'> = {
         version: 1,
         vm: this.vm,
@@ -574,18 +545,64 @@ export class VmSurvival {
       };
       this.state.write(`${JSON.stringify(head).slice(0, -1)},"session":${sessionJson}}`);
       this.sessionJson = sessionJson;
-      // Only now that no state names them: what the session let go of.
-      for (const [full, copy] of [...this.entries]) {
-        if (used.has(full)) continue;
-        this.holder.remove(full);
-        closeQuietly(copy);
-        this.entries.delete(full);
+      if (fresh !== undefined) {
+        // Only now that no state names them: what the session let go of.
+        for (const [full, copy] of [...this.entries]) {
+          if (fresh.used.has(full)) continue;
+          this.holder.remove(full);
+          closeQuietly(copy);
+          this.entries.delete(full);
+        }
+        this.hint = fresh.hint;
       }
-      this.hint = hint;
       this.broken = false;
     } catch (err) {
       this.failed(err);
     }
+  }
+
+  /**
+   * The session image (and the listening socket) with descriptor names instead of numbers, as
+   * JSON. A descriptor not stored yet is stored (before any state names it) under a new name.
+   */
+  private nameSession(backend: VhostUserBackend): { json: string; used: Set<string>; hint: Map<number, string> } {
+    const used = new Set<string>();
+    const hint = new Map<number, string>();
+    const name = (fd: number, role: string): string | null => {
+      if (fd < 0) return null;
+      let full = this.nameOf(fd);
+      if (full === undefined) {
+        full = this.fullName(role === 'listen' ? LISTEN_NAME : `${role}.${this.nextName++}`);
+        this.holder.store(full, [fd]);
+        this.keep(full, fd);
+      }
+      used.add(full);
+      hint.set(fd, full);
+      return full.slice(this.vm.length + 1);
+    };
+    if (backend.listener >= 0) name(backend.listener, 'listen');
+    const session = backend.current;
+    let named: NamedSessionImage | null = null;
+    const image = session === undefined || session.isClosed ? undefined : session.image();
+    if (image !== undefined) {
+      const { connFd, channelFd, regions, rings, lastHandled: _recordedApart, ...rest } = image;
+      named = {
+        ...rest,
+        conn: name(connFd, 'conn')!,
+        channel: name(channelFd, 'channel'),
+        regions: regions.map((r, i) => ({ ...r, fd: name(r.fd, `mem${i}`)! })),
+        rings: rings.map((r) => {
+          const { kickFd, callFd, errFd, ...ring } = r;
+          return {
+            ...ring,
+            kick: name(kickFd, `kick${r.index}`),
+            call: name(callFd, `call${r.index}`),
+            err: name(errFd, `err${r.index}`),
+          };
+        }),
+      };
+    }
+    return { json: JSON.stringify(named), used, hint };
   }
 
   private failed(err: unknown): void {
