@@ -12,6 +12,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { monitorEventLoopDelay, performance, PerformanceObserver } from 'node:perf_hooks';
+import { FdStore } from '../lib/daemon/fd-store';
+import { VmSurvival } from '../lib/daemon/survival';
 import { BalloonDevice } from '../lib/device/balloon';
 import { NullLogger } from '../lib/log';
 import { native } from '../lib/native';
@@ -207,20 +209,20 @@ export async function benchPressureLatency(
   const pong = native.eventfd(0, true);
   const echo = echoPings(ping, pong);
   // VM A: message queue only; its pressure listener flips the target like the policy would.
-  const a = new BalloonDevice({ statsQueue: false, pageReporting: false, messageQueue: true });
+  const vmA = servedVm('a', { statsQueue: false, pageReporting: false, messageQueue: true });
+  const { device: a, backend: backendA } = vmA;
   let flip = 0;
   a.on('pressure', () => a.setTargetPages((flip ^= 1) === 1 ? 256 : 0, 'pressure'));
-  const backendA = new VhostUserBackend(a, { log: new NullLogger() });
   const sockA = path.join(dir, 'a.sock');
   backendA.listen(sockA);
   // VM B: a balloon the host keeps resizing while A measures.
-  const b = new BalloonDevice({ statsIntervalMs: 1000 });
-  const backendB = new VhostUserBackend(b, { log: new NullLogger() });
+  const vmB = servedVm('b', { statsIntervalMs: 1000 });
+  const { device: b, backend: backendB } = vmB;
   const sockB = path.join(dir, 'b.sock');
   backendB.listen(sockB);
   // VM C: the 4 GiB inflate.
-  const c = new BalloonDevice({ statsQueue: false, pageReporting: false, messageQueue: false });
-  const backendC = new VhostUserBackend(c, { log: new NullLogger() });
+  const vmC = servedVm('c', { statsQueue: false, pageReporting: false, messageQueue: false });
+  const { device: c, backend: backendC } = vmC;
   const sockC = path.join(dir, 'c.sock');
   backendC.listen(sockC);
   // Each guest process stands in for a vCPU: one thread. V8's parallel collector would wake
@@ -311,6 +313,7 @@ export async function benchPressureLatency(
     if (bigChild.connected) bigChild.send({ kind: 'exit' } satisfies Req);
     await new Promise((res) => (bigChild.exitCode !== null ? res(undefined) : bigChild.once('exit', res)));
     backendC.close();
+    for (const vm of [vmA, vmB, vmC]) vm.keeper.forget();
     native.pollStop(echo);
     backendA.close();
     backendB.close();
@@ -318,6 +321,28 @@ export async function benchPressureLatency(
     native.close(pong);
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * A VM wired as `vballoon serve` wires it (lib/daemon/daemon.ts, addVmWith): the device journals
+ * its pages and the back-end records each front-end message for a restart (VmSurvival), which a
+ * serving daemon always does, so the bench pays the same state writes and reads messages the same
+ * way (peeked, then taken off the socket). The store is disabled, as for a daemon started without
+ * systemd; with systemd it is only written to when a descriptor changes.
+ */
+function servedVm(
+  name: string,
+  options: ConstructorParameters<typeof BalloonDevice>[0],
+): { device: BalloonDevice; backend: VhostUserBackend; keeper: VmSurvival } {
+  const log = new NullLogger();
+  const keeper = new VmSurvival(name, new FdStore(log, undefined), log);
+  const device = new BalloonDevice({ ...options, journal: keeper.bitmap });
+  const backend = new VhostUserBackend(device, {
+    log,
+    onHandled: (request, last) => keeper.afterMessage(request, last),
+  });
+  keeper.follow(device, backend, () => ({ mode: 'manual', operatorPages: device.target }));
+  return { device, backend, keeper };
 }
 
 /** The Nice= of the shipped unit (docs/vballoon.service): the daemon's priority in production. */
