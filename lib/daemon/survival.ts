@@ -128,17 +128,19 @@ export class StateFile {
   }
 
   /**
-   * Encodes `json` as a slot (header, then the UTF-8 text) in a buffer reused from write to write
-   * (a save follows every front-end message that changes state and every new target: no fresh
-   * copies of the text on that path), and returns the bytes to write.
+   * Encodes a slot (header, then `text` in UTF-8, then `tail`) in a buffer reused from write to
+   * write (a save follows every front-end message that changes state and every new target: no
+   * fresh copy of the state on that path), and returns the bytes to write.
    */
-  private encode(json: string, capacity: number, seq: number): Buffer {
-    const length = Buffer.byteLength(json, 'utf8');
+  private encode(text: string, tail: Uint8Array | undefined, capacity: number, seq: number): Buffer {
+    const textLength = Buffer.byteLength(text, 'utf8');
+    const length = textLength + (tail?.length ?? 0);
     if (length > capacity - SLOT_HEADER_BYTES)
       throw new Error(`state of ${length} bytes does not fit the ${capacity}-byte slot`);
     if (this.scratch.length < SLOT_HEADER_BYTES + length) this.scratch = Buffer.alloc(2 * (SLOT_HEADER_BYTES + length));
     const out = this.scratch.subarray(0, SLOT_HEADER_BYTES + length);
-    out.write(json, SLOT_HEADER_BYTES, 'utf8');
+    out.write(text, SLOT_HEADER_BYTES, 'utf8');
+    if (tail !== undefined) out.set(tail, SLOT_HEADER_BYTES + textLength);
     out.writeUInt32LE(SLOT_MAGIC, 0);
     out.writeUInt32LE(length, 4);
     out.writeDoubleLE(seq, 8);
@@ -148,14 +150,17 @@ export class StateFile {
 
   /** Writes the last message record (one write). */
   writeRecord(json: string): void {
-    const out = this.encode(json, RECORD_BYTES, 0);
+    const out = this.encode(json, undefined, RECORD_BYTES, 0);
     fs.writeSync(this.fd, out, 0, out.length, RECORD_OFFSET);
   }
 
-  /** Writes `doc` (or its JSON) as the newest state. Throws if it does not fit a slot. */
-  write(doc: unknown): void {
-    const json = typeof doc === 'string' ? doc : JSON.stringify(doc);
-    const out = this.encode(json, SLOT_BYTES, this.sequence + 1);
+  /**
+   * Writes `doc` (or its JSON: `head`, then the bytes of `tail` if given) as the newest state.
+   * Throws if it does not fit a slot.
+   */
+  write(doc: unknown, tail?: Uint8Array): void {
+    const text = typeof doc === 'string' ? doc : JSON.stringify(doc);
+    const out = this.encode(text, tail, SLOT_BYTES, this.sequence + 1);
     fs.writeSync(this.fd, out, 0, out.length, this.nextSlot * SLOT_BYTES);
     this.sequence++;
     this.nextSlot = 1 - this.nextSlot;
@@ -344,7 +349,9 @@ export class VmSurvival {
   /** The last message record the previous process left. */
   private readonly lastRecord: SessionImage['lastHandled'] = null;
   /** The session part of the state as last written; undefined once the session changed. */
-  private sessionJson: string | undefined;
+  /** The end of the state document: `,"session":<named session JSON>}` in UTF-8, kept until the
+   * session changes (every save writes it after the head, without serializing it again). */
+  private sessionTail: Buffer | undefined;
 
   /**
    * `inherited`: this VM's descriptors from the previous process (names without the VM prefix);
@@ -488,7 +495,7 @@ export class VmSurvival {
     this.policy = policy;
     // `actual` changes only through SET_CONFIG, which afterMessage saves.
     const changed = (): void => {
-      this.sessionJson = undefined;
+      this.sessionTail = undefined;
       this.save();
     };
     // A new target (the policy's answer to every pressure message) changes the device part
@@ -508,7 +515,7 @@ export class VmSurvival {
    */
   afterMessage(request: number, last: NonNullable<SessionImage['lastHandled']>): void {
     if (!READ_ONLY_REQUESTS.has(request)) {
-      if (request !== FrontendRequest.SET_CONFIG) this.sessionJson = undefined;
+      if (request !== FrontendRequest.SET_CONFIG) this.sessionTail = undefined;
       this.save();
     }
     try {
@@ -534,8 +541,8 @@ export class VmSurvival {
     try {
       // The session part is written again as it was unless something in it changed (a new target,
       // the policy's answer to every pressure message, does not): no descriptor is compared then.
-      const fresh = this.sessionJson === undefined ? this.nameSession(backend) : undefined;
-      const sessionJson = fresh?.json ?? this.sessionJson!;
+      const fresh = this.sessionTail === undefined ? this.nameSession(backend) : undefined;
+      const sessionTail = fresh === undefined ? this.sessionTail! : Buffer.from(`,"session":${fresh.json}}`, 'utf8');
       const head: Omit<VmStateDoc, 'session'> = {
         version: 1,
         vm: this.vm,
@@ -543,8 +550,8 @@ export class VmSurvival {
         ...this.policy(),
         device: device.image(),
       };
-      this.state.write(`${JSON.stringify(head).slice(0, -1)},"session":${sessionJson}}`);
-      this.sessionJson = sessionJson;
+      this.state.write(JSON.stringify(head).slice(0, -1), sessionTail);
+      this.sessionTail = sessionTail;
       if (fresh !== undefined) {
         // Only now that no state names them: what the session let go of.
         for (const [full, copy] of [...this.entries]) {
