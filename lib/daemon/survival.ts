@@ -17,7 +17,6 @@
  * - the state is written after a front-end message was handled and before its reply goes out;
  * - the page bitmap changes before the buffer that changed it is returned to the guest.
  */
-import * as fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import { BalloonDevice, DeviceImage } from '../device/balloon';
 import { PagesJournal } from '../device/balloon-pages';
@@ -48,64 +47,85 @@ export interface NamedFd {
 // ---- the state memfd ------------------------------------------------------------------------
 
 /**
- * Two slots, each [magic u32][length u32][sequence f64][sha1 20 bytes][JSON]. A write goes to
- * the slot not holding the newest valid state, in one pwrite; a write cut short by a SIGKILL
- * leaves a slot whose hash does not match, and the other slot is read.
+ * Two slots, each [magic u32][length u32][sequence f64][check 20 bytes][JSON]. A write goes to
+ * the slot not holding the newest valid state: the body first, then the header that vouches for
+ * it, so a write cut short by a SIGKILL leaves a slot whose check does not match, and the other
+ * slot is read.
+ *
+ * The memfd is mapped and written in place: a save (after every front-end message that changes
+ * state and every new target) is a copy into shared memory and a checksum, not a system call.
+ * "VBS2" slots carry native.checksum (48 bits, in the first 6 check bytes); "VBS1" slots, written
+ * by earlier versions with SHA-1, are still read, so a takeover from one of them works.
  */
 const SLOT_BYTES = 1024 * 1024;
 const SLOT_HEADER_BYTES = 36;
-const SLOT_MAGIC = 0x31534256; // "VBS1"
+const SLOT_MAGIC = 0x32534256; // "VBS2"
+const SLOT_MAGIC_SHA1 = 0x31534256; // "VBS1"
 /**
  * After the two slots, one record of the last front-end message handled (its digest and reply),
- * written for every message: small, so a GET_CONFIG costs one short write, not a whole state.
+ * written for every message: small, so a GET_CONFIG costs one short copy, not a whole state.
  * A write of it cut short is harmless: it happens before the message leaves the socket.
  */
 const RECORD_OFFSET = 2 * SLOT_BYTES;
 const RECORD_BYTES = 64 * 1024;
-
-function sha1(data: Uint8Array): Buffer {
-  return createHash('sha1').update(data).digest();
-}
+const STATE_FILE_BYTES = RECORD_OFFSET + RECORD_BYTES;
 
 export class StateFile {
   private sequence = 0;
   private nextSlot = 0;
-  /** Where encode() builds a slot (grows to twice the largest one so far). */
-  private scratch = Buffer.alloc(4096);
+  private closed = false;
+  private readonly mapping: ArrayBuffer;
+  /** The whole memfd, mapped shared: what this process writes is what the next one reads. */
+  private readonly bytes: Buffer;
 
-  private constructor(readonly fd: number) {}
+  private constructor(readonly fd: number) {
+    // A file from an earlier process has this size already; never shrunk.
+    if (native.fstat(fd).size < STATE_FILE_BYTES) native.ftruncate(fd, STATE_FILE_BYTES);
+    this.mapping = native.mmap(fd, STATE_FILE_BYTES, 0, true);
+    this.bytes = Buffer.from(this.mapping);
+  }
 
   /** A new, empty state memfd. */
   static create(vm: string): StateFile {
     const fd = native.memfdCreate(`vballoon-state-${vm}`);
     try {
-      native.ftruncate(fd, RECORD_OFFSET + RECORD_BYTES);
+      return new StateFile(fd);
     } catch (err) {
       closeQuietly(fd);
       throw err;
     }
-    return new StateFile(fd);
   }
 
   /** The state memfd a previous process wrote (takes ownership of `fd`). */
   static open(fd: number): StateFile {
-    return new StateFile(fd);
+    try {
+      return new StateFile(fd);
+    } catch (err) {
+      closeQuietly(fd);
+      throw err;
+    }
   }
 
-  /** The JSON in a slot at `offset` with its sequence, if its hash matches. */
+  /** The JSON in a slot at `offset` with its sequence, if its check matches. */
   private readSlot(offset: number, capacity: number): { seq: number; doc: unknown } | undefined {
-    const header = Buffer.alloc(SLOT_HEADER_BYTES);
-    if (fs.readSync(this.fd, header, 0, SLOT_HEADER_BYTES, offset) !== SLOT_HEADER_BYTES) return undefined;
-    if (header.readUInt32LE(0) !== SLOT_MAGIC) return undefined;
-    const length = header.readUInt32LE(4);
+    const b = this.bytes;
+    const magic = b.readUInt32LE(offset);
+    if (magic !== SLOT_MAGIC && magic !== SLOT_MAGIC_SHA1) return undefined;
+    const length = b.readUInt32LE(offset + 4);
     if (length > capacity - SLOT_HEADER_BYTES) return undefined;
-    const body = Buffer.alloc(length);
-    if (fs.readSync(this.fd, body, 0, length, offset + SLOT_HEADER_BYTES) !== length) return undefined;
-    if (!sha1(body).equals(header.subarray(16, 36))) return undefined;
+    const bodyAt = offset + SLOT_HEADER_BYTES;
+    // A copy: the body must not change between its check and its parse.
+    const body = Buffer.from(b.subarray(bodyAt, bodyAt + length));
+    const check = b.subarray(offset + 16, offset + 36);
+    const whole =
+      magic === SLOT_MAGIC
+        ? native.checksum(body, 0, length) === check.readUIntLE(0, 6)
+        : createHash('sha1').update(body).digest().equals(check);
+    if (!whole) return undefined;
     try {
-      return { seq: header.readDoubleLE(8), doc: JSON.parse(body.toString('utf8')) as unknown };
+      return { seq: b.readDoubleLE(offset + 8), doc: JSON.parse(body.toString('utf8')) as unknown };
     } catch {
-      return undefined; // a hash that matches over something that is not JSON: not ours
+      return undefined; // a check that matches over something that is not JSON: not ours
     }
   }
 
@@ -128,30 +148,35 @@ export class StateFile {
   }
 
   /**
-   * Encodes a slot (header, then `text` in UTF-8, then `tail`) in a buffer reused from write to
-   * write (a save follows every front-end message that changes state and every new target: no
-   * fresh copy of the state on that path), and returns the bytes to write.
+   * Writes a slot at `offset` in place: the body (`text` in UTF-8, then `tail`), then the header
+   * with its check. Throws, writing nothing, if the body does not fit.
    */
-  private encode(text: string, tail: Uint8Array | undefined, capacity: number, seq: number): Buffer {
-    const textLength = Buffer.byteLength(text, 'utf8');
-    const length = textLength + (tail?.length ?? 0);
-    if (length > capacity - SLOT_HEADER_BYTES)
-      throw new Error(`state of ${length} bytes does not fit the ${capacity}-byte slot`);
-    if (this.scratch.length < SLOT_HEADER_BYTES + length) this.scratch = Buffer.alloc(2 * (SLOT_HEADER_BYTES + length));
-    const out = this.scratch.subarray(0, SLOT_HEADER_BYTES + length);
-    out.write(text, SLOT_HEADER_BYTES, 'utf8');
-    if (tail !== undefined) out.set(tail, SLOT_HEADER_BYTES + textLength);
-    out.writeUInt32LE(SLOT_MAGIC, 0);
-    out.writeUInt32LE(length, 4);
-    out.writeDoubleLE(seq, 8);
-    sha1(out.subarray(SLOT_HEADER_BYTES)).copy(out, 16);
-    return out;
+  private writeSlot(offset: number, capacity: number, seq: number, text: string, tail?: Uint8Array): void {
+    const room = capacity - SLOT_HEADER_BYTES - (tail?.length ?? 0);
+    // UTF-8 takes at most 3 bytes per UTF-16 unit: only a long text is measured first.
+    const textBytes = text.length * 3 <= room ? -1 : Buffer.byteLength(text, 'utf8');
+    if (room < 0 || textBytes > room) {
+      const size = Math.max(textBytes, text.length) + (tail?.length ?? 0);
+      throw new Error(`state of ${size} bytes does not fit the ${capacity}-byte slot`);
+    }
+    const b = this.bytes;
+    const bodyAt = offset + SLOT_HEADER_BYTES;
+    let length = b.write(text, bodyAt, room, 'utf8');
+    if (tail !== undefined) {
+      b.set(tail, bodyAt + length);
+      length += tail.length;
+    }
+    const check = native.checksum(b, bodyAt, length);
+    b.writeUInt32LE(SLOT_MAGIC, offset);
+    b.writeUInt32LE(length, offset + 4);
+    b.writeDoubleLE(seq, offset + 8);
+    b.fill(0, offset + 16, offset + 36);
+    b.writeUIntLE(check, offset + 16, 6);
   }
 
-  /** Writes the last message record (one write). */
+  /** Writes the last message record. */
   writeRecord(json: string): void {
-    const out = this.encode(json, undefined, RECORD_BYTES, 0);
-    fs.writeSync(this.fd, out, 0, out.length, RECORD_OFFSET);
+    this.writeSlot(RECORD_OFFSET, RECORD_BYTES, 0, json);
   }
 
   /**
@@ -160,13 +185,15 @@ export class StateFile {
    */
   write(doc: unknown, tail?: Uint8Array): void {
     const text = typeof doc === 'string' ? doc : JSON.stringify(doc);
-    const out = this.encode(text, tail, SLOT_BYTES, this.sequence + 1);
-    fs.writeSync(this.fd, out, 0, out.length, this.nextSlot * SLOT_BYTES);
+    this.writeSlot(this.nextSlot * SLOT_BYTES, SLOT_BYTES, this.sequence + 1, text, tail);
     this.sequence++;
     this.nextSlot = 1 - this.nextSlot;
   }
 
   close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    native.munmap(this.mapping);
     closeQuietly(this.fd);
   }
 }

@@ -182,6 +182,11 @@ export interface NativeAddon {
   /** A full memory barrier. */
   fence(): void;
   /**
+   * A 48-bit hash of `length` bytes of `data` from `offset` (ERANGE beyond its end): tells a
+   * record written whole from one a SIGKILL cut short. Not cryptographic.
+   */
+  checksum(data: Uint8Array, offset: number, length: number): number;
+  /**
    * Sends `text` as one datagram to the AF_UNIX datagram socket at `address` (a path, or an
    * abstract name written "@name"), with `fds` (at most SCM_MAX_FDS, else EINVAL) as SCM_RIGHTS.
    * Synchronous: when it returns, the receiver has the datagram and its descriptors queued (the

@@ -6,6 +6,7 @@
  */
 import { expect } from 'chai';
 import * as fc from 'fast-check';
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import { BalloonDevice } from '../../lib/device/balloon';
 import { PageRun } from '../../lib/device/page-tracker';
@@ -62,6 +63,63 @@ describe('restart survival (lib/daemon/survival.ts)', () => {
         // The next write goes to the other slot, never over the last good one.
         torn.write({ n: 4 });
         expect(StateFile.open(native.dup(f.fd)).read()).to.deep.equal({ n: 4 });
+      } finally {
+        f.close();
+      }
+    });
+
+    it('is written in place through its mapping: another descriptor reads each save at once', () => {
+      const f = StateFile.create('t');
+      try {
+        for (let n = 1; n <= 5; n++) {
+          f.write(`{"n":${n}`, Buffer.from(',"tail":"z"}'));
+          f.writeRecord(JSON.stringify({ digest: `d${n}`, reply: null }));
+          const other = StateFile.open(native.dup(f.fd));
+          expect(other.read()).to.deep.equal({ n, tail: 'z' });
+          expect(other.readRecord()).to.deep.equal({ digest: `d${n}`, reply: null });
+          other.close();
+        }
+        // A header cut short (its check not written yet) is not trusted either.
+        fs.writeSync(f.fd, Buffer.alloc(6), 0, 6, 16);
+        fs.writeSync(f.fd, Buffer.alloc(6), 0, 6, 1024 * 1024 + 16);
+        expect(StateFile.open(native.dup(f.fd)).read()).to.equal(undefined);
+      } finally {
+        f.close();
+        f.close(); // idempotent
+      }
+    });
+
+    it('reads a state an earlier version wrote ("VBS1" slots checked with SHA-1), then writes after it', () => {
+      const fd = native.memfdCreate('old-state');
+      native.ftruncate(fd, 2 * 1024 * 1024 + 64 * 1024);
+      const slot = (seq: number, doc: unknown, offset: number, check = true): void => {
+        const body = Buffer.from(JSON.stringify(doc));
+        const header = Buffer.alloc(36);
+        header.writeUInt32LE(0x31534256, 0);
+        header.writeUInt32LE(body.length, 4);
+        header.writeDoubleLE(seq, 8);
+        createHash('sha1')
+          .update(check ? body : Buffer.from('other'))
+          .digest()
+          .copy(header, 16);
+        fs.writeSync(fd, Buffer.concat([header, body]), 0, 36 + body.length, offset);
+      };
+      slot(7, { old: 7 }, 0);
+      slot(8, { old: 8 }, 1024 * 1024);
+      slot(0, { digest: 'x', reply: null }, 2 * 1024 * 1024);
+      const f = StateFile.open(fd);
+      try {
+        expect(f.read()).to.deep.equal({ old: 8 });
+        expect(f.readRecord()).to.deep.equal({ digest: 'x', reply: null });
+        f.write({ now: 9 }); // over the older slot (seq 7), never over the newest
+        const again = StateFile.open(native.dup(fd));
+        expect(again.read()).to.deep.equal({ now: 9 });
+        again.close();
+        // An old slot whose hash does not match its body is refused, as before.
+        slot(10, { bad: 10 }, 1024 * 1024, false);
+        const third = StateFile.open(native.dup(fd));
+        expect(third.read()).to.deep.equal({ now: 9 });
+        third.close();
       } finally {
         f.close();
       }

@@ -162,6 +162,30 @@ describe('native addon', () => {
     native.close(fd);
   });
 
+  it('checksums bytes: any change to them, their length or their place changes it; out of range is ERANGE', () => {
+    const data = Buffer.alloc(4099);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7919) & 0xff;
+    const whole = native.checksum(data, 0, data.length);
+    expect(Number.isSafeInteger(whole)).to.equal(true);
+    expect(whole).to.be.below(2 ** 48);
+    expect(native.checksum(Buffer.from(data), 0, data.length)).to.equal(whole);
+    const seen = new Set([whole]);
+    // Every single-bit flip, in the 8-byte rounds and in the tail, gives a new value.
+    for (const at of [0, 7, 8, 1000, 4095, 4096, 4098])
+      for (let bit = 0; bit < 8; bit++) {
+        data[at] ^= 1 << bit;
+        seen.add(native.checksum(data, 0, data.length));
+        data[at] ^= 1 << bit;
+      }
+    expect(seen.size).to.equal(1 + 7 * 8);
+    // A body cut short, or the same bytes further on, differ too; trailing zeros count.
+    expect(native.checksum(data, 0, data.length - 1)).to.not.equal(whole);
+    expect(native.checksum(Buffer.alloc(16), 0, 8)).to.not.equal(native.checksum(Buffer.alloc(16), 0, 9));
+    expect(() => native.checksum(data, 1, data.length)).to.throw(/ERANGE/);
+    expect(() => native.checksum(data, -1, 2)).to.throw(/offset/);
+    expect(() => native.checksum([1, 2] as unknown as Uint8Array, 0, 1)).to.throw(TypeError);
+  });
+
   it('refuses single mappings above 4 GiB (the Node-API buffer limit) cleanly', () => {
     const fd = native.memfdCreate('big');
     native.ftruncate(fd, 5 * 1024 ** 3);
