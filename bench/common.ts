@@ -1,9 +1,45 @@
 /** Pieces shared by the benchmarks that run a child process. */
-import { ChildProcess, spawn } from 'node:child_process';
+import { ChildProcess, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { native, PollHandle, POLL_READABLE } from '../lib/native';
+
+/** The shipped unit: how the daemon runs in production (its priority, its Node options). */
+const UNIT = path.resolve(__dirname, '..', '..', 'docs', 'vballoon.service');
+
+/** The Nice= of the shipped unit. */
+export function unitNice(): number {
+  const m = /^Nice=(-?\d+)$/m.exec(fs.readFileSync(UNIT, 'utf8'));
+  return m === null ? 0 : Number(m[1]);
+}
+
+/** The options the unit's ExecStart gives Node before the script (e.g. its heap settings). */
+export function daemonNodeFlags(): string[] {
+  const m = /^ExecStart=\S*node((?:\s+--\S+)*)\s+\S+vballoon\.js\s/m.exec(fs.readFileSync(UNIT, 'utf8'));
+  if (m === null) throw new Error(`no node ExecStart in ${UNIT}`);
+  return m[1].split(/\s+/).filter((f) => f !== '');
+}
+
+/**
+ * Runs this script again under the daemon's Node options if it lacks them, and exits with its
+ * status: a bench that stands in for the daemon runs with the heap the daemon runs with.
+ */
+export function asDaemonProcess(): void {
+  const flags = daemonNodeFlags();
+  if (flags.every((f) => process.execArgv.includes(f))) return;
+  const script = process.argv[1];
+  const r = spawnSync(process.execPath, [...flags, ...process.execArgv, script, ...process.argv.slice(2)], {
+    stdio: 'inherit',
+  });
+  process.exit(r.status ?? 1);
+}
+
+/** This process's Node options without the daemon's: for the processes that stand in for guests. */
+export function guestExecArgv(): string[] {
+  const flags = new Set(daemonNodeFlags());
+  return process.execArgv.filter((f) => !flags.has(f));
+}
 
 /** Polls `cond` every `pollMs` until it holds; rejects naming `what` after `timeoutMs`. */
 export function waitFor(cond: () => boolean, timeoutMs: number, what: string, pollMs = 10): Promise<void> {
@@ -40,7 +76,7 @@ export async function startBenchDaemon(
     config,
     JSON.stringify({ control: { socket: control }, metrics: false, log: { level: 'warn' }, vms: vms(dir) }),
   );
-  const child = spawn(process.execPath, [bin, 'serve', '--config', config], { stdio: 'ignore' });
+  const child = spawn(process.execPath, [...daemonNodeFlags(), bin, 'serve', '--config', config], { stdio: 'ignore' });
   const stop = async (): Promise<void> => {
     child.kill('SIGTERM');
     await new Promise((r) => (child.exitCode !== null ? r(undefined) : child.once('exit', r)));

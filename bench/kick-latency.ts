@@ -13,7 +13,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { NullLogger } from '../lib/log';
 import { native } from '../lib/native';
-import { echoPings, pingPong, Waker } from './common';
+import { echoPings, guestExecArgv, pingPong, Waker } from './common';
 import { EchoDevice } from '../lib/testing/echo-device';
 import { TestFrontend } from '../lib/testing/frontend';
 import { VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from '../lib/vhost/constants';
@@ -104,7 +104,10 @@ export async function benchKickLatency(options: { rounds?: number; iterations?: 
   backend.listen(socketPath);
   // The echo side of the ping-pong lives in this process, on the same event loop as the back-end.
   const echo = echoPings(ping, pong);
-  const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
+  const child = fork(__filename, ['child'], {
+    execArgv: guestExecArgv(),
+    stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong],
+  });
   try {
     const per = {
       pingpong: [] as Array<ReturnType<typeof summarize>>,

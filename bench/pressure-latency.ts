@@ -17,7 +17,7 @@ import { VmSurvival } from '../lib/daemon/survival';
 import { BalloonDevice } from '../lib/device/balloon';
 import { NullLogger } from '../lib/log';
 import { native } from '../lib/native';
-import { echoPings, pingPong, Waker } from './common';
+import { echoPings, guestExecArgv, pingPong, unitNice, Waker } from './common';
 import { BalloonGuest } from '../lib/testing/balloon-guest';
 import { TestFrontend } from '../lib/testing/frontend';
 import { VhostUserBackend } from '../lib/vhost/server';
@@ -227,7 +227,7 @@ export async function benchPressureLatency(
   backendC.listen(sockC);
   // Each guest process stands in for a vCPU: one thread. V8's parallel collector would wake
   // helper threads on every CPU at each of its collections, which no vCPU does.
-  const guest = { execArgv: [...process.execArgv, '--single-threaded-gc'] };
+  const guest = { execArgv: [...guestExecArgv(), '--single-threaded-gc'] };
   const child = fork(__filename, ['child'], { ...guest, stdio: ['inherit', 'inherit', 'inherit', 'ipc', ping, pong] });
   const loadChild = fork(__filename, ['child'], { ...guest, stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
   const bigChild = fork(__filename, ['child'], { ...guest, stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
@@ -343,13 +343,6 @@ function servedVm(
   });
   keeper.follow(device, backend, () => ({ mode: 'manual', operatorPages: device.target }));
   return { device, backend, keeper };
-}
-
-/** The Nice= of the shipped unit (docs/vballoon.service): the daemon's priority in production. */
-function unitNice(): number {
-  const unit = fs.readFileSync(path.join(__dirname, '..', '..', 'docs', 'vballoon.service'), 'utf8');
-  const m = /^Nice=(-?\d+)$/m.exec(unit);
-  return m === null ? 0 : Number(m[1]);
 }
 
 /**

@@ -23,6 +23,7 @@ import { TestFrontend } from '../lib/testing/frontend';
 import { VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from '../lib/vhost/constants';
 import { VhostUserBackend } from '../lib/vhost/server';
 import { median, spreadPercent } from './stats';
+import { guestExecArgv } from './common';
 
 const MiB = 1024 * 1024;
 const RAM_BYTES = 512 * MiB;
@@ -306,7 +307,10 @@ export async function benchReclaim(
   patterns: readonly Pattern[] = ['contiguous', 'every-other', 'random-half'],
 ): Promise<ReclaimResult[]> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-bench-'));
-  const child = fork(__filename, ['child'], { stdio: ['inherit', 'inherit', 'inherit', 'ipc'] });
+  const child = fork(__filename, ['child'], {
+    execArgv: guestExecArgv(),
+    stdio: ['inherit', 'inherit', 'inherit', 'ipc'],
+  });
   const results: ReclaimResult[] = [];
   try {
     for (const pattern of patterns) {

@@ -2,11 +2,13 @@
  * `npm run bench`: runs every benchmark, prints one table (figure, reference measured in the same
  * run, ratio) and writes machine-readable results to bench/results/latest.json.
  * `--quick` runs fewer rounds; `--only NAME[,NAME]` picks benchmarks (latency, reclaim,
- * pressure, fleet, cost, qemu, guest).
+ * pressure, fleet, cost, qemu, guest). It runs under the Node options of the shipped unit
+ * (docs/vballoon.service), starting itself again with them if needed.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { asDaemonProcess } from './common';
 import { benchCost } from './cost';
 import { benchFleet } from './fleet';
 import { benchGuestPressure, firstDeflateMedian, firstDeflateText } from './guest-pressure';
@@ -18,6 +20,9 @@ import { benchReclaim } from './reclaim';
 type Row = [string, string, string, string, string];
 
 async function main(): Promise<void> {
+  // This process stands in for the daemon (the pressure and reclaim benches serve VMs in it):
+  // it runs with the unit's Node options, as `vballoon serve` does.
+  asDaemonProcess();
   const quick = process.argv.includes('--quick');
   const onlyArg = process.argv.indexOf('--only');
   const only = onlyArg >= 0 ? new Set((process.argv[onlyArg + 1] ?? '').split(',')) : undefined;
@@ -301,6 +306,7 @@ async function main(): Promise<void> {
   const out = {
     date: new Date().toISOString(),
     node: process.version,
+    nodeOptions: process.execArgv,
     cpus: os.cpus().length,
     cpuModel: os.cpus()[0]?.model,
     quick,

@@ -1,8 +1,12 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=1
 /**
  * The vballoon command line: `serve` runs the daemon; the other commands talk to it over the
  * control socket. yargs wiring and output formatting only; docs/cli.md is the reference,
  * including exit codes.
+ *
+ * The first line starts Node with the daemon's heap option, as the shipped unit does
+ * (docs/vballoon.service, docs/systemd.md): a young generation held at 1 MiB, so no garbage
+ * collection stops the event loop for long. `node dist/bin/vballoon.js` runs without it.
  */
 import yargs, { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';

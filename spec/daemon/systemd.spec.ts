@@ -107,6 +107,33 @@ describe('systemd: notify protocol and the shipped unit', function () {
     expect(d.cli(['list', '--json']).code).to.equal(0);
   });
 
+  it("the unit and bin/vballoon.js's first line start Node with the same heap options, and Node applies them", () => {
+    const unit = fs.readFileSync(UNIT, 'utf8');
+    const exec = /^ExecStart=(\S*node)((?:\s+--\S+)*)\s+\S+vballoon\.js\s/m.exec(unit);
+    expect(exec, 'ExecStart runs node with options, then the script').to.not.equal(null);
+    const flags = exec![2].trim().split(/\s+/);
+    expect(flags).to.include('--max-semi-space-size=1');
+    const bin = path.resolve(__dirname, '..', '..', 'bin', 'vballoon.js');
+    const shebang = fs.readFileSync(bin, 'utf8').split('\n')[0];
+    const m = /^#!(\S+) -S (node(?: --\S+)*)$/.exec(shebang);
+    expect(m, shebang).to.not.equal(null);
+    expect(m![2].split(' ').slice(1)).to.deep.equal(flags);
+    // Started as the kernel starts the script (the interpreter line), Node keeps its young
+    // generation at 1 MiB per semi-space under an allocation rate that grows it to 16 MiB without.
+    const probe = `
+      const v8 = require('v8'); let keep = [];
+      for (let r = 0; r < 40; r++) for (let i = 0; i < 100000; i++) { const o = { i, s: 'x' + i }; if (i % 500 === 0) keep.push(o); }
+      process.stdout.write(String(v8.getHeapSpaceStatistics().find((s) => s.space_name === 'new_space').space_size));`;
+    const sized = (args: string[], command = process.execPath): number => {
+      const r = spawnSync(command, [...args, '-e', probe], { encoding: 'utf8' });
+      expect(r.status, r.stderr).to.equal(0);
+      return Number(r.stdout);
+    };
+    const held = sized(['-S', m![2]], m![1]);
+    expect(held).to.be.at.most(2 * 1024 * 1024);
+    expect(sized([])).to.be.above(held); // the control: left alone, it grows
+  });
+
   const analyze = spawnSync('systemd-analyze', ['--version'], { encoding: 'utf8' });
   (analyze.status === 0 ? it : it.skip)(
     'docs/vballoon.service: systemd-analyze verify is clean and security scores below 4',
