@@ -122,7 +122,8 @@ describe('systemd: notify protocol and the shipped unit', function () {
     // generation at 1 MiB per semi-space under an allocation rate that grows it to 16 MiB without.
     const probe = `
       const v8 = require('v8'); let keep = [];
-      for (let r = 0; r < 40; r++) for (let i = 0; i < 100000; i++) { const o = { i, s: 'x' + i }; if (i % 500 === 0) keep.push(o); }
+      for (let r = 0; r < 40; r++)
+        for (let i = 0; i < 100000; i++) { const o = { i, s: 'x' + i }; if (i % 500 === 0) keep.push(o); }
       process.stdout.write(String(v8.getHeapSpaceStatistics().find((s) => s.space_name === 'new_space').space_size));`;
     const sized = (args: string[], command = process.execPath): number => {
       const r = spawnSync(command, [...args, '-e', probe], { encoding: 'utf8' });
