@@ -19,6 +19,9 @@ export interface MessageCounters {
 }
 
 export class MessageQueue {
+  /** Where each message is read (one per pressure message: no allocation for it). */
+  private readonly scratch = new Uint8Array(MESSAGE_BYTES + 1);
+  private readonly scratchView = new DataView(this.scratch.buffer);
   private readonly counters: MessageCounters = {
     messages: { total: 0, pressure: 0, unknown: 0 },
     ackLatency: { count: 0, sumSeconds: 0, lastSeconds: undefined, maxSeconds: 0 },
@@ -37,12 +40,15 @@ export class MessageQueue {
   /** One message chain; the pass returns it to the guest afterwards. */
   onChain(vring: Vring, descriptors: readonly Descriptor[]): void {
     this.counters.messages.total++;
-    const bytes = vring.queue.readChain(descriptors, MESSAGE_BYTES + 1);
-    if (bytes.length !== MESSAGE_BYTES || descriptors.some((d) => d.writable)) {
-      this.report('message_size', `message of ${bytes.length} readable bytes (expected ${MESSAGE_BYTES})`);
+    // One byte more than a message, to tell a longer buffer from a message.
+    const length = vring.queue.readChainInto(descriptors, this.scratch);
+    let writable = false;
+    for (const d of descriptors) writable ||= d.writable;
+    if (length !== MESSAGE_BYTES || writable) {
+      this.report('message_size', `message of ${length} readable bytes (expected ${MESSAGE_BYTES})`);
       return;
     }
-    const type = new DataView(bytes.buffer).getUint32(0, true);
+    const type = this.scratchView.getUint32(0, true);
     if (type !== VIRTIO_BALLOON_MSG_PRESSURE) {
       this.counters.messages.unknown++;
       this.report('message_unknown_type', `message type ${type}`);

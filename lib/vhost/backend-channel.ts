@@ -16,6 +16,14 @@ import { decodeU64Reply, encodeMessage } from './codec';
 import { BackendRequest, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_VERSION } from './constants';
 import { Connection } from './connection';
 
+/** The two CONFIG_CHANGE_MSGs, encoded once (one is sent per new target); only ever read. */
+const CONFIG_CHANGE = encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, VHOST_USER_VERSION, { kind: 'none' });
+const CONFIG_CHANGE_ASKING_ACK = encodeMessage(
+  BackendRequest.CONFIG_CHANGE_MSG,
+  VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK,
+  { kind: 'none' },
+);
+
 /** Acks we accept to be outstanding; beyond that the front-end is not answering. */
 const MAX_OUTSTANDING_ACKS = 64;
 /** Routine config changes ask for an ack at most this often. */
@@ -110,13 +118,12 @@ export class BackendChannel {
     const now = performance.now();
     const due = needAck || now - this.lastAskMs >= ACK_SAMPLE_INTERVAL_MS;
     const ask = replyAck && due && this.outstanding < MAX_OUTSTANDING_ACKS;
-    const flags = VHOST_USER_VERSION | (ask ? VHOST_USER_NEED_REPLY_MASK : 0);
     if (ask) {
       this.outstanding++;
       this.lastAskMs = now;
     }
     this.sent++;
-    this.conn.send(encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, flags, { kind: 'none' }));
+    this.conn.send(ask ? CONFIG_CHANGE_ASKING_ACK : CONFIG_CHANGE);
   }
 
   close(): void {

@@ -305,14 +305,23 @@ export class SplitQueue {
     let total = 0;
     for (const d of descriptors) if (!d.writable) total += d.len;
     const out = new Uint8Array(Math.min(total, maxBytes));
+    this.readChainInto(descriptors, out);
+    return out;
+  }
+
+  /**
+   * Copies the device-readable bytes of a chain into `out`, up to its length, and returns how
+   * many were copied: the hot paths (a pressure message per chain) read into storage they reuse.
+   */
+  readChainInto(descriptors: readonly Descriptor[], out: Uint8Array): number {
     let done = 0;
     for (const d of descriptors) {
       if (d.writable || done >= out.length) continue;
       const n = Math.min(d.len, out.length - done);
-      out.set(this.memory.read(d.addr, n), done);
+      this.memory.copyInto(d.addr, n, out, done);
       done += n;
     }
-    return out;
+    return done;
   }
 
   /** Writes `data` into the device-writable buffers of a chain; returns the bytes written. */
