@@ -178,15 +178,38 @@ export interface PressureLatencyResult {
   bigInflateDefaultPriority: BigInflateResult;
 }
 
+/** One 4 GiB inflate, measured (see measureBigInflate). */
+interface BigInflateRound {
+  seconds: number;
+  releasedGiB: number;
+  /** A's kick-to-used samples (ns) that started inside the inflate. */
+  inside: number[];
+  eventLoopDelay: { p50: number; p99: number; max: number };
+  eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
+  eventLoopUtilization: number;
+  preemptionsPerSecond: number;
+  gc: GcStats;
+  withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
+}
+
+/**
+ * Several 4 GiB inflates at one priority: A's acks pooled over all of them; every other figure
+ * the median over the rounds (maxima: the largest; GC pauses over 1 ms: the sum), with each
+ * round's event-loop delay p99 as the spread.
+ */
 export interface BigInflateResult {
   /** The daemon's nice value during the measurement, or why it could not be set. */
   nice: number | 'not permitted';
+  /** Inflates measured. */
+  rounds: number;
   seconds: number;
   releasedGiB: number;
   pressure: { p50: number; p99: number; p999: number; n: number };
   ratioP50: number;
   /** The event loop's delay over the inflate (monitorEventLoopDelay, 1 ms resolution), us. */
   eventLoopDelay: { p50: number; p99: number; max: number };
+  /** Each round's event-loop delay p99, us. */
+  eventLoopDelayP99Rounds: number[];
   /** The same over a second with only A's messages (the machine's own noise). */
   eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
   /** Share of the inflate the event loop spent running (not waiting for events). */
@@ -200,9 +223,10 @@ export interface BigInflateResult {
 }
 
 export async function benchPressureLatency(
-  options: { rounds?: number; iterations?: number } = {},
+  options: { rounds?: number; iterations?: number; bigRounds?: number } = {},
 ): Promise<PressureLatencyResult> {
   const rounds = options.rounds ?? 3;
+  const bigRounds = options.bigRounds ?? 5;
   const iterations = options.iterations ?? 5000;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vballoon-bench-'));
   const ping = native.eventfd(0, true);
@@ -273,8 +297,9 @@ export async function benchPressureLatency(
     const measure = async (nice: number): Promise<BigInflateResult> => {
       const set = setDaemonNice(nice);
       try {
-        const m = await measureBigInflate(child, sockA, bigChild, c);
-        return { nice: set ? nice : 'not permitted', ...m, ratioP50: 0 };
+        const list: BigInflateRound[] = [];
+        for (let r = 0; r < bigRounds; r++) list.push(await measureBigInflate(child, sockA, bigChild, c));
+        return { nice: set ? nice : 'not permitted', ...combineRounds(list), ratioP50: 0 };
       } finally {
         setDaemonNice(0);
       }
@@ -369,6 +394,43 @@ function setDaemonNice(nice: number): boolean {
   return ok;
 }
 
+/** The rounds at one priority as one result (see BigInflateResult). */
+function combineRounds(list: BigInflateRound[]): Omit<BigInflateResult, 'nice' | 'ratioP50'> {
+  const mid = (f: (r: BigInflateRound) => number): number => median(list.map(f));
+  const top = (f: (r: BigInflateRound) => number): number => Math.max(...list.map(f));
+  const sum = (f: (r: BigInflateRound) => number): number => list.reduce((a, r) => a + f(r), 0);
+  const gc = (g: (r: BigInflateRound) => GcStats): GcStats => ({
+    pauses: mid((r) => g(r).pauses),
+    totalMs: mid((r) => g(r).totalMs),
+    maxMs: top((r) => g(r).maxMs),
+    over1ms: sum((r) => g(r).over1ms),
+  });
+  return {
+    rounds: list.length,
+    seconds: mid((r) => r.seconds),
+    releasedGiB: mid((r) => r.releasedGiB),
+    pressure: summarize(list.flatMap((r) => r.inside)),
+    eventLoopDelay: {
+      p50: mid((r) => r.eventLoopDelay.p50),
+      p99: mid((r) => r.eventLoopDelay.p99),
+      max: top((r) => r.eventLoopDelay.max),
+    },
+    eventLoopDelayP99Rounds: list.map((r) => r.eventLoopDelay.p99),
+    eventLoopDelayWithoutInflate: {
+      p50: mid((r) => r.eventLoopDelayWithoutInflate.p50),
+      p99: mid((r) => r.eventLoopDelayWithoutInflate.p99),
+      max: top((r) => r.eventLoopDelayWithoutInflate.max),
+    },
+    eventLoopUtilization: mid((r) => r.eventLoopUtilization),
+    preemptionsPerSecond: mid((r) => r.preemptionsPerSecond),
+    gc: gc((r) => r.gc),
+    withoutInflate: {
+      preemptionsPerSecond: mid((r) => r.withoutInflate.preemptionsPerSecond),
+      gc: gc((r) => r.withoutInflate.gc),
+    },
+  };
+}
+
 /** Garbage collection pauses seen while watching. */
 export interface GcStats {
   pauses: number;
@@ -417,7 +479,7 @@ async function measureBigInflate(
   sockA: string,
   bigChild: ChildProcess,
   c: BalloonDevice,
-): Promise<Omit<BigInflateResult, 'nice' | 'ratioP50'>> {
+): Promise<BigInflateRound> {
   // The balloon of a previous round is gone and the guest has written all its memory again, so
   // every round punches 4 GiB of resident memory. Bounded: a deflate takes seconds.
   const emptyBy = Date.now() + 120_000;
@@ -470,7 +532,7 @@ async function measureBigInflate(
   return {
     seconds: Math.round((Number(t1 - t0) / 1e9) * 1000) / 1000,
     releasedGiB: Math.round(((snap.reclaimedBytes - reclaimedBefore) / 2 ** 30) * 100) / 100,
-    pressure: summarize(inside),
+    inside,
     // The histogram holds the time between ticks of a 1 ms timer: the delay is what exceeds 1 ms.
     eventLoopDelay: {
       p50: beyondTick(delay.percentile(50)),
