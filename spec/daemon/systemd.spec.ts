@@ -55,16 +55,18 @@ function connectable(file: string): Promise<boolean> {
 
 describe('systemd: notify protocol and the shipped unit', function () {
   this.timeout(60_000);
-  let d: DaemonProcess;
+  let d: DaemonProcess | undefined;
   let sup: Supervisor | undefined;
   afterEach(async () => {
-    if (d.exitCode === undefined) await d.stop();
+    // Only the tests that start a daemon set `d`; each one is stopped once.
+    if (d !== undefined && d.exitCode === undefined) await d.stop();
+    d = undefined;
     sup?.close();
     sup = undefined;
   });
 
   it('READY=1 once every socket listens; STATUS=, WATCHDOG=1, RELOADING=1/READY=1 on SIGHUP, STOPPING=1', async () => {
-    d = new DaemonProcess();
+    const daemon = (d = new DaemonProcess());
     sup = new Supervisor(path.join(d.dir, 'notify.sock'));
     const vm = { name: 'vm0', socket: d.vmSocket('vm0'), memory: '64M' };
     let readyAt: { vm: boolean; control: boolean } | undefined;
@@ -72,7 +74,7 @@ describe('systemd: notify protocol and the shipped unit', function () {
       .next((m) => m['READY'] === '1', 'READY=1')
       .then(async (m) => {
         // At READY=1 the sockets must already accept connections (no race for a VM ordered after).
-        readyAt = { vm: await connectable(d.vmSocket('vm0')), control: await connectable(d.control) };
+        readyAt = { vm: await connectable(daemon.vmSocket('vm0')), control: await connectable(daemon.control) };
         return m;
       });
     await d.start({ vms: [vm] }, [], {
