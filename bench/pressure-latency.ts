@@ -170,8 +170,8 @@ export interface PressureLatencyResult {
   ratioP50: number;
   ratioP50UnderLoad: number;
   /**
-   * While another VM inflates 4 GiB (one round, every message sent during that inflate), with
-   * the daemon at the priority the shipped unit gives it (Nice= in docs/vballoon.service)...
+   * While another VM inflates 4 GiB (several times; every message sent during those inflates),
+   * with the daemon at the priority the shipped unit gives it (Nice= in docs/vballoon.service)...
    */
   bigInflate: BigInflateResult;
   /** ...and the same at the default priority (nice 0), as when run without the unit. */
@@ -180,36 +180,13 @@ export interface PressureLatencyResult {
 
 /** One 4 GiB inflate, measured (see measureBigInflate). */
 interface BigInflateRound {
+  /** From the target change to the last hole punched. */
   seconds: number;
   releasedGiB: number;
   /** A's kick-to-used samples (ns) that started inside the inflate. */
   inside: number[];
-  eventLoopDelay: { p50: number; p99: number; max: number };
-  eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
-  eventLoopUtilization: number;
-  preemptionsPerSecond: number;
-  gc: GcStats;
-  withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
-}
-
-/**
- * Several 4 GiB inflates at one priority: A's acks pooled over all of them; every other figure
- * the median over the rounds (maxima: the largest; GC pauses over 1 ms: the sum), with each
- * round's event-loop delay p99 as the spread.
- */
-export interface BigInflateResult {
-  /** The daemon's nice value during the measurement, or why it could not be set. */
-  nice: number | 'not permitted';
-  /** Inflates measured. */
-  rounds: number;
-  seconds: number;
-  releasedGiB: number;
-  pressure: { p50: number; p99: number; p999: number; n: number };
-  ratioP50: number;
   /** The event loop's delay over the inflate (monitorEventLoopDelay, 1 ms resolution), us. */
   eventLoopDelay: { p50: number; p99: number; max: number };
-  /** Each round's event-loop delay p99, us. */
-  eventLoopDelayP99Rounds: number[];
   /** The same over a second with only A's messages (the machine's own noise). */
   eventLoopDelayWithoutInflate: { p50: number; p99: number; max: number };
   /** Share of the inflate the event loop spent running (not waiting for events). */
@@ -221,6 +198,22 @@ export interface BigInflateResult {
   /** The same figures over the second without the inflate. */
   withoutInflate: { preemptionsPerSecond: number; gc: GcStats };
 }
+
+/**
+ * Several 4 GiB inflates at one priority: A's acks pooled over all of them; every other figure
+ * of a round (see BigInflateRound) the median over the rounds (maxima: the largest; GC pauses over
+ * 1 ms: the sum), with each round's event-loop delay p99 as the spread.
+ */
+export type BigInflateResult = Omit<BigInflateRound, 'inside'> & {
+  /** The daemon's nice value during the measurement, or why it could not be set. */
+  nice: number | 'not permitted';
+  /** Inflates measured. */
+  rounds: number;
+  pressure: { p50: number; p99: number; p999: number; n: number };
+  ratioP50: number;
+  /** Each round's event-loop delay p99, us. */
+  eventLoopDelayP99Rounds: number[];
+};
 
 export async function benchPressureLatency(
   options: { rounds?: number; iterations?: number; bigRounds?: number } = {},

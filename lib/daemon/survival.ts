@@ -375,9 +375,11 @@ export class VmSurvival {
   private readonly restored: Restored | undefined;
   /** The last message record the previous process left. */
   private readonly lastRecord: SessionImage['lastHandled'] = null;
-  /** The session part of the state as last written; undefined once the session changed. */
-  /** The end of the state document: `,"session":<named session JSON>}` in UTF-8, kept until the
-   * session changes (every save writes it after the head, without serializing it again). */
+  /**
+   * The end of the state document as last written: `,"session":<named session JSON>}` in UTF-8.
+   * Kept until the session changes (undefined then): every save writes it after the head without
+   * serializing it again.
+   */
   private sessionTail: Buffer | undefined;
 
   /**

@@ -3,6 +3,8 @@
  */
 #include "vb.h"
 
+#include <stdio.h>
+
 void vb_throw_napi(napi_env env, const char *what) {
   bool pending = false;
   napi_is_exception_pending(env, &pending);
@@ -158,6 +160,23 @@ void vb_take_rights(const struct cmsghdr *c, int *fds, size_t *nfds, size_t max)
 
 void vb_close_fds(const int *fds, size_t n) {
   for (size_t i = 0; i < n; i++) close(fds[i]);
+}
+
+/* The bytes of a Uint8Array argument (any other value throws a TypeError naming `what`). */
+bool vb_uint8_array(napi_env env, napi_value value, uint8_t **base, size_t *length, const char *what) {
+  bool is_typed = false;
+  napi_typedarray_type type = napi_int8_array;
+  void *data = NULL;
+  if (napi_is_typedarray(env, value, &is_typed) == napi_ok && is_typed &&
+      napi_get_typedarray_info(env, value, &type, length, &data, NULL, NULL) == napi_ok &&
+      type == napi_uint8_array) {
+    *base = (uint8_t *)data;
+    return true;
+  }
+  char msg[96];
+  snprintf(msg, sizeof msg, "%s must be a Uint8Array", what);
+  vb_throw_type(env, msg);
+  return false;
 }
 
 /* Attaches `nfds` descriptors to `msg` as one SCM_RIGHTS message written into `buf`, which must

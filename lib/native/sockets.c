@@ -199,15 +199,9 @@ napi_value vb_sendmsg(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int32_t fd;
   if (!vb_get_args(env, info, 3, argv) || !vb_int32(env, argv[0], &fd, "fd")) return NULL;
-  bool is_typed = false;
-  napi_is_typedarray(env, argv[1], &is_typed);
-  if (!is_typed) return vb_throw_type(env, "data must be a Uint8Array");
-  napi_typedarray_type type;
-  size_t length, byte_offset;
-  void *base;
-  napi_value ab;
-  NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &base, &ab, &byte_offset));
-  if (type != napi_uint8_array) return vb_throw_type(env, "data must be a Uint8Array");
+  uint8_t *base;
+  size_t length;
+  if (!vb_uint8_array(env, argv[1], &base, &length, "data")) return NULL;
   int fds[VB_MAX_FDS];
   int nfds = vb_fd_list(env, argv[2], fds, VB_MAX_FDS, "sendmsg");
   if (nfds < 0) return NULL;

@@ -76,6 +76,7 @@ void vb_make_callback(napi_env env, napi_async_context ctx, napi_value cb, size_
 int vb_fd_list(napi_env env, napi_value value, int *fds, uint32_t max, const char *syscall);
 void vb_take_rights(const struct cmsghdr *c, int *fds, size_t *nfds, size_t max);
 void vb_close_fds(const int *fds, size_t n);
+bool vb_uint8_array(napi_env env, napi_value value, uint8_t **base, size_t *length, const char *what);
 void vb_attach_rights(struct msghdr *msg, uint8_t *buf, const int *fds, size_t nfds);
 napi_value vb_received(napi_env env, const char *key, napi_value data, const int *fds, size_t nfds, bool truncated,
                        const char *what);

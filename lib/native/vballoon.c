@@ -93,17 +93,12 @@ napi_value vb_checksum(napi_env env, napi_callback_info info) {
   if (!vb_get_args(env, info, 3, argv) || !vb_int64(env, argv[1], &offset, "offset") ||
       !vb_int64(env, argv[2], &length, "length"))
     return NULL;
-  bool is_typed = false;
-  napi_is_typedarray(env, argv[0], &is_typed);
-  if (!is_typed) return vb_throw_type(env, "data must be a Uint8Array");
-  napi_typedarray_type type;
+  uint8_t *base;
   size_t size;
-  void *base;
-  NAPI_CALL(env, napi_get_typedarray_info(env, argv[0], &type, &size, &base, NULL, NULL));
-  if (type != napi_uint8_array) return vb_throw_type(env, "data must be a Uint8Array");
+  if (!vb_uint8_array(env, argv[0], &base, &size, "data")) return NULL;
   if (offset < 0 || length < 0 || (uint64_t)offset + (uint64_t)length > size)
     return vb_throw_errno(env, ERANGE, "checksum");
-  const uint8_t *p = (const uint8_t *)base + offset;
+  const uint8_t *p = base + offset;
   const uint64_t k1 = 0x9e3779b97f4a7c15ULL, k2 = 0xc2b2ae3d27d4eb4fULL;
   uint64_t h = 0x243f6a8885a308d3ULL ^ ((uint64_t)length * k2);
   size_t n = (size_t)length, i = 0;

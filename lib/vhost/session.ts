@@ -169,7 +169,8 @@ export class Session implements DeviceHost {
   /** The next config change must ask for an ack (checkLostReply's probe). */
   private probeAck = false;
   /** The last message handled and its reply, kept as they are until someone asks (image()). */
-  private lastFrame: { frame: Frame; reply: Uint8Array | undefined } | undefined;
+  private lastFrame: Frame | undefined;
+  private lastReply: Uint8Array | undefined;
 
   constructor(
     fd: number,
@@ -379,12 +380,11 @@ export class Session implements DeviceHost {
   /** The last front-end message handled (its digest) and its reply, or null before the first. */
   private lastHandled(): SessionImage['lastHandled'] {
     if (this.lastFrame !== undefined) {
-      const { frame, reply } = this.lastFrame;
       this.lastHandledRecord = {
-        digest: frameDigest(frame),
-        reply: reply === undefined ? null : Buffer.from(reply).toString('base64'),
+        digest: frameDigest(this.lastFrame),
+        reply: this.lastReply === undefined ? null : Buffer.from(this.lastReply).toString('base64'),
       };
-      this.lastFrame = undefined;
+      this.lastFrame = this.lastReply = undefined;
     }
     return this.lastHandledRecord;
   }
@@ -421,7 +421,8 @@ export class Session implements DeviceHost {
     // before the commit leaves the message for the next one, which handles it again (the effect
     // is idempotent) and replies; killed between the commit and the reply, the next one finds
     // out whether QEMU waits for it (checkLostReply).
-    this.lastFrame = { frame, reply: out };
+    this.lastFrame = frame;
+    this.lastReply = out;
     this.lastHandledRecord = null;
     if (this.options.onHandled !== undefined) this.options.onHandled(msg.request, this.lastHandled()!);
     this.conn.commit();
