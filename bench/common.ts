@@ -4,22 +4,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { native, PollHandle, POLL_READABLE } from '../lib/native';
+import { daemonNodeFlags } from '../lib/testing/unit';
 
-/** The shipped unit: how the daemon runs in production (its priority, its Node options). */
-const UNIT = path.resolve(__dirname, '..', '..', 'docs', 'vballoon.service');
-
-/** The Nice= of the shipped unit. */
-export function unitNice(): number {
-  const m = /^Nice=(-?\d+)$/m.exec(fs.readFileSync(UNIT, 'utf8'));
-  return m === null ? 0 : Number(m[1]);
-}
-
-/** The options the unit's ExecStart gives Node before the script (e.g. its heap settings). */
-export function daemonNodeFlags(): string[] {
-  const m = /^ExecStart=\S*node((?:\s+--\S+)*)\s+\S+vballoon\.js\s/m.exec(fs.readFileSync(UNIT, 'utf8'));
-  if (m === null) throw new Error(`no node ExecStart in ${UNIT}`);
-  return m[1].split(/\s+/).filter((f) => f !== '');
-}
+export { daemonNodeFlags, unitNice } from '../lib/testing/unit';
 
 /**
  * Runs this script again under the daemon's Node options if it lacks them, and exits with its

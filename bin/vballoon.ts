@@ -5,8 +5,8 @@
  * including exit codes.
  *
  * The first line starts Node with the daemon's heap option, as the shipped unit does
- * (docs/vballoon.service, docs/systemd.md): a young generation held at 1 MiB, so no garbage
- * collection stops the event loop for long. `node dist/bin/vballoon.js` runs without it.
+ * (docs/vballoon.service, docs/systemd.md): a young generation held at 1 MiB, whose collections
+ * pause the event loop 0.2-0.5 ms each. `node dist/bin/vballoon.js` runs without it.
  */
 import yargs, { Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';

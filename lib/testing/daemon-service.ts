@@ -1,6 +1,6 @@
 /**
- * The real daemon (`node dist/bin/vballoon.js serve`) run as a service whose manager keeps its
- * descriptors: the real systemd (a user manager, lib/testing/systemd-user.ts) where it can run,
+ * The real daemon (`node <the unit's Node options> dist/bin/vballoon.js serve`) run as a service
+ * whose manager keeps its descriptors: the real systemd (a user manager, lib/testing/systemd-user.ts) where it can run,
  * else the test supervisor that implements the same protocol (lib/testing/fd-supervisor.ts).
  * For the restart tests (spec/daemon/restart.spec.ts) and the soak (bench/soak.ts).
  */
@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { FdSupervisor } from './fd-supervisor';
 import { SystemdUser, unavailableReason } from './systemd-user';
+import { daemonNodeFlags } from './unit';
 
 export const VBALLOON_BIN = path.resolve(__dirname, '..', '..', 'bin', 'vballoon.js');
 
@@ -102,7 +103,8 @@ export class DaemonService {
       }
     }
     const s = new DaemonService(options, reason);
-    const command = [process.execPath, VBALLOON_BIN, 'serve', '--config', s.configFile];
+    // Started as the shipped unit starts it (its Node options).
+    const command = [process.execPath, ...daemonNodeFlags(), VBALLOON_BIN, 'serve', '--config', s.configFile];
     if (manager !== undefined) {
       s.systemd = manager;
       const { unit, logFile } = await s.systemd.writeService('vballoon', {

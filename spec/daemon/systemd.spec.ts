@@ -12,8 +12,7 @@ import * as path from 'node:path';
 import { createSocket, UnixDgramSocket } from 'unix-dgram';
 import { until } from '../helpers';
 import { DaemonProcess } from './harness';
-
-const UNIT = path.resolve(__dirname, '..', '..', '..', 'docs', 'vballoon.service');
+import { daemonNodeFlags, UNIT_FILE as UNIT } from '../../lib/testing/unit';
 
 /** Receives notify datagrams, in order, each as a map of its fields. */
 class Supervisor {
@@ -110,10 +109,7 @@ describe('systemd: notify protocol and the shipped unit', function () {
   });
 
   it("the unit and bin/vballoon.js's first line start Node with the same heap options, and Node applies them", () => {
-    const unit = fs.readFileSync(UNIT, 'utf8');
-    const exec = /^ExecStart=(\S*node)((?:\s+--\S+)*)\s+\S+vballoon\.js\s/m.exec(unit);
-    expect(exec, 'ExecStart runs node with options, then the script').to.not.equal(null);
-    const flags = exec![2].trim().split(/\s+/);
+    const flags = daemonNodeFlags(); // from docs/vballoon.service's ExecStart
     expect(flags).to.include('--max-semi-space-size=1');
     const bin = path.resolve(__dirname, '..', '..', 'bin', 'vballoon.js');
     const shebang = fs.readFileSync(bin, 'utf8').split('\n')[0];
